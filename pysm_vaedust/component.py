@@ -1,0 +1,267 @@
+"""Stages 6-7 — the PySM component: VAE small scales on a large-scale template, any frequency.
+
+    I_nu(p) = T(p) exp(s delta(p) - s^2 V / 2) * MBB(nu) / MBB(nu_ref)
+
+T: large-scale template (uK_RJ at nu_ref), log-smoothed to the weights' template FWHM;
+delta: blended decoded patches of the cascade levels (normalised units, variance V);
+s: the weights' log_scale. The -s^2 V/2 term keeps E[I] = T. MBB: modified black body
+(mbb_index beta_d, mbb_temperature T_d), bandpass-integrated with pysm3's own utilities.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import healpy as hp
+import numpy as np
+import pysm3.units as u
+import torch
+from numba import njit
+from pysm3 import utils as pysm_utils
+from pysm3.models.dust import blackbody_ratio
+from pysm3.models.template import Model
+from tqdm import tqdm
+
+from .cutouts import PatchGeometry
+from .data import BETA_DUST, T_DUST_K, check_positive_finite
+from .template import default_template_path, read_template, smooth_log_map
+from .tiling import CascadeLevel, accumulate, band_filter, cascade_levels, footprints, patch_normals
+from .train import resolve_device
+from .weights import Weights, load_weights
+
+#: nside of the working copy of the (smoothed) log template.
+TEMPLATE_WORK_NSIDE = 128
+PRIORS = ("auto", "flow", "standard")
+
+
+def check_nside(nside) -> int:
+    """nside as int; ValueError unless a power of two between 1 and 2**15."""
+    if isinstance(nside, bool) or int(nside) != nside or not hp.isnsideok(int(nside)):
+        raise ValueError(f"nside={nside!r}: expected a power of two (1, 2, 4, ..., 8192)")
+    return int(nside)
+
+
+def _as_frequency(freqs) -> u.Quantity:
+    if not isinstance(freqs, u.Quantity):
+        raise TypeError(f"frequency {freqs!r} has no units: pass e.g. 545 * u.GHz")
+    freqs = freqs.to(u.GHz, equivalencies=u.spectral())
+    if np.any(~np.isfinite(freqs.value)) or np.any(freqs.value <= 0):
+        raise ValueError(f"frequency {freqs!r}: expected finite positive values")
+    return freqs
+
+
+class SmallScaleGenerator:
+    """Decodes the patches of the cascade levels and blends them onto HEALPix pixels.
+
+    weights: loaded VAE (+ optional latent prior); prior: 'flow' or 'standard'.
+    """
+
+    def __init__(self, weights: Weights, prior: str = "standard", batch_size: int = 1024):
+        self.weights = weights
+        self.vae = weights.vae
+        self.prior = weights.prior if prior == "flow" else None
+        self.batch_size = int(batch_size)
+        meta = weights.metadata
+        self.base = PatchGeometry(meta["geometry"]["npix"], meta["geometry"]["size_deg"])
+        self.slope = float(meta["spectral_slope"]["slope"])
+
+    def levels(self, nside: int, cascade: bool = True) -> list[CascadeLevel]:
+        levels = cascade_levels(nside, self.base, self.slope)
+        return levels if cascade else cascade_levels(1, self.base, self.slope)
+
+    def latents(self, normals: torch.Tensor) -> torch.Tensor:
+        """Latents z (B, D) from standard normals (B, D): identity or the learned prior's map."""
+        return normals if self.prior is None else self.prior.sample_from_normals(normals)
+
+    def decode(self, level: CascadeLevel, normals: np.ndarray) -> torch.Tensor:
+        """Band-filtered, amplitude-scaled patches (B, n, n) from per-patch normals (B, D + n^2)."""
+        d, n = self.vae.config.latent_dim, self.vae.config.npix
+        eps = torch.from_numpy(normals).to(self.vae.device)
+        with torch.no_grad():
+            x = self.vae.decode(self.latents(eps[:, :d]))
+            x = x + self.vae.decoder_noise(len(eps), white=eps[:, d:].reshape(-1, 1, n, n))
+            filt = torch.from_numpy(band_filter(level)).to(x)
+            x = torch.fft.ifft2(torch.fft.fft2(x[:, 0]) * filt).real
+        return x * level.amplitude
+
+    def level_variance(self, level: CascadeLevel, n_samples: int = 512) -> float:
+        """Variance of one level's patches (fixed seed: a property of the model, not the sky)."""
+        normals = patch_normals(12345, level.index, np.arange(n_samples), self.normals_size)
+        return float(self.decode(level, normals).var())
+
+    @property
+    def normals_size(self) -> int:
+        return self.vae.config.latent_dim + self.vae.config.npix**2
+
+    def field(self, nside: int, seed: int, pixels: np.ndarray | None, cascade: bool = True,
+              progress: bool = False) -> tuple[np.ndarray, float]:
+        """delta at `pixels` (RING; None = full sky), float32, and its model variance V."""
+        n_out = hp.nside2npix(nside) if pixels is None else len(pixels)
+        lookup = None
+        if pixels is not None:
+            lookup = np.full(hp.nside2npix(nside), -1, dtype=np.int64)
+            lookup[pixels] = np.arange(len(pixels))
+        delta = np.zeros(n_out, dtype=np.float32)
+        variance = 0.0
+        levels = self.levels(nside, cascade)
+        total = sum(level.n_tiles for level in levels)
+        with tqdm(total=total, desc=f"VAEDust nside {nside}", unit="patch", disable=not progress) as bar:
+            for level in levels:
+                num = np.zeros(n_out, dtype=np.float32)
+                den = np.zeros(n_out, dtype=np.float32)
+                for start in range(0, level.n_tiles, self.batch_size):
+                    ids = np.arange(start, min(start + self.batch_size, level.n_tiles))
+                    fp = footprints(nside, level, ids, lookup)
+                    used, fp.patch = np.unique(fp.patch, return_inverse=True)
+                    fp.patch = fp.patch.astype(np.int32)
+                    if len(used):
+                        normals = patch_normals(seed, level.index, ids[used], self.normals_size)
+                        accumulate(self.decode(level, normals).cpu().numpy(), fp, num, den)
+                    bar.update(len(ids))
+                if np.any(den <= 0):
+                    raise RuntimeError(f"cascade level {level.index}: {int(np.sum(den <= 0))} pixels "
+                                       "not covered by any patch (tiling bug)")
+                delta += num / np.sqrt(den)
+                variance += self.level_variance(level)
+        return delta, variance
+
+
+@njit(cache=True)
+def _mbb_intensity(freqs, weights, i_ref, freq_ref, mbb_index, mbb_temperature, out):
+    """Bandpass-integrated modified black body of the intensity, in place into `out` (uK_RJ)."""
+    step = np.empty_like(i_ref)
+    for i in range(len(freqs)):
+        # -2: the black body is in flux units, the template in K_RJ (as pysm3's dust models)
+        step[:] = i_ref * (freqs[i] / freq_ref) ** (mbb_index - 2.0) * blackbody_ratio(freqs[i], freq_ref, mbb_temperature)
+        pysm_utils.trapz_step_inplace(freqs, weights, i, step, out)
+
+
+class VAEDust(Model):
+    """Thermal dust intensity: large-scale template x VAE small scales, modified black body SED.
+
+    Parameters
+    ----------
+    nside : int, power of two. seed : int, seeds every patch's latents.
+    template : None (bundled 545 GHz Planck-derived template), "pysm_gnilc" (PySM GNILC template
+        via pysm3's data loader), a FITS path, or an array/Quantity (RING, Galactic, uK_RJ).
+    template_freq : reference frequency of an array template (Quantity or "353 GHz").
+    mbb_temperature, mbb_index : T_d (K) and beta_d: scalars, arrays (RING) or FITS paths.
+    weights : path of a weights file (default: shipped weights). prior : 'auto' | 'flow' | 'standard'.
+    device : 'auto' | 'cpu' | 'cuda'. cascade : add the finer levels needed by nside.
+    max_nside, map_dist : as every pysm3 Model.
+    """
+
+    def __init__(self, nside=2048, seed=0, template=None, template_freq=None,
+                 mbb_temperature=T_DUST_K, mbb_index=BETA_DUST, weights=None, prior="auto",
+                 device="auto", cascade=True, batch_size=1024, progress=False, max_nside=8192,
+                 map_dist=None):
+        nside = check_nside(nside)
+        if map_dist is not None and map_dist.nside is not None and map_dist.nside != nside:
+            raise ValueError(f"map_dist.nside={map_dist.nside} differs from the component's nside={nside}")
+        super().__init__(nside=nside, max_nside=max_nside, map_dist=map_dist)
+        if prior not in PRIORS:
+            raise ValueError(f"prior={prior!r}: expected one of {PRIORS}")
+        self.seed = int(seed)
+        self.cascade = bool(cascade)
+        self.progress = bool(progress)
+        self.weights = load_weights(weights, device=resolve_device(device))
+        if prior == "flow" and self.weights.prior is None:
+            raise ValueError(f"prior='flow' but {self.weights.path!r} holds no learned prior")
+        if prior == "auto":
+            prior = "flow" if self.weights.metadata.get("prior", {}).get("default", False) else "standard"
+        self.prior = prior
+        self.generator = SmallScaleGenerator(self.weights, prior, batch_size)
+        self.pixel_indices = None if map_dist is None else map_dist.pixel_indices
+        self.freq_ref, self.log_template = self._load_template(template, template_freq)
+        self.mbb_temperature = self._spectral_parameter(mbb_temperature, "mbb_temperature", u.K)
+        self.mbb_index = self._spectral_parameter(mbb_index, "mbb_index", u.dimensionless_unscaled)
+        self._i_ref = None
+
+    @property
+    def n_pixels(self) -> int:
+        return hp.nside2npix(self.nside) if self.pixel_indices is None else len(self.pixel_indices)
+
+    def _load_template(self, template, template_freq):
+        """(reference frequency GHz, smoothed log template at TEMPLATE_WORK_NSIDE, Galactic RING)."""
+        fwhm = float(self.weights.metadata["normalisation"]["template_fwhm_deg"])
+        pre_smoothed = False
+        if template is None:
+            values, freq, file_fwhm = read_template(default_template_path())
+            pre_smoothed = file_fwhm is not None and np.isclose(float(file_fwhm), fwhm)
+        elif isinstance(template, str) and template == "pysm_gnilc":
+            from .sources import fetch
+
+            values = hp.read_map(fetch("pysm_gnilc_dust_template"), field=0, dtype=np.float64)
+            freq = 353.0
+        elif isinstance(template, (str, Path)):
+            values, freq, _ = read_template(template)
+        else:
+            values = np.asarray(u.Quantity(template, u.uK_RJ).value if isinstance(template, u.Quantity)
+                                else template, dtype=np.float64)
+            if template_freq is None:
+                raise ValueError("an array template needs template_freq= (e.g. '545 GHz')")
+            freq = None
+        if values.ndim != 1 or not hp.isnpixok(values.size):
+            raise ValueError(f"template has shape {values.shape}; expected a HEALPix map (12 nside^2,)")
+        check_positive_finite(values, "template")
+        if template_freq is not None:
+            freq = _as_frequency(u.Quantity(template_freq)).value
+        log_values = np.log(values)
+        nside_t = hp.npix2nside(values.size)
+        if pre_smoothed and nside_t == TEMPLATE_WORK_NSIDE:
+            return float(freq), log_values
+        return float(freq), smooth_log_map(log_values, fwhm, TEMPLATE_WORK_NSIDE)
+
+    def _spectral_parameter(self, value, name, unit):
+        if isinstance(value, (str, Path)):
+            return np.asarray(self.read_map(str(value), unit=unit).value, dtype=np.float64)
+        arr = np.asarray(u.Quantity(value, unit).value, dtype=np.float64)
+        if arr.ndim == 0:
+            if not np.isfinite(arr) or (unit == u.K and arr <= 0):
+                raise ValueError(f"{name}={value!r}: expected a finite{' positive' if unit == u.K else ''} number")
+            return float(arr)
+        full = hp.nside2npix(self.nside)
+        if arr.shape == (full,) and self.pixel_indices is not None:
+            arr = arr[self.pixel_indices]
+        if arr.shape != (self.n_pixels,):
+            raise ValueError(f"{name} has shape {arr.shape}; expected a scalar or ({self.n_pixels},)")
+        return arr
+
+    def template_at_pixels(self) -> np.ndarray:
+        """log T at this component's pixels (float64)."""
+        out = np.empty(self.n_pixels)
+        for start in range(0, self.n_pixels, 1 << 22):
+            stop = min(start + (1 << 22), self.n_pixels)
+            pix = np.arange(start, stop) if self.pixel_indices is None else self.pixel_indices[start:stop]
+            out[start:stop] = hp.get_interp_val(self.log_template, *hp.pix2ang(self.nside, pix))
+        return out
+
+    def reference_map(self) -> np.ndarray:
+        """Intensity at the reference frequency (uK_RJ, float64, own pixels); computed once, cached."""
+        if self._i_ref is None:
+            delta, variance = self.generator.field(self.nside, self.seed, self.pixel_indices,
+                                                   self.cascade, self.progress)
+            s = self.weights.log_scale
+            log_i = self.template_at_pixels()
+            log_i += s * delta.astype(np.float64) - 0.5 * s * s * variance
+            self._i_ref = np.exp(log_i, out=log_i)
+        return self._i_ref
+
+    def get_emission(self, freqs, weights=None) -> u.Quantity:
+        """(3, npix) uK_RJ map (Q = U = 0) at a frequency or integrated over a bandpass."""
+        freqs = pysm_utils.check_freq_input(_as_frequency(freqs))
+        weights = pysm_utils.normalize_weights(freqs, weights)
+        i_ref = self.reference_map()
+        out = np.zeros((3, len(i_ref)), dtype=np.float64)
+        mbb_index = np.broadcast_to(self.mbb_index, i_ref.shape)
+        mbb_temperature = np.broadcast_to(self.mbb_temperature, i_ref.shape)
+        if np.ndim(self.mbb_index) == 0 and np.ndim(self.mbb_temperature) == 0:
+            _mbb_intensity(freqs, weights, i_ref, self.freq_ref, float(self.mbb_index),
+                           float(self.mbb_temperature), out[0])
+        else:
+            _mbb_intensity(freqs, weights, i_ref, self.freq_ref, np.ascontiguousarray(mbb_index),
+                           np.ascontiguousarray(mbb_temperature), out[0])
+        return out << u.uK_RJ
+
+
+__all__ = ["VAEDust", "SmallScaleGenerator", "check_nside"]

@@ -1,0 +1,171 @@
+"""Stage 2 — cutouts: gnomonic patches, region split, dihedral augmentation, normalisation.
+
+Tangent-plane convention (used by every stage): a patch of `npix` x `npix` pixels of
+`pixel_size_deg` centred at Galactic (lon0, lat0). Pixel centre offsets are
+x_j = ((j + 0.5) - npix / 2) * pixel_size (radians); the direction of pixel [row, col] is
+normalise(n0 + x_col e_east + y_row e_north): array rows run north, columns run east.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import healpy as hp
+import numpy as np
+
+from .data import DustMap, check_positive_finite
+
+
+@dataclass(frozen=True)
+class PatchGeometry:
+    """Square gnomonic patch: `npix` pixels across `size_deg` degrees."""
+
+    npix: int = 32
+    size_deg: float = 8.0
+
+    def __post_init__(self):
+        if int(self.npix) != self.npix or self.npix < 8 or self.npix % 8:
+            raise ValueError(f"npix={self.npix!r}: expected a multiple of 8, >= 8")
+        if not 0 < self.size_deg <= 30:
+            raise ValueError(f"size_deg={self.size_deg!r}: expected 0 < size_deg <= 30")
+
+    @property
+    def pixel_size_deg(self) -> float:
+        return self.size_deg / self.npix
+
+    def offsets_rad(self) -> np.ndarray:
+        """(npix,) tangent-plane pixel-centre offsets in radians."""
+        return np.radians((np.arange(self.npix) + 0.5 - self.npix / 2) * self.pixel_size_deg)
+
+    def scaled(self, factor: float) -> "PatchGeometry":
+        """Same pixel count, `factor` times smaller angular size (cascade levels)."""
+        return PatchGeometry(self.npix, self.size_deg / factor)
+
+
+def tangent_basis(lon_deg, lat_deg):
+    """Unit vectors (n0, e_east, e_north), each (N, 3), at Galactic (lon, lat) in degrees."""
+    lon, lat = np.radians(np.atleast_1d(lon_deg)), np.radians(np.atleast_1d(lat_deg))
+    n0 = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], -1)
+    east = np.stack([-np.sin(lon), np.cos(lon), np.zeros_like(lon)], -1)
+    north = np.stack([-np.sin(lat) * np.cos(lon), -np.sin(lat) * np.sin(lon), np.cos(lat)], -1)
+    return n0, east, north
+
+
+def gnomonic_directions(lon_deg, lat_deg, geometry: PatchGeometry) -> np.ndarray:
+    """Unit vectors of every patch pixel, (N, npix, npix, 3), for N centres (degrees)."""
+    n0, east, north = tangent_basis(lon_deg, lat_deg)
+    off = geometry.offsets_rad()
+    vec = (n0[:, None, None, :] + off[None, None, :, None] * east[:, None, None, :]
+           + off[None, :, None, None] * north[:, None, None, :])
+    return vec / np.linalg.norm(vec, axis=-1, keepdims=True)
+
+
+def gnomonic_coordinates(vec: np.ndarray, lon_deg: float, lat_deg: float):
+    """Tangent-plane (x, y) in radians of unit vectors (..., 3) about one centre; NaN behind it."""
+    n0, east, north = (b[0] for b in tangent_basis(lon_deg, lat_deg))
+    depth = vec @ n0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        depth = np.where(depth > 0, depth, np.nan)
+        return (vec @ east) / depth, (vec @ north) / depth
+
+
+def patch_centres(lat_min_deg: float = 15.0, spacing_deg: float = 3.7):
+    """Centres (lon, lat) in degrees on rings every `spacing_deg` in latitude with |b| >= lat_min,
+    spaced `spacing_deg / cos b` in longitude (the DustVAEder layout). 3.7 deg gives ~2250 patches."""
+    lats = np.arange(-90 + spacing_deg / 2, 90, spacing_deg)
+    lats = lats[np.abs(lats) >= lat_min_deg]
+    lon, lat = [], []
+    for b in lats:
+        n = max(int(round(360 * np.cos(np.radians(b)) / spacing_deg)), 1)
+        lon.append((np.arange(n) + 0.5 * (len(lon) % 2)) * 360.0 / n)
+        lat.append(np.full(n, b))
+    return np.concatenate(lon), np.concatenate(lat)
+
+
+def sample_map(values: np.ndarray, frame: str, vec_gal: np.ndarray) -> np.ndarray:
+    """Bilinear samples of a RING map in `frame` at Galactic unit vectors (..., 3)."""
+    flat = vec_gal.reshape(-1, 3)
+    if frame != "G":
+        flat = np.asarray(hp.Rotator(coord=["G", frame])(flat.T)).T
+    theta, phi = hp.vec2ang(flat)
+    return hp.get_interp_val(values, theta, phi).reshape(vec_gal.shape[:-1])
+
+
+def large_scale_log_map(dust: DustMap, fwhm_deg: float) -> np.ndarray:
+    """log(I / 1 MJy/sr) smoothed by a Gaussian of `fwhm_deg` (the template resolution), RING."""
+    check_positive_finite(dust.intensity, f"dust map {dust.source!r}")
+    log_map = np.log(dust.intensity)
+    lmax = 3 * dust.nside - 1
+    return hp.smoothing(log_map, fwhm=np.radians(fwhm_deg), lmax=lmax, iter=1)
+
+
+def log_residual_patches(dust: DustMap, lon_deg, lat_deg, geometry: PatchGeometry,
+                         template_fwhm_deg: float, chunk: int = 256) -> np.ndarray:
+    """Small-scale log-intensity patches log I - [log I]_smooth, (N, npix, npix) float32."""
+    log_map = np.log(dust.intensity)
+    smooth = large_scale_log_map(dust, template_fwhm_deg)
+    out = np.empty((len(lon_deg), geometry.npix, geometry.npix), dtype=np.float32)
+    for start in range(0, len(lon_deg), chunk):
+        sl = slice(start, start + chunk)
+        vec = gnomonic_directions(lon_deg[sl], lat_deg[sl], geometry)
+        out[sl] = sample_map(log_map, dust.frame, vec) - sample_map(smooth, dust.frame, vec)
+    return out
+
+
+def region_split(lon_deg, lat_deg, geometry: PatchGeometry, fractions=(0.7, 0.15, 0.15),
+                 seed: int = 0, region_nside: int = 2):
+    """Deterministic train/val/test split by sky region.
+
+    Patches are grouped by the HEALPix pixel (nside `region_nside`) of their centre; whole regions
+    are assigned to splits (seeded) until each split's share of patches reaches `fractions`.
+    Patches whose footprint could overlap a patch of a later split (the other centre within two
+    half-widths along both tangent-plane axes, with a 5 % margin) are dropped from the earlier split (train loses border patches to val/test, val to
+    test), so no sky pixel is seen by two splits. Returns labels (N,) int: 0 train, 1 val, 2 test,
+    -1 dropped.
+    """
+    fractions = np.asarray(fractions, dtype=float)
+    if fractions.shape != (3,) or np.any(fractions <= 0) or not np.isclose(fractions.sum(), 1):
+        raise ValueError(f"fractions={tuple(fractions)}: expected three positive numbers summing to 1")
+    regions = hp.ang2pix(region_nside, lon_deg, lat_deg, lonlat=True)
+    unique = np.unique(regions)
+    order = np.random.default_rng(seed).permutation(unique)
+    counts = {r: int(np.sum(regions == r)) for r in unique}
+    filled, total = 0, len(lon_deg)
+    split_of_region = {}
+    for r in order:  # fill test first, then val, rest train
+        share = filled / total
+        split = 2 if share < fractions[2] else (1 if share < fractions[2] + fractions[1] else 0)
+        split_of_region[r] = split
+        filled += counts[r]
+    labels = np.array([split_of_region[r] for r in regions])
+    vec = hp.ang2vec(lon_deg, lat_deg, lonlat=True)
+    half_width = np.tan(np.radians(0.5 * geometry.size_deg))
+    for later in (2, 1):
+        later_vec = vec[labels == later]
+        for i in np.flatnonzero((labels >= 0) & (labels < later)):
+            x, y = gnomonic_coordinates(later_vec, lon_deg[i], lat_deg[i])
+            # squares of half-width h overlap when the other centre lies within 2h (5 % margin)
+            if np.any(np.fmax(np.abs(x), np.abs(y)) < 2.1 * half_width):
+                labels[i] = -1
+    return labels
+
+
+def dihedral(images, k: int):
+    """The k-th (0..7) dihedral transform of the last two axes: rot90 k%4 times, then a flip if k>=4.
+
+    Works on numpy arrays and torch tensors."""
+    if not 0 <= int(k) < 8:
+        raise ValueError(f"dihedral index k={k!r}: expected 0..7")
+    if hasattr(images, "rot90"):
+        out = images.rot90(int(k) % 4, dims=(-2, -1))
+        return out.flip(-1) if k >= 4 else out
+    out = np.rot90(images, int(k) % 4, axes=(-2, -1))
+    return out[..., ::-1] if k >= 4 else out
+
+
+def random_dihedral(batch, generator):
+    """Apply an independent random dihedral transform to each image of a torch batch (B, 1, n, n)."""
+    import torch
+
+    ks = torch.randint(0, 8, (batch.shape[0],), generator=generator)
+    return torch.stack([dihedral(img, int(k)) for img, k in zip(batch, ks)])

@@ -1,0 +1,179 @@
+"""Stage 3 — model: convolutional VAE of normalised small-scale log-intensity patches.
+
+Images are (B, 1, npix, npix) float32 tensors in normalised units (log-intensity residual
+divided by the global scale stored with the weights). Latents are (B, latent_dim).
+
+Encoder and decoder are each a linear map plus a convolutional branch. `init_from_pca` sets the
+linear maps to the exact probabilistic-PCA solution of the data (Tipping & Bishop 1999) with the
+convolutional branches switched off (zero last layers): training starts from the best linear
+VAE and the convolutional branches learn the non-Gaussian part. The decoder noise p(x|z) is a
+stationary Gaussian whose variance is learned per radial Fourier bin ("fourier"), one learned
+scalar ("learned") or fixed ("fixed"); sampling can add it, so samples carry the small-scale
+power the 256-d latent cannot encode.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class VAEConfig:
+    """Architecture of the VAE (stored in the weights file)."""
+
+    npix: int = 32
+    latent_dim: int = 256
+    channels: tuple = (32, 64, 128)
+    hidden: int = 512
+    decoder_variance: str = "fourier"  # "fourier" (per radial Fourier bin), "learned" (scalar), "fixed"
+    decoder_logvar_init: float = -2.0  # log sigma^2 in normalised units
+
+    def __post_init__(self):
+        self.channels = tuple(int(c) for c in self.channels)
+        down = 2 ** len(self.channels)
+        if self.npix % down:
+            raise ValueError(f"npix={self.npix} must be divisible by 2**len(channels)={down}")
+        if self.decoder_variance not in ("fourier", "learned", "fixed"):
+            raise ValueError(f"decoder_variance={self.decoder_variance!r}: expected 'fourier', 'learned' or 'fixed'")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _conv_block(c_in, c_out):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.SiLU(),
+                         nn.Conv2d(c_out, c_out, 3, padding=1), nn.SiLU())
+
+
+def _deconv_block(c_in, c_out):
+    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.SiLU(),
+                         nn.Conv2d(c_out, c_out, 3, padding=1), nn.SiLU())
+
+
+def radial_bins(npix: int) -> torch.Tensor:
+    """(npix, npix) long: rounded |k| of each FFT frequency, in units of the patch fundamental."""
+    k = torch.fft.fftfreq(npix, d=1.0 / npix)
+    return torch.sqrt(k[:, None] ** 2 + k[None, :] ** 2).round().long()
+
+
+class VAE(nn.Module):
+    """Gaussian-encoder, stationary-Gaussian-decoder VAE with an N(0, I) prior on z."""
+
+    def __init__(self, config: VAEConfig | None = None):
+        super().__init__()
+        self.config = config = config or VAEConfig()
+        ch, n, d = config.channels, config.npix, config.latent_dim
+        self.bottom = n // 2 ** len(ch)
+        flat = ch[-1] * self.bottom**2
+        self.encoder_conv = nn.Sequential(
+            *[_conv_block(c_in, c_out) for c_in, c_out in zip((1,) + ch[:-1], ch)],
+            nn.Flatten(), nn.Linear(flat, config.hidden), nn.SiLU(), nn.Linear(config.hidden, 2 * d))
+        self.encoder_linear = nn.Linear(n * n, 2 * d)
+        self.decoder_input = nn.Sequential(
+            nn.Linear(d, config.hidden), nn.SiLU(), nn.Linear(config.hidden, flat), nn.SiLU())
+        rev = ch[::-1]
+        self.decoder_conv = nn.Sequential(
+            *[_deconv_block(c_in, c_out) for c_in, c_out in zip(rev, rev[1:] + (ch[0],))],
+            nn.Conv2d(ch[0], 1, 3, padding=1))
+        self.decoder_linear = nn.Linear(d, n * n)
+        self.register_buffer("noise_bin", radial_bins(n), persistent=False)
+        n_bins = int(self.noise_bin.max()) + 1 if config.decoder_variance == "fourier" else 1
+        self.decoder_logvar = nn.Parameter(torch.full((n_bins,), float(config.decoder_logvar_init)),
+                                           requires_grad=config.decoder_variance != "fixed")
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder_logvar.device
+
+    def noise_logvar(self) -> torch.Tensor:
+        """(npix, npix) log variance of the decoder noise per FFT mode (orthonormal FFT)."""
+        bins = self.noise_bin if len(self.decoder_logvar) > 1 else torch.zeros_like(self.noise_bin)
+        return self.decoder_logvar[bins]
+
+    def encode(self, x: torch.Tensor):
+        """q(z|x): (mean, log-variance), each (B, latent_dim), for images (B, 1, n, n)."""
+        h = self.encoder_conv(x) + self.encoder_linear(x.flatten(1))
+        mean, logvar = h.chunk(2, dim=1)
+        return mean, logvar.clamp(-12.0, 6.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Decoder mean mu_theta(z): (B, 1, n, n) for latents (B, latent_dim)."""
+        n = self.config.npix
+        h = self.decoder_input(z).view(-1, self.config.channels[-1], self.bottom, self.bottom)
+        return self.decoder_conv(h) + self.decoder_linear(z).view(-1, 1, n, n)
+
+    def decoder_noise(self, n: int, generator: torch.Generator | None = None,
+                      white: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, 1, npix, npix) draws of the stationary decoder noise of p(x|z), coloured from
+        `white` standard normals of that shape when given."""
+        npix = self.config.npix
+        if white is None:
+            white = torch.randn((n, 1, npix, npix), generator=generator, device=self.device)
+        spectrum = torch.fft.fft2(white, norm="ortho") * (0.5 * self.noise_logvar()).exp()
+        return torch.fft.ifft2(spectrum, norm="ortho").real
+
+    def reconstruct(self, x: torch.Tensor, n_samples: int = 1, generator: torch.Generator | None = None):
+        """Mean of `n_samples` decodings of z ~ q(z|x) (n_samples=0: decode the posterior mean)."""
+        mean, logvar = self.encode(x)
+        if n_samples == 0:
+            return self.decode(mean)
+        out = 0
+        for _ in range(n_samples):
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device)
+            out = out + self.decode(mean + eps * (0.5 * logvar).exp())
+        return out / n_samples
+
+    def sample(self, n: int, generator: torch.Generator | None = None, z: torch.Tensor | None = None,
+               noise: bool = True) -> torch.Tensor:
+        """Samples (n, 1, npix, npix): decoder mean of z (default z ~ N(0, I)) plus, if `noise`,
+        the decoder noise."""
+        if z is None:
+            z = torch.randn((n, self.config.latent_dim), generator=generator, device=self.device)
+        out = self.decode(z)
+        return out + self.decoder_noise(len(z), generator) if noise else out
+
+    def neg_log_likelihood(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """-log p(x | mu) per image (B,), nats, for the stationary Gaussian decoder noise."""
+        power = torch.fft.fft2(x - mean, norm="ortho").abs().square().flatten(1)
+        logvar = self.noise_logvar().flatten()
+        return 0.5 * (power * torch.exp(-logvar) + logvar + math.log(2 * math.pi)).sum(1)
+
+    def elbo_terms(self, x: torch.Tensor, beta: float = 1.0, generator: torch.Generator | None = None):
+        """Per-image mean of the negative ELBO and its parts (nats): dict(loss, recon, kl, mse)."""
+        mean, logvar = self.encode(x)
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device)
+        recon_mean = self.decode(mean + eps * (0.5 * logvar).exp())
+        recon = self.neg_log_likelihood(x, recon_mean)
+        kl = 0.5 * (mean**2 + logvar.exp() - logvar - 1).sum(1)
+        mse = (x - recon_mean).square().mean()
+        return {"loss": (recon + beta * kl).mean(), "recon": recon.mean(), "kl": kl.mean(), "mse": mse}
+
+    @torch.no_grad()
+    def init_from_pca(self, data: torch.Tensor) -> None:
+        """Set the linear maps to the probabilistic-PCA solution of `data` (N, 1, n, n) and zero
+        the last layers of the convolutional branches (training starts from the best linear VAE)."""
+        n, d = self.config.npix, self.config.latent_dim
+        flat = data.reshape(len(data), n * n).double()
+        mu = flat.mean(0)
+        _, s, vt = torch.linalg.svd(flat - mu, full_matrices=False)
+        lam = s**2 / (len(flat) - 1)
+        sigma2 = lam[d:].mean()
+        top, v = lam[:d], vt[:d]                      # (d,), (d, n*n)
+        scale = (top - sigma2).clamp_min(1e-12).sqrt()
+        self.decoder_linear.weight.copy_((v.T * scale).float())
+        self.decoder_linear.bias.copy_(mu.float())
+        w = torch.zeros(2 * d, n * n, dtype=torch.float64)
+        w[:d] = v * (scale / top)[:, None]
+        b = torch.zeros(2 * d, dtype=torch.float64)
+        b[:d] = -(v * (scale / top)[:, None]) @ mu
+        b[d:] = torch.log(sigma2 / top)
+        self.encoder_linear.weight.copy_(w.float())
+        self.encoder_linear.bias.copy_(b.float())
+        for last in (self.encoder_conv[-1], self.decoder_conv[-1]):
+            last.weight.zero_()
+            last.bias.zero_()
+        self.decoder_logvar.fill_(float(torch.log(sigma2)))

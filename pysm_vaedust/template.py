@@ -1,0 +1,99 @@
+"""The large-scale template: a smoothed 545 GHz dust intensity map in Galactic coordinates.
+
+The bundled template is derived by `build_template` from the Planck 2013 E(B-V) map in
+../shared/data (ICRS): log-intensity, rotated to Galactic in harmonic space, smoothed by a
+Gaussian of the weights' template FWHM (2 deg), stored as uK_RJ at 545 GHz, nside 128, RING.
+Rebuild it with ``python -m pysm_vaedust.template``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from importlib import resources
+from pathlib import Path
+
+import healpy as hp
+import numpy as np
+from astropy.io import fits
+
+from . import __version__
+from .data import FREQ_REF_GHZ, MJysr_to_uK_RJ, check_positive_finite, load_dust_map, shared_data_dir
+from .weights import atomic_write
+
+DEFAULT_TEMPLATE_NAME = "template_545GHz_fwhm2deg_nside128.fits"
+TEMPLATE_NSIDE = 128
+
+
+def default_template_path() -> Path:
+    """Path of the template shipped as package data."""
+    return Path(str(resources.files("pysm_vaedust") / "package_data" / DEFAULT_TEMPLATE_NAME))
+
+
+def smooth_log_map(log_map: np.ndarray, fwhm_deg: float, nside_out: int, coord: tuple | None = None) -> np.ndarray:
+    """Gaussian-smoothed (and optionally rotated, coord=('C', 'G')) log map at `nside_out`, RING."""
+    nside_in = hp.npix2nside(len(log_map))
+    lmax = min(3 * nside_in - 1, 3 * nside_out - 1)
+    alm = hp.map2alm(log_map, lmax=lmax, iter=1)
+    if coord is not None and coord[0] != coord[1]:
+        hp.Rotator(coord=list(coord)).rotate_alm(alm, lmax=lmax, inplace=True)
+    hp.smoothalm(alm, fwhm=np.radians(fwhm_deg), inplace=True)
+    return hp.alm2map(alm, nside_out, lmax=lmax)
+
+
+def build_template(dust_path, fwhm_deg: float = 2.0, nside_out: int = TEMPLATE_NSIDE) -> tuple[np.ndarray, dict]:
+    """Large-scale template from a dust map: (uK_RJ at 545 GHz, Galactic RING (12 nside_out^2,)),
+    provenance dict."""
+    dust = load_dust_map(dust_path)
+    log_smooth = smooth_log_map(np.log(dust.intensity), fwhm_deg, nside_out, coord=(dust.frame, "G"))
+    template = np.exp(log_smooth) * MJysr_to_uK_RJ(FREQ_REF_GHZ)
+    provenance = {**dust.provenance(), "fwhm_deg": fwhm_deg, "nside": nside_out, "frame": "G",
+                  "unit": "uK_RJ", "freq_GHz": FREQ_REF_GHZ, "package_version": __version__,
+                  "smoothing": "Gaussian in log intensity, harmonic-space rotation to Galactic",
+                  "command": "python -m pysm_vaedust.template"}
+    return template, provenance
+
+
+def write_template(path, template: np.ndarray, provenance: dict) -> Path:
+    """Write a template FITS (healpy layout, TUNIT1 uK_RJ) with its provenance as a header card
+    and a JSON sidecar, atomically."""
+    header = [("FREQREF", provenance["freq_GHz"], "GHz"), ("FWHMDEG", provenance["fwhm_deg"]),
+              ("SRCSHA", provenance["sha256"][:64])]
+    atomic_write(path, lambda tmp: hp.write_map(tmp, template.astype(np.float32), coord="G",
+                                                column_units="uK_RJ", extra_header=header,
+                                                overwrite=True, dtype=np.float32))
+    sidecar = Path(str(path) + ".json")
+    atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(provenance, indent=1)))
+    return Path(path)
+
+
+def read_template(path) -> tuple[np.ndarray, float, float | None]:
+    """Read a template FITS: (map uK_RJ RING float64, reference frequency GHz, FWHM deg or None)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"template {str(path)!r} does not exist")
+    values = hp.read_map(path, field=0, dtype=np.float64)
+    with fits.open(path) as hdus:
+        header = hdus[1].header if len(hdus) > 1 else hdus[0].header
+    unit = str(header.get("TUNIT1", "uK_RJ")).strip()
+    if unit not in ("uK_RJ", "uK RJ"):
+        raise ValueError(f"template {str(path)!r} has unit {unit!r}; expected uK_RJ")
+    check_positive_finite(values, f"template {str(path)!r}")
+    return values, float(header.get("FREQREF", FREQ_REF_GHZ)), header.get("FWHMDEG")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pysm_vaedust.template",
+                                     description="Rebuild the bundled large-scale template from a dust map.")
+    parser.add_argument("--input", default=str(shared_data_dir() / "planck_ebv_nside256_ring_icrs.fits.gz"))
+    parser.add_argument("--fwhm_deg", type=float, default=2.0)
+    parser.add_argument("--nside", type=int, default=TEMPLATE_NSIDE)
+    parser.add_argument("--output", default=str(default_template_path()))
+    args = parser.parse_args(argv)
+    template, provenance = build_template(args.input, args.fwhm_deg, args.nside)
+    print(f"wrote {write_template(args.output, template, provenance)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

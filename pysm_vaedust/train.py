@@ -1,0 +1,279 @@
+"""Stage 4 — training: config (dataclass <-> TOML), dataset, ELBO loop, checkpoints, weights.
+
+``pysm_vaedust-train --config training/default.toml [--epochs 3 ...] [--resume]`` rebuilds a
+weights file. Every config field is also a command-line option (see --help).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .cutouts import PatchGeometry, dihedral, log_residual_patches, patch_centres, random_dihedral, region_split
+from .data import load_dust_map, shared_data_dir
+from .model import VAE, VAEConfig
+from .statistics import default_ell_edges, flat_power_spectrum
+from .weights import atomic_write, save_weights
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in the weights file)."""
+
+    data_map: str = "planck_ebv_nside256_ring_icrs.fits.gz"  # path, or a name in $PYSM_VAEDUST_DATA
+    map_quantity: str = ""          # "ebv" | "tau353" | "intensity_MJysr"; "" = from FITS header
+    map_frame: str = ""             # "G" | "C" | ...; "" = from FITS header
+    npix: int = 32                  # patch pixels across (32 x 15' matches the 13.7' source pixels)
+    size_deg: float = 8.0           # patch side, degrees
+    lat_min_deg: float = 15.0       # patch centres at |b| >= this
+    spacing_deg: float = 3.7        # centre spacing (~2250 patches, ~50 % overlap)
+    template_fwhm_deg: float = 2.0  # resolution of the large-scale template the VAE complements
+    split_seed: int = 0
+    split_fractions: list = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    region_nside: int = 2           # HEALPix regions assigned whole to one split
+    latent_dim: int = 256
+    channels: list = field(default_factory=lambda: [32, 64, 128])
+    hidden: int = 512
+    decoder_variance: str = "fourier"
+    decoder_logvar_init: float = -2.0
+    pca_init: bool = True           # start from the probabilistic-PCA solution (linear branches)
+    beta: float = 1.0               # KL weight of the ELBO
+    kl_warmup_epochs: int = 0       # beta rises linearly from 0 over these epochs (avoids collapse)
+    lr: float = 3e-4
+    batch_size: int = 64
+    epochs: int = 60
+    seed: int = 0
+    device: str = "auto"            # "auto" | "cpu" | "cuda"
+    threads: int = 0                # torch CPU threads; 0 = torch default
+    checkpoint_dir: str = "runs/default"
+    output: str = "runs/default/vaedust.h5"
+
+    @classmethod
+    def from_toml(cls, path, overrides: dict | None = None) -> "TrainConfig":
+        """Read a TOML file (flat table) and apply overrides; unknown keys raise ValueError."""
+        with open(path, "rb") as handle:
+            values = tomllib.load(handle)
+        return cls.from_dict({**values, **(overrides or {})}, source=str(path))
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when available, else CPU; 'cuda' without a GPU raises ValueError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} requested but no CUDA GPU is available; use 'cpu' or 'auto'")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"device={name!r}: expected 'auto', 'cpu' or 'cuda[:n]'")
+    return torch.device(name)
+
+
+def resolve_data_path(name: str) -> Path:
+    """A data map path as given, else under the shared data folder."""
+    path = Path(name)
+    return path if path.exists() else shared_data_dir() / name
+
+
+def build_datasets(cfg: TrainConfig) -> tuple[dict, dict]:
+    """Cut, split and normalise patches. Returns ({split: (N, 1, n, n) float32 tensor}, info)."""
+    dust = load_dust_map(resolve_data_path(cfg.data_map), quantity=cfg.map_quantity or None,
+                         frame=cfg.map_frame or None)
+    geometry = PatchGeometry(cfg.npix, cfg.size_deg)
+    lon, lat = patch_centres(cfg.lat_min_deg, cfg.spacing_deg)
+    labels = region_split(lon, lat, geometry, cfg.split_fractions, cfg.split_seed, cfg.region_nside)
+    residual = log_residual_patches(dust, lon, lat, geometry, cfg.template_fwhm_deg)
+    train = residual[labels == 0]
+    log_mean, log_scale = float(train.mean()), float(train.std())
+    sets = {name: torch.from_numpy((residual[labels == k] - log_mean) / log_scale)[:, None]
+            for k, name in enumerate(SPLITS)}
+    info = {
+        "spectral_slope": spectral_slope(train, geometry),
+        "geometry": {"npix": cfg.npix, "size_deg": cfg.size_deg,
+                     "pixel_size_arcmin": 60 * geometry.pixel_size_deg, "projection": "gnomonic"},
+        "normalisation": {"log_mean": log_mean, "log_scale": log_scale,
+                          "template_fwhm_deg": cfg.template_fwhm_deg,
+                          "definition": "x = (ln(I/MJy sr^-1) - smooth_fwhm[ln I] - log_mean) / log_scale"},
+        "data": dust.provenance(),
+        "split": {"counts": {name: int(len(sets[name])) for name in SPLITS},
+                  "dropped_border_patches": int(np.sum(labels < 0)),
+                  "centres_lonlat_deg": {name: np.stack([lon[labels == k], lat[labels == k]], 1).round(4).tolist()
+                                         for k, name in enumerate(SPLITS)}},
+    }
+    return sets, info
+
+
+#: multipole range (patch flat-sky ell) where the data are above the template's Gaussian
+#: roll-off and below the source resolution: the power-law slope for the cascade is fitted here.
+SLOPE_ELL_RANGE = (150.0, 450.0)
+
+
+def spectral_slope(patches: np.ndarray, geometry: PatchGeometry, ell_range=SLOPE_ELL_RANGE) -> dict:
+    """Fit C_ell ~ ell^-slope to the mean flat-sky spectrum of patches (N, n, n) in `ell_range`."""
+    edges = default_ell_edges(geometry.npix, geometry.pixel_size_deg)
+    ell, cl = flat_power_spectrum(patches, geometry.pixel_size_deg, edges)
+    cl = cl.mean(0)
+    sel = (ell >= ell_range[0]) & (ell <= ell_range[1])
+    slope, _ = np.polyfit(np.log(ell[sel]), np.log(cl[sel]), 1)
+    return {"slope": float(-slope), "ell_range": list(ell_range), "n_bins": int(sel.sum())}
+
+
+def vae_config_of(cfg: TrainConfig) -> VAEConfig:
+    return VAEConfig(npix=cfg.npix, latent_dim=cfg.latent_dim, channels=tuple(cfg.channels),
+                     hidden=cfg.hidden, decoder_variance=cfg.decoder_variance,
+                     decoder_logvar_init=cfg.decoder_logvar_init)
+
+
+@torch.no_grad()
+def evaluate(model: VAE, data: torch.Tensor, beta: float, seed: int, batch_size: int = 256) -> dict:
+    """Mean negative-ELBO terms over a split (fixed noise seed, eval mode)."""
+    model.eval()
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    totals, count = {}, 0
+    for start in range(0, len(data), batch_size):
+        batch = data[start:start + batch_size].to(model.device)
+        terms = model.elbo_terms(batch, beta, gen)
+        for key, value in terms.items():
+            totals[key] = totals.get(key, 0.0) + float(value) * len(batch)
+        count += len(batch)
+    return {key: value / count for key, value in totals.items()}
+
+
+def _epoch_generator(seed: int, epoch: int, device) -> tuple[torch.Generator, torch.Generator]:
+    """Shuffling/augmentation generator (CPU) and noise generator (model device) of one epoch."""
+    cpu = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    noise = torch.Generator(device=device).manual_seed(seed * 100_003 + epoch + 7919)
+    return cpu, noise
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Run (or resume) training and write the weights file; returns its path."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    sets, info = build_datasets(cfg)
+    torch.manual_seed(cfg.seed)  # parameter initialisation only
+    model = VAE(vae_config_of(cfg)).to(device)
+    if cfg.pca_init:
+        model.init_from_pca(torch.cat([dihedral(sets["train"], k) for k in range(8)]).to(device))
+    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    ckpt_dir = Path(cfg.checkpoint_dir)
+    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    start_epoch, best_val, history = 0, math.inf, []
+    if resume:
+        if not last_path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint {str(last_path)!r} to resume from")
+        state = torch.load(last_path, map_location=device, weights_only=False)
+        if state["config"] != cfg.to_dict():
+            raise ValueError(f"--resume: {str(last_path)!r} was written by a different config")
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        start_epoch, best_val, history = state["epoch"], state["best_val"], state["history"]
+    train_set = sets["train"]
+    n_batches = math.ceil(len(train_set) / cfg.batch_size)
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        cpu_gen, noise_gen = _epoch_generator(cfg.seed, epoch, device)
+        order = torch.randperm(len(train_set), generator=cpu_gen)
+        bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+                   leave=False, file=sys.stderr)
+        running = {}
+        beta = cfg.beta * min(1.0, (epoch + 1) / max(cfg.kl_warmup_epochs, 1))
+        for b in bar:
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            batch = random_dihedral(train_set[idx], cpu_gen).to(device)
+            terms = model.elbo_terms(batch, beta, noise_gen)
+            optimiser.zero_grad()
+            terms["loss"].backward()
+            optimiser.step()
+            for key, value in terms.items():
+                value = value.item()
+                running[key] = 0.9 * running.get(key, value) + 0.1 * value
+            bar.set_postfix(elbo=f"{-running['loss']:.1f}", recon=f"{running['recon']:.1f}",
+                            kl=f"{running['kl']:.1f}")
+        val = evaluate(model, sets["val"], cfg.beta, seed=cfg.seed)
+        history.append({"epoch": epoch + 1, "train_loss": running["loss"], **{f"val_{k}": v for k, v in val.items()}})
+        if progress:
+            print(f"epoch {epoch + 1}/{cfg.epochs}: train -ELBO {running['loss']:.2f}  val -ELBO "
+                  f"{val['loss']:.2f} (recon {val['recon']:.2f}, KL {val['kl']:.2f}, mse {val['mse']:.4f})",
+                  file=sys.stderr)
+        if val["loss"] < best_val:
+            best_val = val["loss"]
+            atomic_write(best_path, lambda tmp: torch.save({"model": model.state_dict(), "epoch": epoch + 1}, tmp))
+        state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "epoch": epoch + 1,
+                 "best_val": best_val, "history": history, "config": cfg.to_dict()}
+        atomic_write(last_path, lambda tmp: torch.save(state, tmp))
+    best = torch.load(best_path, map_location=device, weights_only=False)
+    model.load_state_dict(best["model"])
+    test = evaluate(model, sets["test"], cfg.beta, seed=cfg.seed)
+    metadata = {
+        "package_version": __version__,
+        "architecture": model.config.to_dict(),
+        **info,
+        "training_config": cfg.to_dict(),
+        "metrics": {"best_epoch": best["epoch"], "best_val_loss": best_val,
+                    **{f"test_{k}": v for k, v in test.items()}},
+        "history": history,
+    }
+    out = save_weights(cfg.output, {"vae": model.cpu()}, metadata)
+    if progress:
+        print(f"wrote {out} (best epoch {best['epoch']}, test -ELBO {test['loss']:.2f})", file=sys.stderr)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pysm_vaedust-train",
+        description="Train the pysm_vaedust VAE on real dust data and write an HDF5 weights file. "
+                    "Options override the TOML config; lists are given as JSON (e.g. --channels '[32,64,128]').")
+    parser.add_argument("--config", help="TOML file with TrainConfig keys (default: built-in defaults)")
+    parser.add_argument("--resume", action="store_true", help="continue from <checkpoint_dir>/last.pt")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        parser.add_argument(f"--{f.name}", dest=f.name, default=None, metavar=type(default).__name__.upper(),
+                            help=f"(default {default!r})")
+    return parser
+
+
+def _parse_value(text: str, like):
+    if isinstance(like, bool):
+        return text.lower() in ("1", "true", "yes")
+    if isinstance(like, (list, tuple)):
+        return json.loads(text)
+    return type(like)(text)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    defaults = TrainConfig().to_dict()
+    overrides = {key: _parse_value(getattr(args, key), defaults[key])
+                 for key in defaults if getattr(args, key) is not None}
+    cfg = TrainConfig.from_toml(args.config, overrides) if args.config else TrainConfig.from_dict(overrides)
+    start = time.time()
+    train(cfg, resume=args.resume, progress=not args.quiet)
+    print(f"training took {time.time() - start:.0f} s", file=sys.stderr)
+    return 0
