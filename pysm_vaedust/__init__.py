@@ -1,3 +1,21 @@
-"""pysm_vaedust: stochastic non-Gaussian small-scale thermal dust for PySM3, from a VAE trained on Planck."""
+"""pysm_vaedust: stochastic non-Gaussian small-scale thermal dust for PySM3, from a VAE trained on Planck.
+
+Public API: `VAEDust` (the pysm3 component), `pysm_vaedust.config.build_sky` (skies from dicts /
+TOML), `pysm_vaedust.conditioning` (MAP fits and constrained realizations), `load_weights`.
+Imports are lazy so that `import pysm_vaedust` does not load torch.
+"""
 
 __version__ = "0.1.0"
+
+_LAZY = {"VAEDust": "component", "load_weights": "weights", "build_sky": "config"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'pysm_vaedust' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

@@ -36,7 +36,7 @@ PRIORS = ("auto", "flow", "standard")
 
 def check_nside(nside) -> int:
     """nside as int; ValueError unless a power of two between 1 and 2**15."""
-    if isinstance(nside, bool) or int(nside) != nside or not hp.isnsideok(int(nside)):
+    if isinstance(nside, bool) or int(nside) != nside or not hp.isnsideok(int(nside), nest=True):
         raise ValueError(f"nside={nside!r}: expected a power of two (1, 2, 4, ..., 8192)")
     return int(nside)
 
@@ -56,8 +56,11 @@ class SmallScaleGenerator:
     weights: loaded VAE (+ optional latent prior); prior: 'flow' or 'standard'.
     """
 
-    def __init__(self, weights: Weights, prior: str = "standard", batch_size: int = 1024):
+    def __init__(self, weights: Weights, prior: str = "standard", batch_size: int = 1024,
+                 fixed_latents: dict | None = None):
         self.weights = weights
+        self.fixed_latents = {int(level): {int(t): np.asarray(z, dtype=np.float32) for t, z in table.items()}
+                              for level, table in (fixed_latents or {}).items()}
         self.vae = weights.vae
         self.prior = weights.prior if prior == "flow" else None
         self.batch_size = int(batch_size)
@@ -73,12 +76,19 @@ class SmallScaleGenerator:
         """Latents z (B, D) from standard normals (B, D): identity or the learned prior's map."""
         return normals if self.prior is None else self.prior.sample_from_normals(normals)
 
-    def decode(self, level: CascadeLevel, normals: np.ndarray) -> torch.Tensor:
-        """Band-filtered, amplitude-scaled patches (B, n, n) from per-patch normals (B, D + n^2)."""
+    def decode(self, level: CascadeLevel, normals: np.ndarray, ids: np.ndarray | None = None) -> torch.Tensor:
+        """Band-filtered, amplitude-scaled patches (B, n, n) from per-patch normals (B, D + n^2);
+        tiles `ids` listed in `fixed_latents[level]` use their fixed z instead of a prior draw."""
         d, n = self.vae.config.latent_dim, self.vae.config.npix
         eps = torch.from_numpy(normals).to(self.vae.device)
         with torch.no_grad():
-            x = self.vae.decode(self.latents(eps[:, :d]))
+            z = self.latents(eps[:, :d])
+            fixed = self.fixed_latents.get(level.index, {})
+            if ids is not None and fixed:
+                rows = [r for r, t in enumerate(ids) if int(t) in fixed]
+                if rows:
+                    z[rows] = torch.from_numpy(np.stack([fixed[int(ids[r])] for r in rows])).to(z)
+            x = self.vae.decode(z)
             x = x + self.vae.decoder_noise(len(eps), white=eps[:, d:].reshape(-1, 1, n, n))
             filt = torch.from_numpy(band_filter(level)).to(x)
             x = torch.fft.ifft2(torch.fft.fft2(x[:, 0]) * filt).real
@@ -116,7 +126,7 @@ class SmallScaleGenerator:
                     fp.patch = fp.patch.astype(np.int32)
                     if len(used):
                         normals = patch_normals(seed, level.index, ids[used], self.normals_size)
-                        accumulate(self.decode(level, normals).cpu().numpy(), fp, num, den)
+                        accumulate(self.decode(level, normals, ids[used]).cpu().numpy(), fp, num, den)
                     bar.update(len(ids))
                 if np.any(den <= 0):
                     raise RuntimeError(f"cascade level {level.index}: {int(np.sum(den <= 0))} pixels "
@@ -148,13 +158,15 @@ class VAEDust(Model):
     mbb_temperature, mbb_index : T_d (K) and beta_d: scalars, arrays (RING) or FITS paths.
     weights : path of a weights file (default: shipped weights). prior : 'auto' | 'flow' | 'standard'.
     device : 'auto' | 'cpu' | 'cuda'. cascade : add the finer levels needed by nside.
+    fixed_latents : {level: {tile id: z (latent_dim,)}} latents replacing the prior draws of those
+        tiles (constrained realizations, see pysm_vaedust.conditioning).
     max_nside, map_dist : as every pysm3 Model.
     """
 
     def __init__(self, nside=2048, seed=0, template=None, template_freq=None,
                  mbb_temperature=T_DUST_K, mbb_index=BETA_DUST, weights=None, prior="auto",
-                 device="auto", cascade=True, batch_size=1024, progress=False, max_nside=8192,
-                 map_dist=None):
+                 device="auto", cascade=True, batch_size=1024, progress=False, fixed_latents=None,
+                 max_nside=8192, map_dist=None):
         nside = check_nside(nside)
         if map_dist is not None and map_dist.nside is not None and map_dist.nside != nside:
             raise ValueError(f"map_dist.nside={map_dist.nside} differs from the component's nside={nside}")
@@ -170,7 +182,7 @@ class VAEDust(Model):
         if prior == "auto":
             prior = "flow" if self.weights.metadata.get("prior", {}).get("default", False) else "standard"
         self.prior = prior
-        self.generator = SmallScaleGenerator(self.weights, prior, batch_size)
+        self.generator = SmallScaleGenerator(self.weights, prior, batch_size, fixed_latents)
         self.pixel_indices = None if map_dist is None else map_dist.pixel_indices
         self.freq_ref, self.log_template = self._load_template(template, template_freq)
         self.mbb_temperature = self._spectral_parameter(mbb_temperature, "mbb_temperature", u.K)

@@ -28,7 +28,7 @@ class VAEConfig:
     npix: int = 32
     latent_dim: int = 256
     channels: tuple = (32, 64, 128)
-    hidden: int = 512
+    hidden: int = 256
     decoder_variance: str = "fourier"  # "fourier" (per radial Fourier bin), "learned" (scalar), "fixed"
     decoder_logvar_init: float = -2.0  # log sigma^2 in normalised units
 

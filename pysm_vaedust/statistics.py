@@ -28,7 +28,7 @@ def apodization_window(npix: int, apod_pixels: float) -> np.ndarray:
 
 
 def default_ell_edges(npix: int, pixel_size_deg: float, nbins: int | None = None) -> np.ndarray:
-    """(nbins + 1,) linear multipole edges from the fundamental 2 pi / size to the Nyquist pi / pixel.
+    """(nbins + 1,) linear multipole edges from the fundamental 2 pi / size to Nyquist pi / pixel.
 
     The default `nbins` makes bins about two fundamentals wide, so each bin holds modes."""
     if int(npix) != npix or npix < 4:
@@ -46,8 +46,8 @@ def flat_power_spectrum(patch, pixel_size_deg: float, ell_edges, other=None, win
     Each patch is mean-subtracted and multiplied by `window` (default: a cosine taper over n/8
     pixels); C_l = Re(F_a F_b*) * pixel_area_sr / n^2 / mean(window^2), so white noise of variance
     s^2 gives s^2 * pixel_area_sr. Modes with ell = 2 pi |k| / size_rad are averaged in the bins
-    [ell_edges[i], ell_edges[i+1]) (the last bin closed). Returns (ell_centres (nbins,), the mean ell
-    of each bin's modes, and cl (..., nbins)) in [patch units]^2 sr.
+    [ell_edges[i], ell_edges[i+1]) (the last bin closed). Returns ell_centres (nbins,), the mean
+    ell of each bin's modes, and cl (..., nbins) in [patch units]^2 sr.
     """
     patch = np.asarray(patch, dtype=float)
     if patch.ndim < 2 or patch.shape[-1] != patch.shape[-2]:
@@ -79,12 +79,12 @@ def flat_power_spectrum(patch, pixel_size_deg: float, ell_edges, other=None, win
     nbins = len(edges) - 1
     index = np.searchsorted(edges, ell, side="right") - 1
     index[ell == edges[-1]] = nbins - 1
-    counts = np.bincount(index[(index >= 0) & (index < nbins)], minlength=nbins)
+    valid = np.flatnonzero((index >= 0) & (index < nbins))
+    counts = np.bincount(index[valid], minlength=nbins)
     if np.any(counts == 0):
         b = int(np.argmin(counts))
         raise ValueError(f"ell bin {b} [{edges[b]:.4g}, {edges[b + 1]:.4g}) holds no Fourier mode "
                          f"of a {npix}-pixel patch of {pixel_size_deg} deg pixels")
-    valid = np.flatnonzero((index >= 0) & (index < nbins))
     order = valid[np.argsort(index[valid], kind="stable")]
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     power = power.reshape(power.shape[:-2] + (-1,))[..., order]
@@ -106,8 +106,8 @@ def healpix_power_spectrum(m, lmax: int | None = None, mask=None):
     else:
         mask = np.asarray(mask, dtype=float)
         if mask.shape != m.shape or np.any(mask < 0) or not np.any(mask > 0):
-            raise ValueError(f"mask of shape {mask.shape}: expected non-negative weights, not all 0,"
-                             f" of the map's shape {m.shape}")
+            raise ValueError(f"mask of shape {mask.shape}: expected non-negative weights, not all"
+                             f" 0, of the map's shape {m.shape}")
         mean = np.sum(mask * m) / np.sum(mask)
         cl = hp.anafast(mask * (m - mean), lmax=lmax) / np.mean(mask**2)
     return np.arange(lmax + 1), cl
@@ -145,20 +145,14 @@ def minkowski_functionals(patch, thresholds, pixel_size_deg: float | None = None
     patch = np.asarray(patch, dtype=float)
     if patch.ndim < 2 or min(patch.shape[-2:]) < 2:
         raise ValueError(f"patch shape {patch.shape}: expected (..., ny, nx) with ny, nx >= 2")
-    # cell corners counter-clockwise from the lower left: (x, y) = (0,0), (1,0), (1,1), (0,1)
-    corners = np.stack([patch[..., :-1, :-1], patch[..., :-1, 1:],
-                        patch[..., 1:, 1:], patch[..., 1:, :-1]])
-    centre = corners.mean(axis=0)
     thresholds = np.atleast_1d(np.asarray(thresholds, dtype=float))
-    out = {name: [] for name in ("v0", "v1", "v2")}
-    for t in thresholds:
-        out["v0"].append(np.mean(patch > t, axis=(-2, -1)))
-        length, euler = _marching_square_cells(corners, centre, t)
-        out["v1"].append(np.mean(length, axis=(-2, -1)) / 4)
-        out["v2"].append(np.mean(euler, axis=(-2, -1)))
+    flat = patch.reshape((-1,) + patch.shape[-2:])
+    chunk = max(1, 2**21 // flat[0].size)  # bounds the per-cell temporaries to ~ 100 MB
+    mfs = np.concatenate([_patch_minkowski(flat[i:i + chunk], thresholds)
+                          for i in range(0, len(flat), chunk)], axis=1)
     scale = 1.0 if pixel_size_deg is None else 1.0 / np.radians(pixel_size_deg)
-    return {name: np.stack(values, axis=-1) * scale**power
-            for power, (name, values) in enumerate(out.items())}
+    return {name: mfs[k].reshape(patch.shape[:-2] + thresholds.shape) * scale**k
+            for k, name in enumerate(("v0", "v1", "v2"))}
 
 
 def healpix_minkowski_functionals(m, thresholds, mask=None, lmax: int | None = None,
@@ -174,6 +168,8 @@ def healpix_minkowski_functionals(m, thresholds, mask=None, lmax: int | None = N
     """
     u = np.asarray(m, dtype=float)
     nside = hp.get_nside(u)
+    if not np.all(np.isfinite(u)) or np.any(u == hp.UNSEEN):
+        raise ValueError("m: expected a full-sky map without NaN or UNSEEN pixels (mask instead)")
     lmax = 2 * nside if lmax is None else int(lmax)
     keep = np.ones(u.shape, bool) if mask is None else np.asarray(mask) > 0
     if keep.shape != u.shape or not np.any(keep):
@@ -200,8 +196,7 @@ def healpix_minkowski_functionals(m, thresholds, mask=None, lmax: int | None = N
 
     u, grad, curvature = u[keep], np.sqrt(grad2[keep]), curvature[keep]
     thresholds = np.atleast_1d(np.asarray(thresholds, dtype=float))
-    out = {"v0": np.empty(len(thresholds)), "v1": np.empty(len(thresholds)),
-           "v2": np.empty(len(thresholds))}
+    out = {name: np.empty(len(thresholds)) for name in ("v0", "v1", "v2")}
     for i, t in enumerate(thresholds):
         in_band = np.abs(u - t) < delta / 2
         out["v0"][i] = np.mean(u > t)
@@ -232,10 +227,24 @@ def _fundamental_ell(npix: int, pixel_size_deg: float) -> float:
     return 2 * np.pi / (npix * np.radians(pixel_size_deg))
 
 
+def _patch_minkowski(patches, thresholds):
+    """(3, B, n_thresholds) v0, v1 (1/pixel), v2 (1/pixel^2) of patches (B, ny, nx)."""
+    # cell corners counter-clockwise from the lower left: (x, y) = (0,0), (1,0), (1,1), (0,1)
+    corners = np.stack([patches[:, :-1, :-1], patches[:, :-1, 1:],
+                        patches[:, 1:, 1:], patches[:, 1:, :-1]])
+    centre = corners.mean(axis=0)
+    out = np.empty((3, len(patches), len(thresholds)))
+    for j, t in enumerate(thresholds):
+        length, euler = _marching_square_cells(corners, centre, t)
+        out[:, :, j] = [np.mean(patches > t, axis=(1, 2)), np.mean(length, axis=(1, 2)) / 4,
+                        np.mean(euler, axis=(1, 2))]
+    return out
+
+
 def _marching_square_cells(corners, centre, threshold):
     """Per-cell contour length (pixels) and Euler-characteristic share of the set above threshold.
 
-    corners: (4, ..., ny-1, nx-1) values counter-clockwise from (0,0); centre: their mean."""
+    corners: (4, B, ny-1, nx-1) values counter-clockwise from (0,0); centre: their mean."""
     above = corners > threshold
     n_above = above.sum(axis=0)
     # crossing point on edge i (corner i -> corner i+1) by linear interpolation, in cell units
@@ -245,8 +254,7 @@ def _marching_square_cells(corners, centre, threshold):
     crossed = above != np.roll(above, -1, axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         frac = np.where(crossed, (threshold - corners) / (nxt - corners), 0.0)
-    points = start.reshape((4, 2) + (1,) * (corners.ndim - 1)) + frac[:, None] * step.reshape(
-        (4, 2) + (1,) * (corners.ndim - 1))
+    points = start[:, :, None, None, None] + frac[:, None] * step[:, :, None, None, None]
 
     def dist(i, j):
         return np.hypot(*(points[i] - points[j]))

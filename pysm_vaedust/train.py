@@ -24,10 +24,13 @@ from . import __version__
 from .cutouts import PatchGeometry, dihedral, log_residual_patches, patch_centres, random_dihedral, region_split
 from .data import load_dust_map, shared_data_dir
 from .model import VAE, VAEConfig
+from .prior import train_prior
 from .statistics import default_ell_edges, flat_power_spectrum
 from .weights import atomic_write, save_weights
 
 SPLITS = ("train", "val", "test")
+#: config keys that may differ when resuming (e.g. continue to more epochs)
+RESUMABLE_CHANGES = ("epochs", "output", "threads", "device")
 
 
 @dataclass
@@ -47,7 +50,7 @@ class TrainConfig:
     region_nside: int = 2           # HEALPix regions assigned whole to one split
     latent_dim: int = 256
     channels: list = field(default_factory=lambda: [32, 64, 128])
-    hidden: int = 512
+    hidden: int = 256
     decoder_variance: str = "fourier"
     decoder_logvar_init: float = -2.0
     pca_init: bool = True           # start from the probabilistic-PCA solution (linear branches)
@@ -57,6 +60,10 @@ class TrainConfig:
     batch_size: int = 64
     epochs: int = 60
     seed: int = 0
+    prior_epochs: int = 60          # epochs of the latent flow prior (0 = no learned prior)
+    prior_layers: int = 6
+    prior_hidden: int = 128
+    prior_lr: float = 1e-3
     device: str = "auto"            # "auto" | "cpu" | "cuda"
     threads: int = 0                # torch CPU threads; 0 = torch default
     checkpoint_dir: str = "runs/default"
@@ -187,8 +194,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         if not last_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint {str(last_path)!r} to resume from")
         state = torch.load(last_path, map_location=device, weights_only=False)
-        if state["config"] != cfg.to_dict():
-            raise ValueError(f"--resume: {str(last_path)!r} was written by a different config")
+        changed = sorted(k for k, v in cfg.to_dict().items()
+                         if k not in RESUMABLE_CHANGES and state["config"].get(k) != v)
+        if changed:
+            raise ValueError(f"--resume: {str(last_path)!r} was written with different {changed}")
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         start_epoch, best_val, history = state["epoch"], state["best_val"], state["history"]
@@ -229,6 +238,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     best = torch.load(best_path, map_location=device, weights_only=False)
     model.load_state_dict(best["model"])
     test = evaluate(model, sets["test"], cfg.beta, seed=cfg.seed)
+    modules = {"vae": model}
+    prior_report = None
+    if cfg.prior_epochs > 0:
+        model.eval().requires_grad_(False)
+        augmented = torch.cat([dihedral(sets["train"], k) for k in range(8)])
+        flow, prior_report = train_prior(model, augmented, sets["val"], cfg.prior_epochs, cfg.seed,
+                                         cfg.prior_layers, cfg.prior_hidden, cfg.prior_lr, progress=progress)
+        modules["prior"] = flow
     metadata = {
         "package_version": __version__,
         "architecture": model.config.to_dict(),
@@ -238,7 +255,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                     **{f"test_{k}": v for k, v in test.items()}},
         "history": history,
     }
-    out = save_weights(cfg.output, {"vae": model.cpu()}, metadata)
+    if prior_report is not None:
+        metadata["prior"] = prior_report
+    out = save_weights(cfg.output, {k: m.cpu() for k, m in modules.items()}, metadata)
     if progress:
         print(f"wrote {out} (best epoch {best['epoch']}, test -ELBO {test['loss']:.2f})", file=sys.stderr)
     return out

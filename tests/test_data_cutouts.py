@@ -1,0 +1,131 @@
+"""Stage 1-2 on real data: map reading, frames, MBB conversion, gnomonic cutouts, split, augmentation."""
+
+import gzip
+
+import healpy as hp
+import numpy as np
+import pytest
+import torch
+
+from pysm_vaedust.cutouts import (PatchGeometry, dihedral, gnomonic_directions, patch_centres,
+                                  random_dihedral, region_split, sample_map)
+from pysm_vaedust.data import (MJysr_to_uK_RJ, load_dust_map, planck_nu, read_healpix_map,
+                               tau353_to_intensity)
+
+from conftest import EBV_MAP
+
+
+def galactic_latitude_map(nside, frame):
+    """Map whose value is the Galactic latitude (deg) of each pixel, pixelised in `frame`."""
+    vec = np.stack(hp.pix2vec(nside, np.arange(hp.nside2npix(nside))))
+    if frame != "G":
+        vec = np.asarray(hp.Rotator(coord=[frame, "G"])(vec))
+    return np.degrees(np.arcsin(np.clip(vec[2], -1, 1)))
+
+
+def gnomonic_latitude(lat0, x, y):
+    """Textbook inverse gnomonic projection (Calabretta & Greisen 2002), latitude only (deg)."""
+    rho = np.hypot(x, y)
+    c = np.arctan(rho)
+    b0 = np.radians(lat0)
+    return np.degrees(np.arcsin(np.cos(c) * np.sin(b0) + y * np.sin(c) * np.cos(b0) / rho))
+
+
+@pytest.mark.parametrize("frame", ["G", "C"])
+def test_cutout_of_latitude_map_has_right_corners_and_centre(frame):
+    geometry = PatchGeometry(32, 8.0)
+    values = galactic_latitude_map(256, frame)
+    lon0, lat0 = np.array([40.0, 200.0]), np.array([45.0, -30.0])
+    patches = sample_map(values, frame, gnomonic_directions(lon0, lat0, geometry))
+    off = geometry.offsets_rad()
+    for k in range(2):
+        # centre: mean of the 4 central pixels = lat0 to second order
+        centre = patches[k, 15:17, 15:17].mean()
+        assert abs(centre - lat0[k]) < 0.02
+        for row, col in [(0, 0), (0, 31), (31, 0), (31, 31)]:
+            expected = gnomonic_latitude(lat0[k], off[col], off[row])
+            assert abs(patches[k, row, col] - expected) < 0.05, (row, col)
+    # rows run north: the top row is at higher latitude than the bottom one
+    assert np.all(patches[:, -1].mean(1) > patches[:, 0].mean(1) + 7)
+
+
+def test_region_split_is_disjoint_in_sky_area():
+    geometry = PatchGeometry(32, 8.0)
+    lon, lat = patch_centres(15.0, 3.7)
+    labels = region_split(lon, lat, geometry, seed=0)
+    counts = [np.sum(labels == k) for k in range(3)]
+    assert 2000 < len(lon) < 2500 and min(counts) > 150
+    assert abs(counts[2] / sum(counts) - 0.15) < 0.06 and counts[0] > counts[1] + counts[2]
+    nside = 128
+    covered = np.zeros((3, hp.nside2npix(nside)), bool)
+    corners = np.array([[0, 0], [0, -1], [-1, -1], [-1, 0]])
+    for k in range(3):
+        sel = np.flatnonzero(labels == k)
+        vec = gnomonic_directions(lon[sel], lat[sel], geometry)
+        for v in vec:
+            covered[k, hp.query_polygon(nside, v[corners[:, 0], corners[:, 1]], inclusive=False)] = True
+    for a, b in [(0, 1), (0, 2), (1, 2)]:
+        assert not np.any(covered[a] & covered[b]), f"splits {a} and {b} share sky pixels"
+    assert np.array_equal(labels, region_split(lon, lat, geometry, seed=0))
+
+
+def test_dihedral_transforms_are_the_eight_exact_symmetries():
+    image = np.arange(16.0).reshape(4, 4)
+    outs = [dihedral(image, k) for k in range(8)]
+    assert len({o.tobytes() for o in outs}) == 8
+    assert np.array_equal(outs[1], np.rot90(image))
+    assert np.array_equal(outs[4], image[:, ::-1])
+    for k in range(8):  # group closure: each transform's inverse is one of them, torch == numpy
+        assert any(np.array_equal(dihedral(outs[k], j), image) for j in range(8))
+        assert np.array_equal(dihedral(torch.tensor(image), k).numpy(), outs[k])
+    batch = torch.arange(2 * 16.0).reshape(2, 1, 4, 4)
+    flipped = random_dihedral(batch, torch.Generator().manual_seed(0))
+    for img, out in zip(batch, flipped):  # each output is some exact dihedral image of its input
+        assert any(torch.equal(dihedral(img, k), out) for k in range(8))
+    with pytest.raises(ValueError, match="dihedral index"):
+        dihedral(image, 8)
+
+
+def test_real_map_loads_in_icrs_and_converts_with_mbb(data_dir):
+    dust = load_dust_map(data_dir / EBV_MAP)
+    assert dust.frame == "C" and dust.nside == 256 and dust.quantity == "ebv"
+    # 545 GHz: I = tau B_nu(19.7 K) (545/353)^1.62, tau = E(B-V) / 1.49e4
+    raw, _, _ = read_healpix_map(data_dir / EBV_MAP)
+    expected = raw[:10] / 1.49e4 * planck_nu(545.0, 19.7) * (545 / 353) ** 1.62
+    assert np.allclose(dust.intensity[:10], expected)
+    assert 0.3 < np.median(dust.intensity) < 3  # MJy/sr, typical high-latitude 545 GHz
+    # Rayleigh-Jeans: 1 MJy/sr at 545 GHz is c^2 / (2 k nu^2) * 1e-20 K
+    assert MJysr_to_uK_RJ(545.0) == pytest.approx(2.998e8**2 / (2 * 1.380649e-23 * 545e9**2) * 1e-20 * 1e6, rel=1e-3)
+    assert tau353_to_intensity(1.0, 353.0) == pytest.approx(planck_nu(353.0, 19.7))
+
+
+def test_bad_maps_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_dust_map(tmp_path / "missing.fits")
+    corrupt = tmp_path / "corrupt.fits.gz"
+    corrupt.write_bytes(gzip.compress(b"not a fits file" * 100))
+    with pytest.raises(ValueError, match="cannot read"):
+        load_dust_map(corrupt)
+    values = np.ones(hp.nside2npix(8))
+    values[5] = np.nan
+    path = tmp_path / "nan.fits"
+    hp.write_map(path, values, coord="G")
+    with pytest.raises(ValueError, match="non-finite or non-positive.*index 5"):
+        load_dust_map(path, quantity="ebv")
+    values[5] = -1.0
+    hp.write_map(path, values, coord="G", overwrite=True)
+    with pytest.raises(ValueError, match="non-positive"):
+        load_dust_map(path, quantity="ebv")
+    hp.write_map(path, np.ones(hp.nside2npix(8)), overwrite=True)
+    with pytest.raises(ValueError, match="no COORDSYS"):
+        load_dust_map(path, quantity="ebv")
+    with pytest.raises(ValueError, match="unknown quantity"):
+        load_dust_map(path, quantity="magic", frame="G")
+
+
+def test_nested_map_is_reordered(tmp_path):
+    ring = galactic_latitude_map(16, "G")
+    path = tmp_path / "nest.fits"
+    hp.write_map(path, hp.reorder(ring, r2n=True), nest=True, coord="G")
+    values, frame, _ = read_healpix_map(path)
+    assert frame == "G" and np.allclose(values, ring)

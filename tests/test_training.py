@@ -1,0 +1,109 @@
+"""Stages 3-5 on real data: ELBO training, resume, weights file integrity, config errors."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from pysm_vaedust.model import VAE, VAEConfig
+from pysm_vaedust.train import TrainConfig, build_datasets, evaluate, main, train
+from pysm_vaedust.weights import load_weights, read_weights_file
+
+from conftest import TINY
+
+
+def tiny_config(tmp_path, **changes):
+    values = dict(TINY, prior_epochs=0, checkpoint_dir=str(tmp_path / "ckpt"), output=str(tmp_path / "w.h5"))
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def test_training_lowers_the_negative_elbo(tmp_path, data_dir):
+    cfg = tiny_config(tmp_path, pca_init=False, epochs=3, lr=2e-3)
+    sets, _ = build_datasets(cfg)
+    torch.manual_seed(cfg.seed)
+    from pysm_vaedust.train import vae_config_of
+
+    untrained = evaluate(VAE(vae_config_of(cfg)), sets["val"], cfg.beta, seed=0)["loss"]
+    weights = load_weights(train(cfg, progress=False))
+    history = [h["val_loss"] for h in weights.metadata["history"]]
+    assert history[-1] < history[0] < untrained
+    assert weights.metadata["metrics"]["test_loss"] < untrained
+
+
+def test_pca_initialisation_is_the_probabilistic_pca_solution(data_dir, tmp_path):
+    sets, _ = build_datasets(tiny_config(tmp_path))
+    data = sets["train"]
+    vae = VAE(VAEConfig(npix=32, latent_dim=16, channels=(8, 16, 32), hidden=32))
+    vae.init_from_pca(data)
+    with torch.no_grad():
+        mean, _ = vae.encode(data)
+        recon = vae.decode(mean).flatten(1).double()
+        flat = data.flatten(1).double()
+        centred = flat - flat.mean(0)
+        _, s, vt = torch.linalg.svd(centred, full_matrices=False)
+        eigen = s**2 / (len(flat) - 1)
+        projection = centred @ vt[:16].T @ vt[:16] + flat.mean(0)
+        w = vae.decoder_linear.weight.double()
+    # W = V_16 (Lambda_16 - sigma^2)^(1/2): orthogonal columns with those norms (Tipping & Bishop)
+    gram = w.T @ w
+    assert torch.allclose(gram, torch.diag(torch.diagonal(gram)), atol=1e-3 * float(gram.max()))
+    assert torch.allclose(torch.diagonal(gram), eigen[:16] - eigen[16:].mean(), rtol=1e-3)
+    # the posterior-mean reconstruction is the PCA projection shrunk toward the mean
+    err_ppca = (recon - flat).square().mean()
+    err_pca = (projection - flat).square().mean()
+    assert err_pca <= err_ppca < 1.2 * err_pca
+
+
+def test_resume_after_interruption_gives_identical_weights(tmp_path, data_dir):
+    straight = tiny_config(tmp_path / "a", epochs=2)
+    path_a = train(straight, progress=False)
+    first = tiny_config(tmp_path / "b", epochs=1)
+    train(first, progress=False)  # "killed" after one epoch: last.pt holds epoch 1
+    resumed = tiny_config(tmp_path / "b", epochs=2)
+    path_b = train(resumed, resume=True, progress=False)
+    _, tensors_a = read_weights_file(path_a)
+    _, tensors_b = read_weights_file(path_b)
+    assert tensors_a.keys() == tensors_b.keys()
+    for name in tensors_a:
+        assert np.array_equal(tensors_a[name], tensors_b[name]), name
+
+
+def test_weights_round_trip_and_tampering_is_refused(tiny_weights, tmp_path):
+    weights = load_weights(tiny_weights)
+    meta = weights.metadata
+    assert meta["data"]["sha256"] and meta["geometry"]["pixel_size_arcmin"] == pytest.approx(15.0)
+    assert meta["normalisation"]["log_scale"] > 0 and 2 < meta["spectral_slope"]["slope"] < 4
+    assert weights.prior is not None and "val_nll_per_dim_flow" in meta["prior"]
+    z = torch.randn(3, weights.vae.config.latent_dim, generator=torch.Generator().manual_seed(0))
+    again = load_weights(tiny_weights)
+    assert torch.equal(weights.vae.decode(z), again.vae.decode(z))
+    tampered = tmp_path / "tampered.h5"
+    tampered.write_bytes(tiny_weights.read_bytes())
+    with h5py.File(tampered, "r+") as f:
+        name = "tensors/vae/decoder_linear.bias"
+        f[name][0] = f[name][0] + 1e-3
+    with pytest.raises(ValueError, match="fails its checksum"):
+        load_weights(tampered)
+    with h5py.File(tampered, "r+") as f:
+        f.attrs["format_version"] = 99
+    with pytest.raises(ValueError, match="format version 99"):
+        load_weights(tampered)
+    with pytest.raises(FileNotFoundError):
+        load_weights(tmp_path / "none.h5")
+
+
+def test_config_errors_and_cli(tmp_path, data_dir):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('epochs = 1\nlearning_rate = 3\n')
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['learning_rate'\]"):
+        TrainConfig.from_toml(bad)
+    with pytest.raises(ValueError, match="decoder_variance"):
+        VAEConfig(decoder_variance="magic")
+    with pytest.raises(ValueError, match="no CUDA GPU|device"):
+        train(tiny_config(tmp_path, device="tpu"), progress=False)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(tiny_config(tmp_path / "fresh"), resume=True, progress=False)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert not (tmp_path / "w.h5").exists()  # nothing half-written by the failures above
