@@ -357,9 +357,10 @@ def _get(results, case, nside, key):
     return None
 
 
-def ratios(results, nside):
-    v1, d11 = _get(results, "vaedust", nside, "first_s"), _get(results, "d11", nside, "first_s")
-    v2, d10 = _get(results, "vaedust", nside, "second_s"), _get(results, "d10", nside, "second_s")
+def ratios(results, nside, case="vaedust"):
+    """(case/d11 first-frequency time, case/d10 second-frequency time) at nside, None if missing."""
+    v1, d11 = _get(results, case, nside, "first_s"), _get(results, "d11", nside, "first_s")
+    v2, d10 = _get(results, case, nside, "second_s"), _get(results, "d10", nside, "second_s")
     return (v1 / d11 if v1 and d11 else None), (v2 / d10 if v2 and d10 else None)
 
 
@@ -397,19 +398,19 @@ def _fmt(x, nd=3):
 def table_rows(results):
     rows = []
     for r in results:
-        r1, r2 = ratios(results, r["nside"])
-        is_vae = r["case"] == "vaedust"
+        r1, r2 = ratios(results, r["nside"], r["case"])
+        is_vae = r["case"].startswith("vaedust")
         rows.append([r["case"], str(r["nside"]),
                      _fmt(r.get("build_s") if r.get("ok") else None),
                      _fmt(r.get("first_s") if r.get("ok") else None),
                      _fmt(r.get("second_s") if r.get("ok") else None),
-                     _fmt(r.get("peak_gb"), 2),
+                     _fmt(r.get("peak_gb"), 2), _fmt(r.get("child_cpu_s"), 1),
                      _fmt(r1, 2) if is_vae else "", _fmt(r2, 2) if is_vae else "",
                      "ok" if r.get("ok") else f"FAILED (rc {r.get('returncode')})"])
     return rows
 
 
-HEADER = ["case", "nside", "build s", "first freq s", "second freq s", "peak GB",
+HEADER = ["case", "nside", "build s", "first freq s", "second freq s", "peak GB", "child CPU s",
           "VAEDust/d11 first", "VAEDust/d10 second", "status"]
 
 
@@ -432,7 +433,8 @@ def markdown(results, target_rows, meta) -> str:
            f"pysm3 {meta['pysm3']}; weights: `{meta['weights']}`",
            f"- frequencies: first {meta['freqs_ghz'][0]:g} GHz, second {meta['freqs_ghz'][1]:g} GHz; "
            "first = Sky construction + first get_emission; second = next get_emission (cached)",
-           "- peak = peak RSS of a fresh child process per case (os.wait4 rusage, ru_maxrss); GB = 1e9 bytes",
+           "- peak = peak RSS of a fresh child process per case (os.wait4 rusage, ru_maxrss); GB = 1e9 bytes; "
+           "child CPU s = user + system CPU time of that child (imports included)",
            "- d10/d11 inputs are fake files with the real names/shapes (content random)", "",
            "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     out += ["| " + " | ".join(r) + " |" for r in table_rows(results)]

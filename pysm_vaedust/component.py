@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .cutouts import PatchGeometry
 from .data import BETA_DUST, T_DUST_K, check_positive_finite
 from .template import default_template_path, read_template, smooth_log_map
-from .tiling import CascadeLevel, accumulate, band_filter, cascade_levels, footprints, patch_normals
+from .tiling import CascadeLevel, PatchSet, band_filter, cascade_levels, patch_normals
 from .train import resolve_device
 from .weights import Weights, load_weights
 
@@ -119,14 +119,15 @@ class SmallScaleGenerator:
             for level in levels:
                 num = np.zeros(n_out, dtype=np.float32)
                 den = np.zeros(n_out, dtype=np.float32)
+                n = self.vae.config.npix
                 for start in range(0, level.n_tiles, self.batch_size):
                     ids = np.arange(start, min(start + self.batch_size, level.n_tiles))
-                    fp = footprints(nside, level, ids, lookup)
-                    used, fp.patch = np.unique(fp.patch, return_inverse=True)
-                    fp.patch = fp.patch.astype(np.int32)
-                    if len(used):
-                        normals = patch_normals(seed, level.index, ids[used], self.normals_size)
-                        accumulate(self.decode(level, normals, ids[used]).cpu().numpy(), fp, num, den)
+                    patches = PatchSet(nside, level, ids, lookup)
+                    if len(patches.used):
+                        values = np.zeros((len(ids), n, n), dtype=np.float32)
+                        normals = patch_normals(seed, level.index, ids[patches.used], self.normals_size)
+                        values[patches.used] = self.decode(level, normals, ids[patches.used]).cpu().numpy()
+                        patches.accumulate(values, num, den)
                     bar.update(len(ids))
                 if np.any(den <= 0):
                     raise RuntimeError(f"cascade level {level.index}: {int(np.sum(den <= 0))} pixels "

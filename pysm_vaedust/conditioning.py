@@ -1,25 +1,28 @@
 """Stage 8 — conditioning: MAP latents, posterior samples and constrained realizations.
 
 Patch level (normalised units; an observation `d` is (n, n), (B, n, n) or (B, 1, n, n), `mask`
-the same shape, True = observed, `sigma` a scalar or a map of d's shape)::
+the same shape, True = observed, `sigma` a scalar or a map of d's shape). With the decoder
+p(x|z) = N(mu(z), C), C the stationary (generally coloured) decoder noise, and white noise of
+variance sigma^2 on the observed pixels o::
 
-    -2 log p(z | d) = |z|^2 + sum_i m_i (mu(z)_i - d_i)^2 / sigma_eff_i^2 + const,
-    sigma_eff^2 = sigma^2 + sigma_dec^2.
+    -2 log p(z | d) = |z|^2 + r_o^T (C_oo + diag sigma_o^2)^-1 r_o + const,   r = d - mu(z)
 
-mu(z) is the decoder mean. The decoder noise of p(x|z) is stationary but generally coloured; in
-the latent objective it enters in the **white approximation**: its per-pixel variance
-sigma_dec^2 = mean_k exp(noise_logvar_k) is added to sigma^2 (exact when the learned spectrum is
-flat, as for probabilistic-PCA weights). Given z, the decoder noise itself is Gaussian and is
-drawn **exactly** (coloured covariance, dense solve) in the constrained realizations. With a
-learned latent prior (`weights.prior`, z = f(eps)) the objective is written in the flow's
-standard-normal coordinates eps (|eps|^2 instead of |z|^2).
+(noise_model='exact', the default: C_oo + diag sigma^2 is inverted once per patch, dense
+1024 x 1024 at most). noise_model='white' is the white approximation
+|z|^2 + sum_o r_o^2 / (sigma_o^2 + sigma_dec^2), sigma_dec^2 = mean_k exp(noise_logvar_k) the
+decoder noise's pixel variance; both coincide when the learned noise spectrum is flat (as for
+probabilistic-PCA weights). The sky level uses the white approximation for the latents (see
+condition_sky). Given z, the decoder noise is Gaussian and drawn exactly (e ~ p(e | z, d)) in the
+constrained realizations. With a learned latent prior (`weights.prior`, z = f(eps)) the
+objective is written in the flow's standard-normal coordinates eps (|eps|^2 instead of |z|^2).
 
 * `map_fit`: L-BFGS (or Adam) from several starts — 0, the encoder mean q(z|d) of d with masked
-  pixels filled by the observed mean, the closed-form solution of the decoder's linear branch,
-  prior draws — all restarts and patches optimised together as one batch.
-* `posterior_samples`: Laplace (Gauss-Newton precision I + J^T W J, or the exact Hessian) and
+  pixels filled by the observed mean, the closed-form solution for the decoder linearised about
+  u = 0, prior draws — all restarts and patches optimised together as one batch.
+* `posterior_samples`: Laplace (Gauss-Newton precision I + J^T P J, or the exact Hessian) and
   optionally MALA / unadjusted Langevin steps preconditioned by it; constrained realizations
-  mu(z_s) + e_s with e_s ~ p(e | z_s, d), their mean and per-pixel standard deviation.
+  mu(z_s) + e_s with e_s ~ p(e | z_s, d), their mean and per-pixel standard deviation;
+  `conditional_mean`: the point estimate mu(z_map) + E[e | z_map, d].
 * `StationaryGaussian`: the Gaussian baseline (covariance from the 2D power spectrum, i.e. the
   lag-autocovariance, of training patches) with the same Wiener filter / constrained realizations.
 
@@ -132,11 +135,18 @@ def decoder_noise_covariance(vae: VAE) -> torch.Tensor:
     return acf[(r[:, None] - r[None, :]) % n, (c[:, None] - c[None, :]) % n]
 
 
-def _conv_branch_is_zero(vae: VAE) -> bool:
-    """True when the decoder's convolutional branch outputs exactly 0 (its last layer is zero,
-    e.g. straight after `init_from_pca`): the decoder is then affine, mu(z) = W z + b."""
+def _decoder_is_affine(vae: VAE, rtol: float = 1e-6) -> bool:
+    """True when the decoder's convolutional branch is negligible (its last layer is zero, as
+    straight after `init_from_pca`, or its output on 64 fixed prior draws is below rtol times the
+    linear branch's): mu(z) = W z + b then holds to float32 precision."""
     last = vae.decoder_conv[-1]
-    return bool(torch.all(last.weight == 0) and torch.all(last.bias == 0))
+    if bool(torch.all(last.weight == 0) and torch.all(last.bias == 0)):
+        return True
+    z = torch.randn((64, vae.config.latent_dim), generator=torch.Generator().manual_seed(0)).to(vae.device)
+    with torch.no_grad():
+        lin = vae.decoder_linear(z).view(len(z), 1, vae.config.npix, vae.config.npix)
+        conv = vae.decode(z) - lin
+    return float(conv.abs().max()) <= rtol * float(lin.abs().max())
 
 
 def _latents(u_: torch.Tensor, prior) -> torch.Tensor:
@@ -153,15 +163,19 @@ def _normals(z: torch.Tensor, prior) -> torch.Tensor:
 class _DataTerm:
     """-2 log p(d | z) + const of B patches as a function of the residual r = mu(z) - d:
     sum_i w_i r_i^2 (white: w = m / sigma_eff^2) or r^T K^-1 r with K = C + diag(sigma^2) over the
-    observed pixels (exact: C the coloured decoder-noise covariance; masked pixels get zero rows)."""
+    observed pixels (exact: C the coloured decoder-noise covariance; masked pixels get zero rows).
+    `repeats`: the residuals hold that many stacked copies (restarts / chains) of the B patches."""
 
-    def __init__(self, weight: torch.Tensor, precision: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, precision: torch.Tensor | None = None, repeats: int = 1):
         self.weight = weight              # (B, 1, n, n): m / sigma_eff^2 (white) or m / sigma^2 (exact)
         self.precision = precision        # (B, n^2, n^2) K^-1 embedded in the full pixel space, or None
+        self.repeats = int(repeats)
 
     @classmethod
     def build(cls, vae, m, s2, decoder_noise: bool, noise_model: str) -> "_DataTerm":
-        if not decoder_noise or noise_model == "white":
+        logvar = vae.noise_logvar().detach()
+        if not decoder_noise or noise_model == "white" or bool(torch.all(logvar == logvar.flatten()[0])):
+            # (a flat decoder-noise spectrum makes the white form exact)
             sigma_dec2 = decoder_pixel_variance(vae) if decoder_noise else 0.0
             return cls(m / (s2 + sigma_dec2))
         cov = decoder_noise_covariance(vae)
@@ -170,41 +184,44 @@ class _DataTerm:
             idx = torch.nonzero(m[i].flatten() > 0).flatten()
             if len(idx):
                 k = cov[idx][:, idx] + torch.diag(s2[i].flatten()[idx].double())
-                inv = torch.cholesky_inverse(torch.linalg.cholesky(k))
-                prec[i, idx[:, None], idx[None, :]] = inv.float()
+                inv = torch.cholesky_inverse(torch.linalg.cholesky(k)).float()
+                prec[i].index_put_((idx[:, None].expand(-1, len(idx)), idx[None, :].expand(len(idx), -1)), inv)
         return cls(m / s2, prec)
 
     def repeat(self, r: int) -> "_DataTerm":
-        return _DataTerm(self.weight.repeat(r, 1, 1, 1),
-                         None if self.precision is None else self.precision.repeat(r, 1, 1))
+        if self.precision is None:
+            return _DataTerm(self.weight.repeat(r, 1, 1, 1))
+        return _DataTerm(self.weight, self.precision, self.repeats * r)
 
     def __call__(self, resid: torch.Tensor) -> torch.Tensor:
-        """(N,) float64 for residuals (N, 1, n, n)."""
+        """(N,) float64 for residuals (N, 1, n, n), N = repeats * B."""
         if self.precision is None:
             return (self.weight * resid.square()).double().sum((1, 2, 3))
-        flat = resid.flatten(1)
-        return (flat * torch.bmm(self.precision, flat[:, :, None])[:, :, 0]).double().sum(1)
-
-    def matrix(self) -> torch.Tensor:
-        """(B, n^2, n^2) float64 precision of the residual (diagonal in the white case)."""
-        if self.precision is None:
-            return torch.diag_embed(self.weight.flatten(1).double())
-        return self.precision.double()
+        b = self.precision.shape[0]
+        flat = resid.reshape(self.repeats, b, -1).permute(1, 2, 0)          # (B, n^2, R)
+        quad = (flat * torch.bmm(self.precision, flat)).double().sum(1)      # (B, R)
+        return quad.T.reshape(-1)
 
 
-def _objective(vae: VAE, u_: torch.Tensor, d: torch.Tensor, data_term: _DataTerm, prior=None,
-               centre: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-problem -2 log p(u | d) + const, (N,) float64: |u - centre|^2 + data_term(mu - d)."""
-    mu = vae.decode(_latents(u_, prior))
-    du = u_ if centre is None else u_ - centre
-    return du.square().double().sum(1) + data_term(mu - d)
+def _objective(vae: VAE, u_: torch.Tensor, d: torch.Tensor, data_term: _DataTerm, prior=None) -> torch.Tensor:
+    """Per-problem -2 log p(u | d) + const, (N,) float64: |u|^2 + data_term(mu(z(u)) - d)."""
+    return u_.square().double().sum(1) + data_term(vae.decode(_latents(u_, prior)) - d)
 
 
-def _linear_solution(vae: VAE, d: torch.Tensor, data_term: _DataTerm) -> torch.Tensor:
-    """argmin |z|^2 + data_term(W z + b - d) with the decoder's linear branch (W, b): (B, D)."""
-    W = vae.decoder_linear.weight.detach().double()          # (n^2, D)
-    b = vae.decoder_linear.bias.detach().double()
-    resid = d.flatten(1).double() - b
+def _linearisation(vae: VAE, prior=None):
+    """Decoder linearised about u = 0: (J0 (n^2, D), mu0 (n^2,)) with mu(z(u)) ~ mu0 + J0 u
+    (the linear branch (W, b) exactly when the decoder is affine and there is no learned prior)."""
+    zero = torch.zeros(1, vae.config.latent_dim, device=vae.device)
+    with torch.no_grad():
+        mu0 = vae.decode(_latents(zero, prior)).flatten()
+    return latent_jacobian(vae, zero, prior)[0], mu0
+
+
+def _linear_solution(vae: VAE, d: torch.Tensor, data_term: _DataTerm, prior=None) -> torch.Tensor:
+    """argmin_u |u|^2 + data_term(mu0 + J0 u - d) with the decoder linearised about u = 0: (B, D)."""
+    jac, mu0 = _linearisation(vae, prior)
+    W = jac.double()
+    resid = d.flatten(1).double() - mu0.double()
     if data_term.precision is None:
         wf = data_term.weight.flatten(1).double()
         a = torch.einsum("pi,bp,pj->bij", W, wf, W)
@@ -229,7 +246,8 @@ class MapFit:
     iterations / objective evaluations (all restarts run as one batch); grad_norm (B,)
     |d loss / du| at u_map; converged (B,) grad_norm < gtol; mean (B, 1, n, n) decoder mean
     mu(z_map); data (B, 1, n, n) the validated observation (0 at masked pixels); mask, sigma2
-    (B, 1, n, n); noise_model 'exact' | 'white'; sigma_dec2: decoder-noise pixel variance.
+    (B, 1, n, n); noise_model 'exact' | 'white' | 'none'; sigma_dec2: decoder-noise pixel
+    variance; prior: the learned latent prior used (None: z = u).
     """
 
     z_map: torch.Tensor
@@ -250,6 +268,7 @@ class MapFit:
     sigma_dec2: float
     data_term: _DataTerm = field(repr=False, default=None)
     method: str = "lbfgs"
+    prior: object = field(repr=False, default=None)
 
 
 def _starts(vae, d, m, data_term, n_restarts, generator, prior):
@@ -268,7 +287,7 @@ def _starts(vae, d, m, data_term, n_restarts, generator, prior):
                 filled = torch.where(m > 0, d, fill[:, None, None, None])
                 out.append(_normals(vae.encode(filled)[0], prior))
             elif label == "linear":
-                out.append(_normals(_linear_solution(vae, d, data_term), prior))
+                out.append(_linear_solution(vae, d, data_term, prior))
             else:
                 out.append(torch.randn((b, dim), generator=generator))
     return torch.stack(out), labels
@@ -283,8 +302,8 @@ def map_fit(vae: VAE, d, mask, sigma, n_restarts: int = 4, steps: int = 200, met
     prior). Data term with `decoder_noise`: 'exact' — r^T (C_oo + diag sigma^2)^-1 r over the
     observed pixels (C the coloured decoder-noise covariance, dense per patch); 'white' — the
     white approximation sum m r^2 / (sigma^2 + sigma_dec^2). Without it: sum m r^2 / sigma^2.
-    Starts: 0, encoder mean of the mean-filled d, the linear-branch solution, then prior draws
-    (`n_restarts` of them in that order). method: 'lbfgs' (strong-Wolfe line search, at most
+    Starts: 0, encoder mean of the mean-filled d, the exact solution for the decoder linearised
+    about u = 0, then prior draws (`n_restarts` of them in that order). method: 'lbfgs' (strong-Wolfe line search, at most
     `steps` iterations) or 'adam' (`steps` steps of rate `lr`). converged: |grad| < gtol (the
     loss is then within gtol^2 / 4 of the optimum, since the Hessian is >= 2 I near a minimum).
     """
@@ -345,7 +364,7 @@ def map_fit(vae: VAE, d, mask, sigma, n_restarts: int = 4, steps: int = 200, met
                   grad_norm=g_best, converged=g_best < gtol, mean=mean, data=d, mask=m, sigma2=s2,
                   noise_model=noise_model if decoder_noise else "none",
                   sigma_dec2=decoder_pixel_variance(vae) if decoder_noise else 0.0,
-                  data_term=data_term, method=method)
+                  data_term=data_term, method=method, prior=prior)
 
 
 # ----------------------------------------------------------------------------- posterior samples
@@ -354,7 +373,7 @@ def latent_jacobian(vae: VAE, u_: torch.Tensor, prior=None, chunk: int = 256) ->
     """(B, n^2, D) Jacobian d mu(z(u)) / du at u (B, D) by forward-mode AD (exact and free —
     the linear branch's weight — when the decoder is affine and there is no learned prior)."""
     b, dim = u_.shape
-    if prior is None and _conv_branch_is_zero(vae):
+    if prior is None and _decoder_is_affine(vae):
         return vae.decoder_linear.weight.detach().expand(b, -1, -1).clone()
 
     def f(x):
@@ -371,9 +390,10 @@ def latent_jacobian(vae: VAE, u_: torch.Tensor, prior=None, chunk: int = 256) ->
     return out
 
 
-def laplace_precision(vae: VAE, fit: MapFit, prior=None, hessian: str = "gauss-newton") -> torch.Tensor:
+def laplace_precision(vae: VAE, fit: MapFit, hessian: str = "gauss-newton") -> torch.Tensor:
     """(B, D, D) float64 posterior precision of u at the MAP: I + J^T P J (Gauss-Newton, P the
     data term's precision) or half the exact Hessian of the objective (eigenvalues floored at 1e-6)."""
+    prior = fit.prior
     if hessian == "gauss-newton":
         jac = latent_jacobian(vae, fit.u_map, prior).double()
         if fit.data_term.precision is None:
@@ -420,15 +440,19 @@ class Posterior:
         return lo, hi
 
 
-def _conditional_decoder_noise(vae, residual, m, s2, generator):
-    """Exact draws of the decoder noise e ~ N(0, C) given r = d - mu = A e + n on the observed
-    pixels: e = e0 + C A^T (A C A^T + N)^-1 (r - A e0 - n0). residual (S, B, 1, n, n)."""
+def _conditional_decoder_noise(vae, residual, m, s2, generator=None):
+    """Decoder noise e ~ N(0, C) given r = d - mu = A e + n on the observed pixels, residual
+    (S, B, 1, n, n): exact draws e = e0 + C A^T (A C A^T + N)^-1 (r - A e0 - n0), or with
+    generator=None the conditional mean C A^T (A C A^T + N)^-1 r."""
     s, b = residual.shape[:2]
     n = vae.config.npix
     cov = decoder_noise_covariance(vae)
-    e0 = vae.decoder_noise(s * b, generator).reshape(s, b, n * n).double()
-    n0 = torch.randn((s, b, n * n), generator=generator, dtype=torch.float64) * s2.flatten(1).double().sqrt()
     r = residual.reshape(s, b, n * n).double()
+    if generator is None:
+        e0 = n0 = torch.zeros_like(r)
+    else:
+        e0 = vae.decoder_noise(s * b, generator).reshape(s, b, n * n).double()
+        n0 = torch.randn((s, b, n * n), generator=generator, dtype=torch.float64) * s2.flatten(1).double().sqrt()
     out = e0.clone()
     for i in range(b):
         idx = torch.nonzero(m[i].flatten() > 0).flatten()
@@ -438,6 +462,16 @@ def _conditional_decoder_noise(vae, residual, m, s2, generator):
         rhs = (r[:, i, idx] - e0[:, i, idx] - n0[:, i, idx]).T      # (n_obs, S)
         out[:, i] += (cov[:, idx] @ torch.cholesky_solve(rhs, chol)).T
     return out.reshape(s, b, 1, n, n).float()
+
+
+def conditional_mean(vae: VAE, fit: MapFit) -> torch.Tensor:
+    """Point estimate (B, 1, n, n) of the patches: mu(z_map) + E[e | z_map, d], the decoder mean
+    plus the Wiener mean of the decoder noise given the residual (denoises the observed pixels and
+    extrapolates the noise's short-range correlations into masked ones)."""
+    if fit.noise_model == "none":
+        return fit.mean.clone()
+    with torch.no_grad():
+        return fit.mean + _conditional_decoder_noise(vae, (fit.data - fit.mean)[None], fit.mask, fit.sigma2)[0]
 
 
 def posterior_samples(vae: VAE, d, mask, sigma, n_samples: int = 64, method: str = "laplace",
@@ -454,7 +488,7 @@ def posterior_samples(vae: VAE, d, mask, sigma, n_samples: int = 64, method: str
     Realizations: mu(z_s) + e_s, e_s drawn exactly from p(e | z_s, d) (coloured decoder noise and
     the observation noise), so observed pixels follow the data and masked pixels get the decoder
     noise of the prior (correlated with the observed residual). `fit`: a MapFit of the same data
-    (skips the MAP step); other keywords go to map_fit.
+    (skips the MAP step; its noise model and prior are used); other keywords go to map_fit.
     """
     if method not in SAMPLERS:
         raise ValueError(f"method={method!r}: expected one of {SAMPLERS}")
@@ -466,8 +500,8 @@ def posterior_samples(vae: VAE, d, mask, sigma, n_samples: int = 64, method: str
                       noise_model=noise_model, prior=prior, **fit_kwargs)
     else:
         _check_patch_inputs(vae.config.npix, d, mask, sigma)
-    d_t, m, s2 = fit.data, fit.mask, fit.sigma2
-    chol = torch.linalg.cholesky(laplace_precision(vae, fit, prior, hessian))   # (B, D, D)
+    d_t, m, s2, prior = fit.data, fit.mask, fit.sigma2, fit.prior
+    chol = torch.linalg.cholesky(laplace_precision(vae, fit, hessian))   # (B, D, D)
     b, dim = fit.u_map.shape
     xi = torch.randn((b, dim, int(n_samples)), generator=generator, dtype=torch.float64)
     u_s = fit.u_map.double()[:, :, None] + torch.linalg.solve_triangular(chol.mT, xi, upper=True)
@@ -667,7 +701,7 @@ class _SparseApply(torch.autograd.Function):
 class BlendOperator:
     """The tiling's patch -> sky map as a sparse matrix B (n_out, P n^2): bilinear interpolation of
     each patch at its footprint pixels, weights w / sqrt(sum w^2). Same numbers as
-    `tiling.blend_torch`, ~10x faster when applied many times, with an explicit adjoint."""
+    `tiling.blend_torch` (to 1e-6), ~5x faster forward + backward, with an explicit adjoint."""
 
     def __init__(self, fp: Footprints, n_patches: int, npix: int, n_out: int):
         n = int(npix)
@@ -685,10 +719,13 @@ class BlendOperator:
                                scale * fr * (1 - fc), scale * fr * fc])
         rows = np.tile(fp.pixel.astype(np.int64), 4)
         shape = (int(n_out), int(n_patches) * n * n)
-        coo = torch.sparse_coo_tensor(torch.from_numpy(np.stack([rows, cols])),
-                                      torch.from_numpy(vals.astype(np.float32)), shape).coalesce()
-        self.matrix = coo.to_sparse_csr()
-        self.matrix_t = coo.t().coalesce().to_sparse_csr()
+        with warnings.catch_warnings():  # torch: "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            coo = torch.sparse_coo_tensor(torch.from_numpy(np.stack([rows, cols])),
+                                          torch.from_numpy(vals.astype(np.float32)), shape,
+                                          check_invariants=False).coalesce()
+            self.matrix = coo.to_sparse_csr()
+            self.matrix_t = coo.t().coalesce().to_sparse_csr()
         self.n_out, self.n_patches, self.npix = shape[0], int(n_patches), n
         sq = coo.values().double().square()
         self.row_sq_sum = torch.zeros(shape[0], dtype=torch.float64).index_add_(0, coo.indices()[0], sq)
@@ -708,9 +745,9 @@ class SkyForwardModel:
     delta(z, noise) = B[a F(mu(z) + noise)] (normalised units), with B the blend (BlendOperator),
     F the level's band filter and a its amplitude (both trivial unless finer cascade levels
     exist at this nside); log_intensity(delta) = log T + s delta - s^2 V / 2 (uK_RJ at the
-    reference frequency) — exactly what `VAEDust` renders for these latents. z (P, D) rows follow
-    `tile_ids`; pixels must only be covered by those tiles (true for pixels whose covering tiles
-    are all in tile_ids, e.g. the tiles touching them).
+    reference frequency) — what `VAEDust` renders for these latents and decoder-noise patches
+    (plus its finer cascade levels, if this nside has any). z (P, D) rows follow `tile_ids`;
+    every tile covering `pixels` must be in `tile_ids` (as for the tiles touching them).
     """
 
     def __init__(self, model: VAEDust, tile_ids, pixels, level_index: int = 0):
@@ -887,26 +924,34 @@ def _map_values(values, name, npix, freq) -> np.ndarray:
 def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: int = 0, template=None,
                   template_freq=None, mbb_temperature=T_DUST_K, mbb_index=BETA_DUST, prior: str = "auto",
                   cascade: bool = True, bandpass_weights=None, sample: bool = True, decoder_noise: bool = True,
-                  steps: int = 20, cg_tol: float = 1e-4, cg_max_iter: int = 1000, chunk: int = 256,
-                  device: str = "cpu", progress: bool = False) -> FittedLatents:
-    """Fit the level-0 latents of `VAEDust` to an observed dust intensity map.
+                  steps: int = 10, cg_tol: float = 1e-4, cg_max_iter: int = 1000, chunk: int = 256,
+                  progress: bool = False) -> FittedLatents:
+    """Fit the level-0 latents of `VAEDust` to an observed dust intensity map (CPU).
 
     observed_map: (12 nside^2,) Galactic RING intensity at `freq` (Quantity in a brightness unit,
     or an array in uK_RJ); mask: bool (12 nside^2,), True = observed (other pixels may hold
     anything); noise: per-pixel (or scalar) noise standard deviation, same units. The map is
     brought to the reference frequency with the model's modified black body (`mbb_*`, scalars or
-    maps) and turned into the normalised field delta = (log(I / T) + s^2 V / 2) / s, noise
-    sigma_delta = sigma_I / (I s) (log-space linearisation: keep sigma_I / I small).
+    maps; `bandpass_weights` as pysm3) and turned into the normalised field
+    delta = (log(I / T) + s^2 V / 2) / s, noise sigma_delta = sigma_I / (I s) (log-space
+    linearisation: keep sigma_I / I small). template / template_freq / mbb_* / weights / prior /
+    cascade: as VAEDust — pass the same ones to ConditionedVAEDust.
 
     Every level-0 tile touching an observed pixel is fitted jointly through the blend
-    (`SkyForwardModel`): 1) the decoder's linear branch by conjugate gradients (global optimum of
-    that quadratic problem), 2) `steps` L-BFGS iterations with the full decoder (skipped when the
-    decoder is affine and there is no learned prior), 3) the decoder noise of the tiles given the
-    residual, by conjugate gradients. The decoder noise (coloured: exact in step 3) and finer
-    cascade levels enter steps 1-2 as white noise. `sample` (default): a constrained realization
-    (randomize-then-optimize: the prior mean and the data are perturbed by draws of `seed` — an
-    exact posterior draw for the linear-Gaussian part), else the MAP and the Wiener mean of the noise.
+    (`SkyForwardModel`): 1) the decoder linearised about u = 0 (one Jacobian shared by all tiles)
+    by conjugate gradients — the global optimum of that quadratic problem, and the exact answer
+    for an affine decoder; 2) `steps` L-BFGS iterations with the full decoder (skipped when the
+    decoder is affine and there is no learned prior); 3) the decoder noise of the tiles given the
+    residual, by conjugate gradients (exact coloured covariance). In 1-2 the decoder noise enters
+    in the white approximation (its blended pixel variance added to sigma_delta^2). Where VAEDust
+    adds finer cascade levels at this nside (nside >= 512 for 15' base pixels) only the level-0
+    band (ell below ~2/3 of its Nyquist) follows the data: the finer levels stay stochastic and
+    enter the fit as white noise of their variance. `sample` (default): a constrained realization
+    (randomize-then-optimize: prior mean and data perturbed by draws of `seed` — an exact
+    posterior draw for the linear-Gaussian part), else the MAP and the Wiener mean of the noise.
     Tiles touching no observed pixel keep their prior draws (a warning says how many).
+    Cost: memory ~ 100 bytes per (observed pixel, covering tile) pair (~0.3 GB at nside 256,
+    |b| > 20 deg); time dominated by step 2 (each iteration decodes every fitted tile twice).
     Returns FittedLatents; render it with ConditionedVAEDust.
     """
     start_time = time.time()
@@ -941,7 +986,7 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
 
     model = VAEDust(nside=nside, seed=seed, template=template, template_freq=template_freq,
                     mbb_temperature=mbb_temperature, mbb_index=mbb_index, weights=weights, prior=prior,
-                    device=device, cascade=cascade)
+                    device="cpu", cascade=cascade)
     vae, flow = model.weights.vae, model.generator.prior
     n, dim = vae.config.npix, vae.config.latent_dim
     ratio = _mbb_ratio(model, freq, bandpass_weights, obs)
@@ -971,27 +1016,27 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
     centre = torch.randn((p_count, dim), generator=gen) if sample else torch.zeros(p_count, dim)
     target = delta + (torch.randn(len(obs), generator=gen) * n_eff.sqrt().float() if sample else 0)
 
-    # 1) linear branch, conjugate gradients on (I + W^T B^T N^-1 B W) z = c + W^T B^T N^-1 (t - B b)
-    W = vae.decoder_linear.weight.detach()                           # (n^2, D)
-    bias = vae.decoder_linear.bias.detach().reshape(n, n)
+    # 1) decoder linearised about u = 0, mu ~ mu0 + J0 u (the linear branch W z + b for an affine
+    #    decoder): conjugate gradients on (I + J0^T B^T N^-1 B J0) u = c + J0^T B^T N^-1 (t - B mu0)
+    jac0, mu0 = _linearisation(vae, flow)
 
-    def lin_fwd(z):
-        return op(fwd.band((z @ W.T).reshape(-1, n, n)))
+    def lin_fwd(v):
+        return op(fwd.band((v @ jac0.T).reshape(-1, n, n)))
 
     def lin_adj(y):
-        return fwd.band(op.adjoint(y)).reshape(-1, n * n) @ W
+        return fwd.band(op.adjoint(y)).reshape(-1, n * n) @ jac0
 
     with torch.no_grad():
-        offset = op(fwd.band(bias.expand(p_count, n, n)))
-        rhs = (centre if flow is None else 0 * centre) + lin_adj(inv_n * (target - offset))
-        z_lin, it_lin, res_lin = _cg(lambda z: z + lin_adj(inv_n * lin_fwd(z)), rhs, tol=cg_tol,
+        offset = op(fwd.band(mu0.reshape(n, n).expand(p_count, n, n)))
+        rhs = centre + lin_adj(inv_n * (target - offset))
+        u_lin, it_lin, res_lin = _cg(lambda v: v + lin_adj(inv_n * lin_fwd(v)), rhs, tol=cg_tol,
                                      max_iter=cg_max_iter)
-    log(f"linear branch: {it_lin} CG iterations (relative residual {res_lin:.1e})")
+    log(f"linearised decoder: {it_lin} CG iterations (relative residual {res_lin:.1e})")
 
     # 2) full decoder (+ flow prior), L-BFGS on |u - c|^2 + |B mu(z(u)) - t|^2_N, chunked gradients
-    u_ = _normals(z_lin, flow).clone()
+    u_ = u_lin.clone()
     n_iter = 0
-    nonlinear = flow is not None or not _conv_branch_is_zero(vae)
+    nonlinear = flow is not None or not _decoder_is_affine(vae)
     if nonlinear and steps > 0:
         u_.requires_grad_(True)
 
@@ -1061,6 +1106,7 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
         "n_observed_pixels": int(len(obs)), "n_tiles_fitted": int(p_count), "n_tiles": int(level.n_tiles),
         "log_scale": s, "variance_V": fwd.variance,
         "cg_iterations_linear": int(it_lin), "cg_residual_linear": res_lin, "lbfgs_iterations": n_iter,
+        "decoder_affine": not nonlinear,
         "cg_iterations_noise": int(it_noise), "cg_residual_noise": res_noise,
         "chi2_per_pixel_mean_only": chi2_mean, "chi2_per_pixel": chi2_final,
         "wall_time_s": time.time() - start_time,
@@ -1121,6 +1167,6 @@ class ConditionedVAEDust(VAEDust):
                                                fitted.noise_dict())
 
 
-__all__ = ["map_fit", "MapFit", "posterior_samples", "Posterior", "laplace_precision", "latent_jacobian",
+__all__ = ["map_fit", "MapFit", "conditional_mean", "posterior_samples", "Posterior", "laplace_precision", "latent_jacobian",
            "StationaryGaussian", "forward_model", "BlendOperator", "SkyForwardModel", "condition_sky",
            "FittedLatents", "ConditionedVAEDust", "decoder_pixel_variance", "decoder_noise_covariance"]

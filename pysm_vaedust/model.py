@@ -27,7 +27,7 @@ class VAEConfig:
 
     npix: int = 32
     latent_dim: int = 256
-    channels: tuple = (32, 64, 128)
+    channels: tuple = (16, 32, 64)
     hidden: int = 256
     decoder_variance: str = "fourier"  # "fourier" (per radial Fourier bin), "learned" (scalar), "fixed"
     decoder_logvar_init: float = -2.0  # log sigma^2 in normalised units
@@ -50,8 +50,8 @@ def _conv_block(c_in, c_out):
 
 
 def _deconv_block(c_in, c_out):
-    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.SiLU(),
-                         nn.Conv2d(c_out, c_out, 3, padding=1), nn.SiLU())
+    # one transpose convolution per scale: the decoder runs on ~250k patches for an nside-2048 sky
+    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.SiLU())
 
 
 def radial_bins(npix: int) -> torch.Tensor:

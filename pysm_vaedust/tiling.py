@@ -127,72 +127,122 @@ class Footprints:
     weight: np.ndarray  # (M,) float32 blending weight
 
 
+@njit(cache=True, inline="always")
+def _ring_pix2vec(nside, pix):
+    """Unit vector of a RING pixel centre (HEALPix pix2loc, Gorski et al. 2005)."""
+    npix = 12 * nside * nside
+    ncap = 2 * nside * (nside - 1)
+    if pix < ncap:
+        iring = (1 + np.int64(np.sqrt(1 + 2 * pix))) >> 1
+        iphi = pix + 1 - 2 * iring * (iring - 1)
+        z = 1.0 - iring * iring * 4.0 / npix
+        phi = (iphi - 0.5) * 0.5 * np.pi / iring
+    elif pix < npix - ncap:
+        ip = pix - ncap
+        tmp = ip // (4 * nside)
+        iring = tmp + nside
+        iphi = ip - tmp * 4 * nside + 1
+        z = (2 * nside - iring) * 8.0 * nside / npix
+        fodd = 1.0 if (iring + nside) & 1 else 0.5
+        phi = (iphi - fodd) * 0.5 * np.pi / nside
+    else:
+        ip = npix - pix
+        iring = (1 + np.int64(np.sqrt(2 * ip - 1))) >> 1
+        iphi = 4 * iring + 1 - (ip - 2 * iring * (iring - 1))
+        z = iring * iring * 4.0 / npix - 1.0
+        phi = (iphi - 0.5) * 0.5 * np.pi / iring
+    sth = np.sqrt((1.0 - z) * (1.0 + z))
+    return sth * np.cos(phi), sth * np.sin(phi), z
+
+
+@njit(cache=True, inline="always")
+def _project(nside, pix, basis, p, half, pix_rad, npix):
+    """(row, col, weight) of pixel `pix` in patch `p`: fractional grid coordinates and the
+    blending weight (0 outside the patch). The grid is uniform in x = tan(angle): pixel j is
+    centred at (j + 0.5 - n/2) pix_rad."""
+    vx, vy, vz = _ring_pix2vec(nside, pix)
+    depth = vx * basis[p, 0, 0] + vy * basis[p, 0, 1] + vz * basis[p, 0, 2]
+    x = (vx * basis[p, 1, 0] + vy * basis[p, 1, 1] + vz * basis[p, 1, 2]) / depth
+    y = (vx * basis[p, 2, 0] + vy * basis[p, 2, 1] + vz * basis[p, 2, 2]) / depth
+    weight = 0.0
+    if abs(x) < half and abs(y) < half:
+        weight = (np.cos(0.5 * np.pi * x / half) * np.cos(0.5 * np.pi * y / half)) ** 2
+    return y / pix_rad + npix / 2 - 0.5, x / pix_rad + npix / 2 - 0.5, weight
+
+
+@njit(cache=True, inline="always")
+def _bilinear(values, p, row, col):
+    n = values.shape[1]
+    r = min(max(row, 0.0), n - 1.0)
+    c = min(max(col, 0.0), n - 1.0)
+    r0 = min(int(r), n - 2)
+    c0 = min(int(c), n - 2)
+    fr, fc = r - r0, c - c0
+    return ((1 - fr) * ((1 - fc) * values[p, r0, c0] + fc * values[p, r0, c0 + 1])
+            + fr * ((1 - fc) * values[p, r0 + 1, c0] + fc * values[p, r0 + 1, c0 + 1]))
+
+
 @njit(cache=True)
-def _project(vx, vy, vz, patch, basis, half, pix_rad, npix, row, col, weight):
-    """Tangent-plane grid coordinates and blending weight of each (pixel, patch) pair;
-    weight 0 marks points outside the patch."""
-    for m in range(vx.size):
-        p = patch[m]
-        depth = vx[m] * basis[p, 0, 0] + vy[m] * basis[p, 0, 1] + vz[m] * basis[p, 0, 2]
-        x = (vx[m] * basis[p, 1, 0] + vy[m] * basis[p, 1, 1] + vz[m] * basis[p, 1, 2]) / depth
-        y = (vx[m] * basis[p, 2, 0] + vy[m] * basis[p, 2, 1] + vz[m] * basis[p, 2, 2]) / depth
-        if abs(x) < half and abs(y) < half:
-            weight[m] = (np.cos(0.5 * np.pi * x / half) * np.cos(0.5 * np.pi * y / half)) ** 2
+def _footprint_kernel(nside, pixels, patch, basis, half, pix_rad, npix, row, col, weight):
+    for m in range(pixels.size):
+        row[m], col[m], weight[m] = _project(nside, pixels[m], basis, patch[m], half, pix_rad, npix)
+
+
+@njit(cache=True)
+def _blend_kernel(nside, pixels, patch, position, basis, half, pix_rad, values, num, den):
+    npix = values.shape[1]
+    for m in range(pixels.size):
+        row, col, w = _project(nside, pixels[m], basis, patch[m], half, pix_rad, npix)
+        if w > 0.0:
+            q = position[m]
+            num[q] += w * _bilinear(values, patch[m], row, col)
+            den[q] += w * w
+
+
+class PatchSet:
+    """Candidate (pixel, patch) pairs of the tiles `ids` of a level: every `nside` RING pixel
+    within the patch's circumscribed disc that this process computes (pixel_lookup >= 0).
+
+    pixel_lookup: optional (12 nside^2,) int64 map from global pixel to output position (-1 = not
+    computed here, e.g. another MPI rank's pixel); default identity (full sky)."""
+
+    def __init__(self, nside: int, level: CascadeLevel, ids: np.ndarray, pixel_lookup: np.ndarray | None = None):
+        g = level.geometry
+        self.nside, self.level = nside, level
+        self.half = float(np.tan(np.radians(0.5 * g.size_deg)))
+        self.pix_rad = float(np.radians(g.pixel_size_deg))
+        self.basis = np.ascontiguousarray(np.stack(tangent_basis(*tile_centres(level, ids)), 1))  # (P, 3, 3)
+        radius = np.arctan(self.half * np.sqrt(2)) * 1.01
+        lists = [hp.query_disc(nside, self.basis[i, 0], radius) for i in range(len(ids))]
+        self.pixels = np.concatenate(lists) if lists else np.empty(0, np.int64)
+        self.patch = np.repeat(np.arange(len(ids), dtype=np.int64), [len(p) for p in lists])
+        if pixel_lookup is None:
+            self.position = self.pixels
         else:
-            weight[m] = 0.0
-        # the grid is uniform in x = tan(angle): pixel j is centred at (j + 0.5 - n/2) pix_rad
-        row[m] = y / pix_rad + npix / 2 - 0.5
-        col[m] = x / pix_rad + npix / 2 - 0.5
+            self.position = pixel_lookup[self.pixels]
+            keep = self.position >= 0
+            self.pixels, self.patch, self.position = self.pixels[keep], self.patch[keep], self.position[keep]
+        self.used = np.unique(self.patch)  # patches touching this process's pixels
+
+    def accumulate(self, values: np.ndarray, num: np.ndarray, den: np.ndarray) -> None:
+        """num += w v, den += w^2 at the footprint pixels, for patch values (P, n, n) of all ids."""
+        _blend_kernel(self.nside, self.pixels, self.patch, self.position, self.basis, self.half,
+                      self.pix_rad, np.ascontiguousarray(values, dtype=np.float32), num, den)
+
+    def footprints(self) -> Footprints:
+        """The pairs inside the patches, with grid coordinates and weights (for the torch path)."""
+        n = len(self.pixels)
+        row, col, weight = np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, np.float32)
+        _footprint_kernel(self.nside, self.pixels, self.patch, self.basis, self.half, self.pix_rad,
+                          self.level.geometry.npix, row, col, weight)
+        inside = weight > 0
+        return Footprints(pixel=self.position[inside], patch=self.patch[inside].astype(np.int32),
+                          row=row[inside], col=col[inside], weight=weight[inside])
 
 
 def footprints(nside: int, level: CascadeLevel, ids: np.ndarray, pixel_lookup: np.ndarray | None = None) -> Footprints:
-    """Pixels of `nside` (RING) inside each patch `ids` of a level.
-
-    pixel_lookup: optional (12 nside^2,) int64 map from global pixel to output position (-1 =
-    not computed here, e.g. another MPI rank's pixel); default identity (full sky).
-    """
-    g = level.geometry
-    half = np.tan(np.radians(0.5 * g.size_deg))
-    basis = np.stack(tangent_basis(*tile_centres(level, ids)), 1)  # (P, 3 [n0, east, north], 3)
-    radius = np.arctan(half * np.sqrt(2)) * 1.01
-    lists = [hp.query_disc(nside, basis[i, 0], radius) for i in range(len(ids))]
-    pixels = np.concatenate(lists) if lists else np.empty(0, np.int64)
-    patch = np.repeat(np.arange(len(ids), dtype=np.int32), [len(p) for p in lists])
-    if pixel_lookup is not None:
-        position = pixel_lookup[pixels]
-        keep = position >= 0
-        pixels, patch, position = pixels[keep], patch[keep], position[keep]
-    else:
-        position = pixels
-    row, col, weight = (np.empty(len(pixels), np.float32) for _ in range(3))
-    _project(*hp.pix2vec(nside, pixels), patch, basis, half, np.radians(g.pixel_size_deg), g.npix,
-             row, col, weight)
-    inside = weight > 0
-    return Footprints(pixel=position[inside].astype(np.int64), patch=patch[inside],
-                      row=row[inside], col=col[inside], weight=weight[inside])
-
-
-@njit(cache=True)
-def _accumulate(values, pixel, patch, row, col, weight, num, den):
-    n = values.shape[1]
-    for m in range(pixel.size):
-        r = min(max(row[m], 0.0), n - 1.0)
-        c = min(max(col[m], 0.0), n - 1.0)
-        r0 = min(int(r), n - 2)
-        c0 = min(int(c), n - 2)
-        fr, fc = r - r0, c - c0
-        p = patch[m]
-        v = ((1 - fr) * ((1 - fc) * values[p, r0, c0] + fc * values[p, r0, c0 + 1])
-             + fr * ((1 - fc) * values[p, r0 + 1, c0] + fc * values[p, r0 + 1, c0 + 1]))
-        w = weight[m]
-        num[pixel[m]] += w * v
-        den[pixel[m]] += w * w
-
-
-def accumulate(values: np.ndarray, fp: Footprints, num: np.ndarray, den: np.ndarray) -> None:
-    """Add patches `values` (P, n, n) into num += w v, den += w^2 at their footprint pixels."""
-    _accumulate(np.ascontiguousarray(values, dtype=np.float32), fp.pixel, fp.patch, fp.row, fp.col,
-                fp.weight, num, den)
+    """Pixels of `nside` (RING) inside each patch `ids` of a level (see PatchSet)."""
+    return PatchSet(nside, level, ids, pixel_lookup).footprints()
 
 
 def bilinear_torch(values: torch.Tensor, fp: Footprints) -> torch.Tensor:

@@ -49,7 +49,7 @@ class TrainConfig:
     split_fractions: list = field(default_factory=lambda: [0.7, 0.15, 0.15])
     region_nside: int = 2           # HEALPix regions assigned whole to one split
     latent_dim: int = 256
-    channels: list = field(default_factory=lambda: [32, 64, 128])
+    channels: list = field(default_factory=lambda: [16, 32, 64])
     hidden: int = 256
     decoder_variance: str = "fourier"
     decoder_logvar_init: float = -2.0
