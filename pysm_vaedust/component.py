@@ -10,6 +10,7 @@ s: the weights' log_scale. The -s^2 V/2 term keeps E[I] = T. MBB: modified black
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import healpy as hp
@@ -103,38 +104,87 @@ class SmallScaleGenerator:
     def normals_size(self) -> int:
         return self.vae.config.latent_dim + self.vae.config.npix**2
 
-    def field(self, nside: int, seed: int, pixels: np.ndarray | None, cascade: bool = True,
-              progress: bool = False) -> tuple[np.ndarray, float]:
-        """delta at `pixels` (RING; None = full sky), float32, and its model variance V."""
+    def level_field(self, level: CascadeLevel, nside: int, seed: int, pixels: np.ndarray | None,
+                    bar=None) -> np.ndarray:
+        """One level's blended field sum(w v) / sqrt(sum w^2) at `pixels` of `nside` (None = all).
+
+        Decoding of the next batch overlaps with the (GIL-free) reprojection of the previous one;
+        a single worker keeps the accumulation order, so results are bit-reproducible."""
         n_out = hp.nside2npix(nside) if pixels is None else len(pixels)
         lookup = None
         if pixels is not None:
             lookup = np.full(hp.nside2npix(nside), -1, dtype=np.int64)
             lookup[pixels] = np.arange(len(pixels))
-        delta = np.zeros(n_out, dtype=np.float32)
+        num = np.zeros(n_out, dtype=np.float32)
+        den = np.zeros(n_out, dtype=np.float32)
+        n = self.vae.config.npix
+        with ThreadPoolExecutor(max_workers=1) as worker:
+            pending = None
+            for start in range(0, level.n_tiles, self.batch_size):
+                ids = np.arange(start, min(start + self.batch_size, level.n_tiles))
+                patches = PatchSet(nside, level, ids, lookup)
+                if len(patches.used):
+                    values = np.zeros((len(ids), n, n), dtype=np.float32)
+                    normals = patch_normals(seed, level.index, ids[patches.used], self.normals_size)
+                    values[patches.used] = self.decode(level, normals, ids[patches.used]).cpu().numpy()
+                    if pending is not None:
+                        pending.result()
+                    pending = worker.submit(patches.accumulate, values, num, den)
+                if bar is not None:
+                    bar.update(len(ids))
+            if pending is not None:
+                pending.result()
+        if np.any(den <= 0):
+            raise RuntimeError(f"cascade level {level.index}: {int(np.sum(den <= 0))} pixels "
+                               "not covered by any patch (tiling bug)")
+        return num / np.sqrt(den)
+
+    def field(self, nside: int, seed: int, pixels: np.ndarray | None, cascade: bool = True,
+              progress: bool = False) -> tuple[np.ndarray, float]:
+        """delta at `pixels` (RING; None = full sky), float32, and its model variance V.
+
+        A level whose pixels are much coarser than the output's is computed at a lower working
+        nside (pixel <= half the level's pixel) and bilinearly interpolated to the output pixels."""
+        pixels_out = np.arange(hp.nside2npix(nside)) if pixels is None else pixels
+        delta = np.zeros(len(pixels_out), dtype=np.float32)
         variance = 0.0
         levels = self.levels(nside, cascade)
-        total = sum(level.n_tiles for level in levels)
-        with tqdm(total=total, desc=f"VAEDust nside {nside}", unit="patch", disable=not progress) as bar:
+        with tqdm(total=sum(lv.n_tiles for lv in levels), desc=f"VAEDust nside {nside}", unit="patch",
+                  disable=not progress) as bar:
             for level in levels:
-                num = np.zeros(n_out, dtype=np.float32)
-                den = np.zeros(n_out, dtype=np.float32)
-                n = self.vae.config.npix
-                for start in range(0, level.n_tiles, self.batch_size):
-                    ids = np.arange(start, min(start + self.batch_size, level.n_tiles))
-                    patches = PatchSet(nside, level, ids, lookup)
-                    if len(patches.used):
-                        values = np.zeros((len(ids), n, n), dtype=np.float32)
-                        normals = patch_normals(seed, level.index, ids[patches.used], self.normals_size)
-                        values[patches.used] = self.decode(level, normals, ids[patches.used]).cpu().numpy()
-                        patches.accumulate(values, num, den)
-                    bar.update(len(ids))
-                if np.any(den <= 0):
-                    raise RuntimeError(f"cascade level {level.index}: {int(np.sum(den <= 0))} pixels "
-                                       "not covered by any patch (tiling bug)")
-                delta += num / np.sqrt(den)
+                work_nside = working_nside(level, nside)
+                if work_nside == nside:
+                    delta += self.level_field(level, nside, seed, pixels, bar)
+                else:
+                    delta += self.interpolated_level_field(level, work_nside, nside, seed, pixels_out, bar)
                 variance += self.level_variance(level)
         return delta, variance
+
+    def interpolated_level_field(self, level, work_nside, nside, seed, pixels_out, bar):
+        """A level computed at `work_nside` on the pixels bilinear interpolation needs, then
+        interpolated to `pixels_out` of `nside` (float32)."""
+        chunks = [slice(i, i + (1 << 22)) for i in range(0, len(pixels_out), 1 << 22)]
+        full = np.zeros(hp.nside2npix(work_nside), dtype=np.float32)
+        if len(pixels_out) == hp.nside2npix(nside):
+            full[:] = self.level_field(level, work_nside, seed, None, bar)
+        else:
+            needed = np.zeros(len(full), dtype=bool)
+            for c in chunks:
+                needed[hp.get_interp_weights(work_nside, *hp.pix2ang(nside, pixels_out[c]))[0].ravel()] = True
+            full[needed] = self.level_field(level, work_nside, seed, np.flatnonzero(needed), bar)
+        out = np.empty(len(pixels_out), dtype=np.float32)
+        for c in chunks:
+            out[c] = hp.get_interp_val(full, *hp.pix2ang(nside, pixels_out[c]))
+        return out
+
+
+def working_nside(level: CascadeLevel, nside: int) -> int:
+    """Lowest nside <= `nside` whose pixel is at most half the level's patch pixel."""
+    target = 0.5 * level.geometry.pixel_size_deg * 60
+    work = 1
+    while work < nside and hp.nside2resol(work, arcmin=True) > target:
+        work *= 2
+    return work
 
 
 @njit(cache=True)

@@ -188,7 +188,7 @@ def _footprint_kernel(nside, pixels, patch, basis, half, pix_rad, npix, row, col
         row[m], col[m], weight[m] = _project(nside, pixels[m], basis, patch[m], half, pix_rad, npix)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _blend_kernel(nside, pixels, patch, position, basis, half, pix_rad, values, num, den):
     npix = values.shape[1]
     for m in range(pixels.size):

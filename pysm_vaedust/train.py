@@ -148,6 +148,32 @@ def spectral_slope(patches: np.ndarray, geometry: PatchGeometry, ell_range=SLOPE
     return {"slope": float(-slope), "ell_range": list(ell_range), "n_bins": int(sel.sum())}
 
 
+@torch.no_grad()
+def calibrate_decoder_noise(model: VAE, latents: torch.Tensor, data: torch.Tensor) -> dict:
+    """Moment-match the stationary decoder noise to the data: per radial Fourier bin, noise power
+    = data power - power of the decoded prior latents (floored at 1 % of the data power), so
+    prior samples decode(z) + noise have the data's mean 2D power spectrum.
+
+    latents: (M, D) draws of the prior in use; data: augmented training images (N, 1, n, n)."""
+    if model.config.decoder_variance != "fourier":
+        return {"calibrated": False}
+    bins = model.noise_bin.flatten()
+
+    def per_bin(images):
+        power = torch.cat([torch.fft.fft2(images[i:i + 1024], norm="ortho").abs().square().flatten(1)
+                           for i in range(0, len(images), 1024)]).mean(0)
+        return torch.zeros(len(model.decoder_logvar)).index_add(0, bins, power) / torch.bincount(bins)
+
+    data_power = per_bin(data)
+    mean_power = per_bin(torch.cat([model.decode(latents[i:i + 1024]) for i in range(0, len(latents), 1024)]))
+    noise = torch.maximum(data_power - mean_power, 0.01 * data_power)
+    before = model.decoder_logvar.exp().clone()
+    model.decoder_logvar.copy_(noise.log())
+    return {"calibrated": True, "n_latents": len(latents),
+            "noise_power_per_bin_before": before.tolist(), "noise_power_per_bin": noise.tolist(),
+            "data_power_per_bin": data_power.tolist(), "decoded_prior_power_per_bin": mean_power.tolist()}
+
+
 def vae_config_of(cfg: TrainConfig) -> VAEConfig:
     return VAEConfig(npix=cfg.npix, latent_dim=cfg.latent_dim, channels=tuple(cfg.channels),
                      hidden=cfg.hidden, decoder_variance=cfg.decoder_variance,
@@ -240,19 +266,28 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     test = evaluate(model, sets["test"], cfg.beta, seed=cfg.seed)
     modules = {"vae": model}
     prior_report = None
+    model.eval().requires_grad_(False)
+    augmented = torch.cat([dihedral(sets["train"], k) for k in range(8)]).to(device)
     if cfg.prior_epochs > 0:
-        model.eval().requires_grad_(False)
-        augmented = torch.cat([dihedral(sets["train"], k) for k in range(8)])
         flow, prior_report = train_prior(model, augmented, sets["val"], cfg.prior_epochs, cfg.seed,
                                          cfg.prior_layers, cfg.prior_hidden, cfg.prior_lr, progress=progress)
         modules["prior"] = flow
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    normals = torch.randn((8192, cfg.latent_dim), generator=gen, device=device)
+    use_flow = prior_report is not None and prior_report["default"]
+    with torch.no_grad():
+        latents = modules["prior"].sample_from_normals(normals) if use_flow else normals
+    noise_report = calibrate_decoder_noise(model, latents, augmented)
+    test_calibrated = evaluate(model, sets["test"], cfg.beta, seed=cfg.seed)
     metadata = {
         "package_version": __version__,
         "architecture": model.config.to_dict(),
         **info,
         "training_config": cfg.to_dict(),
         "metrics": {"best_epoch": best["epoch"], "best_val_loss": best_val,
-                    **{f"test_{k}": v for k, v in test.items()}},
+                    **{f"test_{k}": v for k, v in test.items()},
+                    **{f"test_calibrated_{k}": v for k, v in test_calibrated.items()}},
+        "decoder_noise": noise_report,
         "history": history,
     }
     if prior_report is not None:

@@ -1,14 +1,12 @@
 """Stage 8 conditioning on real data: test-split patches and a real Planck sky region.
 
-A VAE is trained in a module fixture on the real training split (2 epochs from the
-probabilistic-PCA initialisation, no flow prior). Its convolutional branch is narrower than the
-default ([8, 16, 32], hidden 128) so the whole module runs in about a minute on one thread; the
-conditioning code does not depend on the architecture, and after 2 epochs both are essentially
-the PPCA model anyway. Observations: 8 test-split patches, seeded masks of random 4x4-pixel
-(1 degree) blocks covering 30 % / 50 % of the pixels, white noise at 10 % of each patch's rms.
+A VAE of the default architecture is trained in a module fixture on the real training split
+(2 epochs from the probabilistic-PCA initialisation, no flow prior; ~10 s of the module's ~60 s
+on one thread). After 2 epochs it is essentially the PPCA model. Observations: 8 test-split
+patches, seeded masks of random 4x4-pixel (1 degree) blocks covering 30 % / 50 % of the pixels,
+white noise at 10 % of each patch's rms.
 
-Numbers measured with this fixture (and with the default-architecture PPCA weights) are quoted
-next to each bound.
+Numbers measured with this fixture are quoted next to each bound.
 """
 
 import math
@@ -49,7 +47,7 @@ NOISE_FRACTION = 0.1
 def trained(tmp_path_factory):
     """(Weights, {split: patches}, weights path) of a small VAE trained on the real data."""
     out = tmp_path_factory.mktemp("vae")
-    cfg = train_module.TrainConfig(epochs=2, channels=[8, 16, 32], hidden=128, prior_epochs=0, threads=1,
+    cfg = train_module.TrainConfig(epochs=2, prior_epochs=0, threads=1,
                                    checkpoint_dir=str(out / "ckpt"), output=str(out / "w.h5"))
     sets, info = train_module.build_datasets(cfg)
     with pytest.MonkeyPatch.context() as mp:  # reuse the datasets instead of cutting them twice
@@ -163,7 +161,7 @@ def test_map_fit_converges_from_every_start(trained, fits):
         assert fit.restart_losses.shape == (3, N_PATCHES)
         assert torch.all(fit.loss <= fit.restart_losses.min(0).values + 1e-9)
         assert fit.converged.all(), fit.grad_norm
-        # all starts reach the same optimum (the model is near-linear): measured spread < 0.01
+        # all starts reach the same optimum (the model is near-linear): measured spread < 1e-4
         assert float((fit.restart_losses.max(0).values - fit.loss).max()) < 0.5
 
 
@@ -171,33 +169,34 @@ def test_adam_reaches_the_lbfgs_optimum(trained, observations, fits):
     vae = trained[0].vae
     x, d, mask, sigma = observations[0.3]
     adam = map_fit(vae, d[:2], mask[:2], sigma[:2], n_restarts=1, steps=300, method="adam", lr=0.05)
-    # measured: within 0.3 of the L-BFGS loss (~800)
-    assert torch.all(adam.loss < fits[0.3].loss[:2] + 2.0)
+    # measured: within 1e-4 of the L-BFGS loss (~530)
+    assert torch.all(adam.loss < fits[0.3].loss[:2] + 1.0)
 
 
 @pytest.mark.parametrize("frac", FRACTIONS)
 def test_inpainting_against_gaussian_wiener(trained, observations, fits, wiener, frac):
     """Masked-region MSE of the VAE estimate vs the stationary-Gaussian Wiener filters.
 
-    Measured (8 patches): ratio to the lag-autocovariance Wiener filter 1.21 (30 %) / 1.16 (50 %),
-    to the periodic 2D-power-spectrum one ~1.1; the PPCA default-architecture weights give 1.26 /
-    1.17 (12 patches). A PPCA-like VAE loses to the stationary Gaussian: its 1024 x 1024 covariance
-    is estimated from ~1000 patches, the stationary one pools every pixel pair.
+    Measured (8 patches): ratio to the lag-autocovariance Wiener filter 1.10 (30 %) / 1.07 (50 %),
+    to the periodic 2D-power-spectrum one 0.94 / 1.02. A PPCA-like VAE loses to the stationary
+    Gaussian: its 1024 x 1024 covariance is estimated from ~1000 patches (x 8 dihedral copies),
+    the stationary one pools every pixel pair of every patch.
     """
     x, d, mask, sigma = observations[frac]
     vae_mse = hole_mse(conditional_mean(trained[0].vae, fits[frac]), x, mask)
     acf_mse = hole_mse(wiener[frac]["acf"], x, mask)
     per_mse = hole_mse(wiener[frac]["periodic"], x, mask)
-    print(f"\ninpainting {frac:.0%}: masked MSE VAE {vae_mse:.4f}, Wiener(acf) {acf_mse:.4f} "
-          f"(ratio {vae_mse / acf_mse:.3f}), Wiener(periodic) {per_mse:.4f} (ratio {vae_mse / per_mse:.3f})")
     prior_mean_mse = float((x.numpy()[~mask] ** 2).mean())   # filling the holes with the prior mean, 0
-    assert vae_mse < 0.85 * prior_mean_mse   # measured 0.68
-    assert vae_mse / acf_mse < 1.3
+    print(f"\ninpainting {frac:.0%}: masked MSE VAE {vae_mse:.4f}, Wiener(acf) {acf_mse:.4f} "
+          f"(ratio {vae_mse / acf_mse:.3f}), Wiener(periodic) {per_mse:.4f} (ratio {vae_mse / per_mse:.3f}), "
+          f"zero fill {prior_mean_mse:.4f}")
+    assert vae_mse < 0.9 * prior_mean_mse    # measured 0.78 (30 %), 0.79 (50 %)
+    assert vae_mse / acf_mse < 1.25
 
 
 @pytest.mark.xfail(reason="the fixture VAE (2 epochs from PPCA, ~linear) is a worse prior than the "
-                          "stationary Gaussian: ratios 1.16-1.21 measured; expected to pass only with a "
-                          "non-Gaussian model trained well beyond the PPCA start", strict=False)
+                          "stationary Gaussian: ratios 1.07-1.10 measured; expected to pass only with a "
+                          "model trained well beyond the PPCA start", strict=False)
 @pytest.mark.parametrize("frac", FRACTIONS)
 def test_inpainting_beats_gaussian_wiener(trained, observations, fits, wiener, frac):
     x, d, mask, sigma = observations[frac]
@@ -220,7 +219,7 @@ def test_denoising_lowers_the_error(trained, observations):
 def test_posterior_coverage(trained, observations, fits):
     """68 % intervals of Laplace constrained realizations cover the truth 55-80 % of the time.
 
-    Measured: 0.69-0.70 (all pixels), 0.74-0.77 (masked), 0.66-0.67 (observed)."""
+    Measured: 0.69 / 0.71 (all pixels), 0.74 / 0.77 (masked), 0.67 / 0.65 (observed) at 30 / 50 %."""
     vae = trained[0].vae
     rates = []
     for frac in FRACTIONS:
@@ -244,10 +243,33 @@ def test_mala_refines_laplace(trained, observations, fits):
     fit = map_fit(vae, d[:2], mask[:2], sigma[:2], n_restarts=1)
     post = posterior_samples(vae, d[:2], mask[:2], sigma[:2], n_samples=16, method="mala", fit=fit,
                              mala_steps=20, generator=torch.Generator().manual_seed(2))
-    assert 0.2 < post.acceptance <= 1.0          # measured ~0.9 (the posterior is near-Gaussian)
+    assert 0.3 < post.acceptance <= 1.0          # measured 0.65
     lap = posterior_samples(vae, d[:2], mask[:2], sigma[:2], n_samples=16, fit=fit)
     ratio = float(post.std.mean() / lap.std.mean())
-    assert 0.8 < ratio < 1.25
+    assert 0.8 < ratio < 1.25                    # measured 1.02: Laplace is already close
+
+
+def test_learned_prior_enters_as_its_density(trained, observations):
+    """With a flow prior the objective is -2 log p_flow(z) + data term (not |eps|^2 in the flow's
+    normals). A data-initialised flow (affine standardisation of the encoder means; couplings at
+    their zero initialisation) is a Gaussian prior N(shift, scale^2), enough to check the path."""
+    from pysm_vaedust.prior import LatentFlow
+
+    vae, sets = trained[0].vae, trained[1]
+    with torch.no_grad():
+        flow = LatentFlow(vae.config.latent_dim, n_layers=2, hidden=32)
+        flow.initialise(vae.encode(sets["train"])[0])
+    flow.eval().requires_grad_(False)
+    x, d, mask, sigma = observations[0.3]
+    fit = map_fit(vae, d[:2], mask[:2], sigma[:2], n_restarts=2, prior=flow)
+    assert fit.converged.all()
+    with torch.no_grad():
+        prior_part = -2 * flow.log_prob(fit.z_map).double() - vae.config.latent_dim * math.log(2 * math.pi)
+        data_part = ((fit.mean - fit.data).square() * fit.mask / (fit.sigma2 + fit.sigma_dec2)).double().sum((1, 2, 3))
+    if fit.data_term.precision is None:
+        np.testing.assert_allclose(fit.loss.numpy(), (prior_part + data_part).numpy(), rtol=1e-5)
+    post = posterior_samples(vae, d[:2], mask[:2], sigma[:2], n_samples=16, fit=fit)
+    assert torch.isfinite(post.realizations).all() and post.fit.prior is flow
 
 
 # ----------------------------------------------------------------------------- sky level
@@ -284,7 +306,7 @@ def test_conditioned_sky_matches_where_observed_and_varies_elsewhere(trained, sk
     spread = float(np.sqrt(np.mean(((maps[0] - maps[1])[far] / maps[1][far]) ** 2)))
     print(f"\nsky: rms (I - obs)/sigma where observed: conditioned {chi[0]:.2f}, {chi[1]:.2f}; prior {chi[2]:.1f}; "
           f"relative rms difference of two seeds beyond 30 deg: {spread:.3f}")
-    # measured: 0.97 (a constrained realization differs from the data by ~the noise), prior 16
+    # measured: 0.96 (a constrained realization differs from the data by ~the noise), prior 16
     assert chi[0] < 2 and chi[1] < 2
     assert chi[2] > 5
     assert spread > 0.05                    # measured 0.18: the prior's small-scale scatter
