@@ -17,9 +17,9 @@ variance S_k + C_k + N and
 
     -2 log p(z | d) = |z|^2 + sum_k |r_k|^2 / (S_k + C_k + N) + const,
 
-minimised with L-BFGS over z through the public differentiable `forward_model` (over the flow's
-standard normals u, z = f(u), with |u|^2 in place of |z|^2, when the learned latent prior is
-used: --prior flow, or auto and the weights make it their default). Then
+minimised with L-BFGS over z through the public differentiable `forward_model` (with the
+learned latent prior — --prior flow, or auto when the weights make it their default — |z|^2 is
+replaced by the flow's density -2 log p(z), as in pysm_vaedust.conditioning). Then
 s_hat = S / (S + C + N) r (Wiener filter given the dust) and
 dust_hat = mu(z_map) + C / (S + C + N) r. Baseline: the same separation with the dust replaced
 by a stationary Gaussian of the training split's 2D power spectrum (a two-component Wiener filter).
@@ -63,34 +63,38 @@ def ifft(x):
 
 
 def fit_dust_latents(vae, d, total_var, prior=None, steps=300):
-    """MAP of -2 log p(u|d) = |u|^2 + sum_k |r_k|^2 / total_var_k, r = d - mu(z(u)), with the CMB,
-    decoder noise and white noise marginalised (z = u, or z = prior(u) for a learned flow prior).
-    Starts from 0 and from the encoder mean of d; returns the better u."""
+    """MAP of -2 log p(z|d) = -2 log p(z) + sum_k |r_k|^2 / total_var_k, r = d - mu(z), with the
+    CMB, decoder noise and white noise marginalised. -2 log p(z) = |z|^2, or the learned flow's
+    density |g(z)|^2 - 2 log|det dg/dz|. Starts from 0 and from the encoder mean of d."""
     best = None
     with torch.no_grad():
         z_enc = vae.encode(d[None, None])[0]
-        starts = [torch.zeros_like(z_enc), z_enc if prior is None else prior.to_normals(z_enc)[0]]
 
-    def objective(u):
-        r = d - forward_model(vae, u, prior=prior)[0, 0]
-        return u.square().sum().double() + (fft(r).abs().square() / total_var).sum()
+    def objective(z):
+        r = d - forward_model(vae, z)[0, 0]
+        if prior is None:
+            prior_term = z.square().sum().double()
+        else:
+            eps, logdet = prior.to_normals(z)
+            prior_term = eps.square().sum().double() - 2 * logdet.sum().double()
+        return prior_term + (fft(r).abs().square() / total_var).sum()
 
-    for u0 in starts:
-        u = u0.clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([u], max_iter=steps, line_search_fn="strong_wolfe", tolerance_grad=1e-6,
+    for z0 in (torch.zeros_like(z_enc), z_enc):
+        z = z0.clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([z], max_iter=steps, line_search_fn="strong_wolfe", tolerance_grad=1e-6,
                                 tolerance_change=1e-12, history_size=20)
 
         def closure():
             opt.zero_grad()
-            loss = objective(u)
+            loss = objective(z)
             loss.backward()
             return loss
 
         opt.step(closure)
         with torch.no_grad():
-            loss = float(objective(u))
+            loss = float(objective(z))
         if best is None or loss < best[0]:
-            best = (loss, u.detach())
+            best = (loss, z.detach())
     return best[1]
 
 
@@ -109,7 +113,8 @@ def main(argv=None) -> int:
     start = time.time()
     weights = load_weights(args.weights)
     vae = weights.vae
-    use_flow = args.prior == "flow" or (args.prior == "auto" and weights.metadata.get("prior", {}).get("default", False))
+    flow_default = weights.metadata.get("prior", {}).get("default", False)
+    use_flow = args.prior == "flow" or (args.prior == "auto" and flow_default)
     if use_flow and weights.prior is None:
         parser.error(f"--prior {args.prior}: {args.weights} holds no learned latent prior")
     prior = weights.prior if use_flow else None
@@ -140,9 +145,9 @@ def main(argv=None) -> int:
         noise = torch.randn((n, n), generator=gen, dtype=torch.float64) * args.noise
         d = (dust + cmb + noise).float()
         # VAE dust prior, CMB profiled out
-        u_map = fit_dust_latents(vae, d, S + C + N, prior)
+        z_map = fit_dust_latents(vae, d, S + C + N, prior)
         with torch.no_grad():
-            mu = forward_model(vae, u_map, prior=prior)[0, 0].double()
+            mu = forward_model(vae, z_map)[0, 0].double()
         r_hat = fft(d.double() - mu)
         cmb_vae = ifft(S / (S + C + N) * r_hat)
         dust_vae = mu + ifft(C / (S + C + N) * r_hat)

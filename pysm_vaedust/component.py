@@ -33,6 +33,8 @@ from .weights import Weights, load_weights
 #: nside of the working copy of the (smoothed) log template.
 TEMPLATE_WORK_NSIDE = 128
 PRIORS = ("auto", "flow", "standard")
+#: see SmallScaleGenerator.convolutional_fraction
+FINE_LEVEL_LINEAR_THRESHOLD = 1e-2
 
 
 def check_nside(nside) -> int:
@@ -68,6 +70,18 @@ class SmallScaleGenerator:
         meta = weights.metadata
         self.base = PatchGeometry(meta["geometry"]["npix"], meta["geometry"]["size_deg"])
         self.slope = float(meta["spectral_slope"]["slope"])
+        self.conv_fraction = self.convolutional_fraction()
+
+    @torch.no_grad()
+    def convolutional_fraction(self, n_samples: int = 512) -> float:
+        """rms of the decoder's convolutional branch over that of its linear branch, for prior
+        draws (fixed seed). Below FINE_LEVEL_LINEAR_THRESHOLD the cascade levels >= 1 (~98 % of
+        the patches at nside 2048) decode with the linear branch alone: a relative change of the
+        decoded mean below that threshold, for a ~10x faster decoder."""
+        normals = torch.from_numpy(patch_normals(12345, 0, np.arange(n_samples), self.vae.config.latent_dim))
+        z = self.latents(normals.to(self.vae.device))
+        linear = self.vae.decode_linear(z)
+        return float((self.vae.decode(z) - linear).std() / linear.std())
 
     def levels(self, nside: int, cascade: bool = True) -> list[CascadeLevel]:
         levels = cascade_levels(nside, self.base, self.slope)
@@ -89,7 +103,8 @@ class SmallScaleGenerator:
                 rows = [r for r, t in enumerate(ids) if int(t) in fixed]
                 if rows:
                     z[rows] = torch.from_numpy(np.stack([fixed[int(ids[r])] for r in rows])).to(z)
-            x = self.vae.decode(z)
+            fast = level.index > 0 and self.conv_fraction < FINE_LEVEL_LINEAR_THRESHOLD
+            x = self.vae.decode_linear(z) if fast else self.vae.decode(z)
             x = x + self.vae.decoder_noise(len(eps), white=eps[:, d:].reshape(-1, 1, n, n))
             filt = torch.from_numpy(band_filter(level)).to(x)
             x = torch.fft.ifft2(torch.fft.fft2(x[:, 0]) * filt).real

@@ -1160,14 +1160,22 @@ class ConditionedVAEDust(VAEDust):
     """A VAEDust whose level-0 tiles listed in `fitted` (FittedLatents or a path) use the fitted
     latents and decoder-noise patches: the map follows the observation where observed (at the
     observation's resolution) and keeps prior draws of `seed` elsewhere. Other keyword
-    arguments as VAEDust (pass the same template / mbb_* / prior as to condition_sky); `weights`
-    defaults to the file the latents were fitted with, and must be that file (sha256 checked)."""
+    arguments as VAEDust (pass the same template / mbb_* as to condition_sky); `weights`
+    defaults to the file the latents were fitted with, and must be that file (sha256 checked);
+    `prior` defaults to the one of the fit (it sets the variance V of I = T exp(s delta - s^2 V/2)).
+    A config entry: {class = "pysm_vaedust.conditioning.ConditionedVAEDust", fitted = "fit.h5"}."""
 
     def __init__(self, fitted, nside=2048, seed=0, weights=None, **kwargs):
         if not isinstance(fitted, FittedLatents):
             fitted = FittedLatents.load(fitted)
         if "fixed_latents" in kwargs:
             raise TypeError("ConditionedVAEDust takes its fixed latents from `fitted`")
+        fitted_prior = fitted.metadata.get("prior")
+        if fitted_prior and kwargs.get("prior", "auto") not in ("auto", fitted_prior):
+            warnings.warn(f"prior={kwargs['prior']!r} differs from the fit's {fitted_prior!r}: the observed "
+                          "region will be off by the change of the variance term", stacklevel=2)
+        elif fitted_prior:
+            kwargs["prior"] = fitted_prior
         if weights is None and fitted.metadata.get("weights_path") and Path(fitted.metadata["weights_path"]).is_file():
             weights = fitted.metadata["weights_path"]
         super().__init__(nside=nside, seed=seed, weights=weights, fixed_latents=fitted.as_dict(), **kwargs)
@@ -1184,6 +1192,7 @@ class ConditionedVAEDust(VAEDust):
                                                fitted.noise_dict())
 
 
-__all__ = ["map_fit", "MapFit", "conditional_mean", "posterior_samples", "Posterior", "laplace_precision", "latent_jacobian",
-           "StationaryGaussian", "forward_model", "BlendOperator", "SkyForwardModel", "condition_sky",
-           "FittedLatents", "ConditionedVAEDust", "decoder_pixel_variance", "decoder_noise_covariance"]
+__all__ = ["map_fit", "MapFit", "conditional_mean", "posterior_samples", "Posterior", "laplace_precision",
+           "latent_jacobian", "StationaryGaussian", "forward_model", "BlendOperator", "SkyForwardModel",
+           "condition_sky", "FittedLatents", "ConditionedVAEDust", "decoder_pixel_variance",
+           "decoder_noise_covariance"]

@@ -215,14 +215,14 @@ class PatchSet:
         radius = np.arctan(self.half * np.sqrt(2)) * 1.01
         lists = [hp.query_disc(nside, self.basis[i, 0], radius) for i in range(len(ids))]
         self.pixels = np.concatenate(lists) if lists else np.empty(0, np.int64)
-        self.patch = np.repeat(np.arange(len(ids), dtype=np.int64), [len(p) for p in lists])
+        self.patch = np.repeat(np.arange(len(ids), dtype=np.int32), [len(p) for p in lists])
         if pixel_lookup is None:
             self.position = self.pixels
         else:
             self.position = pixel_lookup[self.pixels]
             keep = self.position >= 0
             self.pixels, self.patch, self.position = self.pixels[keep], self.patch[keep], self.position[keep]
-        self.used = np.unique(self.patch)  # patches touching this process's pixels
+        self.used = np.flatnonzero(np.bincount(self.patch, minlength=len(ids)))  # patches touching our pixels
 
     def accumulate(self, values: np.ndarray, num: np.ndarray, den: np.ndarray) -> None:
         """num += w v, den += w^2 at the footprint pixels, for patch values (P, n, n) of all ids."""
@@ -236,7 +236,7 @@ class PatchSet:
         _footprint_kernel(self.nside, self.pixels, self.patch, self.basis, self.half, self.pix_rad,
                           self.level.geometry.npix, row, col, weight)
         inside = weight > 0
-        return Footprints(pixel=self.position[inside], patch=self.patch[inside].astype(np.int32),
+        return Footprints(pixel=self.position[inside], patch=self.patch[inside],
                           row=row[inside], col=col[inside], weight=weight[inside])
 
 

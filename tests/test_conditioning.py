@@ -14,6 +14,7 @@ import warnings
 
 import healpy as hp
 import numpy as np
+import pysm3
 import pysm3.units as u
 import pytest
 import torch
@@ -298,8 +299,10 @@ def test_conditioned_sky_matches_where_observed_and_varies_elsewhere(trained, sk
     fitted.save(tmp_path / "fit.h5")
     loaded = FittedLatents.load(tmp_path / "fit.h5")
     assert list(tmp_path.iterdir()) == [tmp_path / "fit.h5"]    # atomic write: no temporary left
-    maps = [ConditionedVAEDust(loaded, nside=nside, seed=seed, weights=path).get_emission(545 * u.GHz)[0].value
-            for seed in (1, 2)]
+    components = [ConditionedVAEDust(loaded, nside=nside, seed=seed, weights=path) for seed in (1, 2)]
+    maps = [c.get_emission(545 * u.GHz)[0].value for c in components]
+    sky_map = pysm3.Sky(nside=nside, component_objects=[components[0]]).get_emission(545 * u.GHz)[0].value
+    np.testing.assert_allclose(sky_map, maps[0], rtol=1e-12)   # usable in pysm3.Sky like VAEDust
     prior = VAEDust(nside=nside, seed=1, weights=path).get_emission(545 * u.GHz)[0].value
     chi = [float(np.sqrt(np.mean(((m - obs)[mask] / noise[mask]) ** 2))) for m in maps + [prior]]
     far = distance > 30
