@@ -60,10 +60,9 @@ from pysm3 import utils as pysm_utils
 
 from . import __version__
 from .component import SmallScaleGenerator, VAEDust, _as_frequency, _mbb_intensity, check_nside
-from .data import BETA_DUST, T_DUST_K, sha256_of
+from .data import BETA_DUST, T_DUST_K, atomic_write, file_digest
 from .model import VAE
 from .tiling import CascadeLevel, Footprints, band_filter, blend_torch, footprints
-from .weights import atomic_write
 
 METHODS = ("lbfgs", "adam")
 SAMPLERS = ("laplace", "mala", "ula")
@@ -1120,7 +1119,7 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
         "freq_GHz": [float(f) for f in np.atleast_1d(_as_frequency(freq).value)],
         "freq_ref_GHz": float(model.freq_ref), "prior": model.prior, "cascade": bool(cascade),
         "sample": bool(sample), "decoder_noise": bool(decoder_noise),
-        "weights_path": str(weights_path), "weights_sha256": sha256_of(weights_path),
+        "weights_path": str(weights_path), "weights_sha256": file_digest(weights_path),
         "template": template if isinstance(template, (str, type(None))) else "array",
         "n_observed_pixels": int(len(obs)), "n_tiles_fitted": int(p_count), "n_tiles": int(level.n_tiles),
         "log_scale": s, "variance_V": fwd.variance,
@@ -1182,7 +1181,7 @@ class ConditionedVAEDust(VAEDust):
             weights = fitted.metadata["weights_path"]
         super().__init__(nside=nside, seed=seed, weights=weights, fixed_latents=fitted.as_dict(), **kwargs)
         want = fitted.metadata.get("weights_sha256")
-        if want and sha256_of(self.weights.path) != want:
+        if want and file_digest(self.weights.path) != want:
             raise ValueError(f"the latents were fitted with weights sha256 {want[:16]}..., but "
                              f"{self.weights.path!r} differs: pass weights= the file used by condition_sky")
         if fitted.z.shape[1] != self.weights.vae.config.latent_dim:

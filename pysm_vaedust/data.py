@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,13 +34,30 @@ _FRAME_ALIASES = {
 _QUANTITIES = ("ebv", "tau353", "intensity_MJysr")
 
 
-def sha256_of(path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
+def file_digest(path, algorithm: str = "sha256") -> str:
+    """Hex digest (sha256 by default) of a file's bytes."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def atomic_write(path, write_fn) -> Path:
+    """Call write_fn(tmp_path) then rename tmp_path to `path`; no partial file on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
 
 
 def normalize_frame(frame: str) -> str:
@@ -158,7 +176,7 @@ def load_dust_map(path, quantity: str | None = None, frame: str | None = None,
     else:
         intensity = values
     return DustMap(intensity=intensity, frame=frame, nside=hp.npix2nside(values.size),
-                   source=os.path.basename(str(path)), sha256=sha256_of(path), quantity=quantity)
+                   source=os.path.basename(str(path)), sha256=file_digest(path), quantity=quantity)
 
 
 def shared_data_dir() -> Path:

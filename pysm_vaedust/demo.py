@@ -12,7 +12,8 @@ import numpy as np
 import pysm3
 import pysm3.units as u
 
-from .weights import atomic_write
+from .data import atomic_write
+
 
 
 def plot_map(path, emission: np.ndarray, template: np.ndarray, nside: int, freq_GHz: float,

@@ -14,15 +14,15 @@ c. a download of ``url`` (then ``mirrors``), streamed to a temporary file, verif
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
-import tempfile
 import urllib.request
 import warnings
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
+
+from .data import atomic_write, file_digest
 
 try:
     import tomllib
@@ -97,15 +97,7 @@ def load_registry(path=None) -> dict[str, Source]:
 
 def sha256_file(path) -> str:
     """Hex sha256 of a file's bytes."""
-    return _digest_file(path, "sha256")
-
-
-def _digest_file(path, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path)
 
 
 def default_data_dir() -> Path | None:
@@ -135,7 +127,7 @@ def verify(source: Source, path, label=None) -> Path:
             raise ValueError(f"checksum mismatch for source {source.name!r} ({label}): "
                              f"expected sha256 {source.sha256}, got {actual}")
     elif source.md5:
-        actual = _digest_file(path, "md5")
+        actual = file_digest(path, "md5")
         if actual != source.md5.lower():
             raise ValueError(f"checksum mismatch for source {source.name!r} ({label}): "
                              f"expected md5 {source.md5}, got {actual}")
@@ -200,17 +192,15 @@ def _lookup(name: str) -> Source:
 
 
 def _download(source: Source, url: str, destination_dir: Path, timeout, progress) -> Path:
-    """Stream `url` to a temp file next to the target, verify, then os.replace; no partial file."""
+    """Stream `url` to a temp file next to the target, verify, then rename; no partial file."""
     from tqdm.auto import tqdm
 
     target = destination_dir / source.local_name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+
+    def write(tmp):
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=source.name,
-                      disable=not progress) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=source.name, disable=not progress) as bar:
                 for block in iter(lambda: response.read(1 << 20), b""):
                     out.write(block)
                     bar.update(len(block))
@@ -220,9 +210,5 @@ def _download(source: Source, url: str, destination_dir: Path, timeout, progress
                     raise ValueError(f"download of source {source.name!r} from {url} is not a "
                                      f"FITS file (an error page?)")
         verify(source, tmp, label=f"download from {url}")
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return target
+
+    return atomic_write(target, write)

@@ -18,8 +18,8 @@ import numpy as np
 from astropy.io import fits
 
 from . import __version__
-from .data import FREQ_REF_GHZ, MJysr_to_uK_RJ, check_positive_finite, load_dust_map, shared_data_dir
-from .weights import atomic_write
+from .data import (FREQ_REF_GHZ, MJysr_to_uK_RJ, atomic_write, check_positive_finite, load_dust_map,
+                   shared_data_dir)
 
 DEFAULT_TEMPLATE_NAME = "template_545GHz_fwhm2deg_nside128.fits"
 TEMPLATE_NSIDE = 128

@@ -22,11 +22,11 @@ from tqdm import tqdm
 
 from . import __version__
 from .cutouts import PatchGeometry, dihedral, log_residual_patches, patch_centres, random_dihedral, region_split
-from .data import load_dust_map, shared_data_dir
+from .data import atomic_write, load_dust_map, shared_data_dir
 from .model import VAE, VAEConfig
 from .prior import train_prior
 from .statistics import default_ell_edges, flat_power_spectrum
-from .weights import atomic_write, save_weights
+from .weights import save_weights
 
 SPLITS = ("train", "val", "test")
 #: config keys that may differ when resuming (e.g. continue to more epochs)

@@ -33,11 +33,11 @@ import torch
 
 from . import __version__
 from .cutouts import PatchGeometry, log_residual_patches, patch_centres, region_split
-from .data import load_dust_map, sha256_of
+from .data import atomic_write, load_dust_map, file_digest
 from .statistics import (apodization_window, bootstrap_band, default_ell_edges, flat_power_spectrum,
                          minkowski_functionals)
 from .train import SPLITS, TrainConfig, build_datasets, resolve_data_path, resolve_device
-from .weights import Weights, atomic_write, default_weights_path, load_weights
+from .weights import Weights, default_weights_path, load_weights
 
 PRIORS = ("auto", "flow", "standard")
 #: MF thresholds, in units of each set's pixel standard deviation about its mean.
@@ -496,7 +496,7 @@ def validate(weights_path, split: str = "test", out="validation", n_samples: int
         stored_sha = str(f.attrs["sha256"])
     metrics = {
         "package_version": __version__,
-        "weights": {"path": str(Path(weights.path).resolve()), "sha256_file": sha256_of(weights.path),
+        "weights": {"path": str(Path(weights.path).resolve()), "sha256_file": file_digest(weights.path),
                     "sha256_content": stored_sha, "package_version": meta.get("package_version"),
                     "training_metrics": meta.get("metrics")},
         "settings": {"split": split, "n_samples": n_samples, "n_recon": n_recon, "seed": seed,

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -19,6 +17,7 @@ import h5py
 import numpy as np
 import torch
 
+from .data import atomic_write
 from .model import VAE, VAEConfig
 
 FORMAT_VERSION = 1
@@ -36,23 +35,6 @@ def _digest(metadata_text: str, tensors: dict[str, np.ndarray]) -> str:
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(tensors[name]).tobytes())
     return digest.hexdigest()
-
-
-def atomic_write(path, write_fn) -> Path:
-    """Call write_fn(tmp_path) then rename tmp_path to `path`; no partial file on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
 
 
 def state_tensors(modules: dict[str, torch.nn.Module]) -> dict[str, np.ndarray]:
