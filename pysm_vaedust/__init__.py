@@ -7,7 +7,8 @@ Imports are lazy so that `import pysm_vaedust` does not load torch.
 
 __version__ = "0.1.0"
 
-_LAZY = {"VAEDust": "component", "load_weights": "weights", "build_sky": "config"}
+_LAZY = {"VAEDust": "component", "load_weights": "weights", "build_sky": "config",
+         "ConditionedVAEDust": "conditioning", "condition_sky": "conditioning", "FittedLatents": "conditioning"}
 
 
 def __getattr__(name):

@@ -621,40 +621,49 @@ class StationaryGaussian:
         return cls(mean, sym / 8)
 
     def covariance(self) -> np.ndarray:
-        """(n^2, n^2) covariance (eigenvalues floored at 0), row-major pixels."""
+        """(n^2, n^2) covariance, row-major pixels (symmetric; the lag estimate is not guaranteed
+        positive semi-definite: `condition` floors its eigenvalues at 0 only if a Cholesky fails)."""
         if self._cov is None:
             n = self.npix
             r = np.repeat(np.arange(n), n)
             c = np.tile(np.arange(n), n)
             cov = self.acf[r[None, :] - r[:, None] + n - 1, c[None, :] - c[:, None] + n - 1]
-            vals, vecs = np.linalg.eigh(0.5 * (cov + cov.T))
-            self._cov = (vecs * np.clip(vals, 0, None)) @ vecs.T
+            self._cov = 0.5 * (cov + cov.T)
         return self._cov
 
-    def condition(self, d, mask, sigma, n_samples: int = 0, generator: torch.Generator | None = None):
-        """Wiener filter and constrained realizations of B patches.
+    def _psd(self) -> torch.Tensor:
+        vals, vecs = torch.linalg.eigh(torch.from_numpy(self.covariance()))
+        return vecs, vals.clamp_min(0)
 
-        Returns (mean (B, 1, n, n), std (B, 1, n, n), samples (S, B, 1, n, n) or None)."""
+    def condition(self, d, mask, sigma, n_samples: int = 0, generator: torch.Generator | None = None,
+                  std: bool = False):
+        """Wiener filter (and optionally constrained realizations, per-pixel posterior std) of B
+        patches. Returns (mean (B, 1, n, n), std (B, 1, n, n) or None, samples (S, B, 1, n, n) or None)."""
         n = self.npix
         d_t, m, s2 = _check_patch_inputs(n, d, mask, sigma)
         cov = torch.from_numpy(self.covariance())
         b = len(d_t)
         mean = torch.empty(b, n * n, dtype=torch.float64)
-        var = torch.empty(b, n * n, dtype=torch.float64)
-        samples = None
+        var = torch.empty(b, n * n, dtype=torch.float64) if std else None
+        samples = root = None
         if n_samples:
             generator = generator if generator is not None else torch.Generator().manual_seed(0)
-            vals, vecs = torch.linalg.eigh(cov)
-            root = vecs * vals.clamp_min(0).sqrt()
+            vecs, vals = self._psd()
+            root = vecs * vals.sqrt()
             samples = torch.empty(n_samples, b, n * n, dtype=torch.float64)
         for i in range(b):
             idx = torch.nonzero(m[i].flatten() > 0).flatten()
             a = cov[idx][:, idx] + torch.diag(s2[i].flatten()[idx].double())
-            chol = torch.linalg.cholesky(a)
+            chol, info = torch.linalg.cholesky_ex(a)
+            if int(info):  # not positive definite: floor the covariance's eigenvalues at 0
+                vecs, vals = self._psd()
+                cov = (vecs * vals) @ vecs.T
+                chol = torch.linalg.cholesky(cov[idx][:, idx] + torch.diag(s2[i].flatten()[idx].double()))
             k = cov[:, idx]
             resid = d_t[i].flatten()[idx].double() - self.mean
             mean[i] = self.mean + k @ torch.cholesky_solve(resid[:, None], chol)[:, 0]
-            var[i] = (torch.diag(cov) - (k * torch.cholesky_solve(k.T, chol).T).sum(1)).clamp_min(0)
+            if std:
+                var[i] = (torch.diag(cov) - (k * torch.cholesky_solve(k.T, chol).T).sum(1)).clamp_min(0)
             if n_samples:
                 x0 = (root @ torch.randn((n * n, n_samples), generator=generator, dtype=torch.float64)).T
                 n0 = torch.randn((n_samples, len(idx)), generator=generator, dtype=torch.float64) \
@@ -662,8 +671,8 @@ class StationaryGaussian:
                 rhs = (resid[None] - x0[:, idx] - n0).T
                 samples[:, i] = self.mean + x0 + (k @ torch.cholesky_solve(rhs, chol)).T
         shape = (b, 1, n, n)
-        out = samples.reshape(n_samples, *shape).float() if n_samples else None
-        return mean.reshape(shape).float(), var.sqrt().reshape(shape).float(), out
+        return (mean.reshape(shape).float(), var.sqrt().reshape(shape).float() if std else None,
+                samples.reshape(n_samples, *shape).float() if n_samples else None)
 
 
 # ----------------------------------------------------------------------------- forward model

@@ -112,6 +112,15 @@ def log_residual_patches(dust: DustMap, lon_deg, lat_deg, geometry: PatchGeometr
     return out
 
 
+def flat_small_scales(log_image: np.ndarray, pixel_arcmin: float, fwhm_deg: float) -> np.ndarray:
+    """A flat log-intensity image minus its Gaussian smoothing of `fwhm_deg` (the flat-sky
+    analogue of log_residual_patches, for the 2.37' north-pole image), (n, n) float64."""
+    from scipy.ndimage import gaussian_filter
+
+    sigma_pix = fwhm_deg * 60 / np.sqrt(8 * np.log(2)) / pixel_arcmin
+    return log_image - gaussian_filter(log_image, sigma_pix, mode="reflect")
+
+
 def region_split(lon_deg, lat_deg, geometry: PatchGeometry, fractions=(0.7, 0.15, 0.15),
                  seed: int = 0, region_nside: int = 2):
     """Deterministic train/val/test split by sky region.

@@ -80,10 +80,12 @@ def cascade_levels(nside: int, base: PatchGeometry, slope: float, ell_cut_fracti
     return levels
 
 
-def smooth_step(x):
-    """0 for x <= 2/3, 1 for x >= 3/2, cos^2 taper in log x between (a smooth low-pass edge)."""
+def high_pass_edge(x):
+    """0 for x <= 2/3, 1 for x >= 3/2, sin(pi t / 2) in t = log-position between: with the
+    matching low pass cos(pi t / 2), the squared filters sum to 1, so independent levels add up
+    to the full power across a band edge."""
     t = np.clip((np.log(np.asarray(x, dtype=np.float64)) - np.log(2 / 3)) / (np.log(1.5) - np.log(2 / 3)), 0, 1)
-    return np.sin(0.5 * np.pi * t) ** 2
+    return np.sin(0.5 * np.pi * t)
 
 
 def band_filter(level: CascadeLevel) -> np.ndarray:
@@ -94,9 +96,9 @@ def band_filter(level: CascadeLevel) -> np.ndarray:
     ell = np.maximum(ell, 1e-3)
     keep = np.ones_like(ell)
     if np.isfinite(level.ell_hi):
-        keep *= 1 - smooth_step(ell / level.ell_hi)
+        keep *= np.sqrt(1 - high_pass_edge(ell / level.ell_hi) ** 2)
     if level.ell_lo > 0:
-        keep *= smooth_step(ell / level.ell_lo)
+        keep *= high_pass_edge(ell / level.ell_lo)
     return keep
 
 

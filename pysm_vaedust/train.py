@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .cutouts import PatchGeometry, dihedral, log_residual_patches, patch_centres, random_dihedral, region_split
-from .data import atomic_write, load_dust_map, shared_data_dir
+from .cutouts import PatchGeometry, dihedral, flat_small_scales, log_residual_patches, patch_centres, random_dihedral, region_split
+from .data import NGP_PIXEL_ARCMIN, atomic_write, file_digest, load_dust_map, load_ngp_image, shared_data_dir
 from .model import VAE, VAEConfig
 from .prior import train_prior
 from .statistics import default_ell_edges, flat_power_spectrum
@@ -45,6 +45,9 @@ class TrainConfig:
     lat_min_deg: float = 15.0       # patch centres at |b| >= this
     spacing_deg: float = 3.7        # centre spacing (~2250 patches, ~50 % overlap)
     template_fwhm_deg: float = 2.0  # resolution of the large-scale template the VAE complements
+    slope_source: str = "ngp"       # cascade power-law slope from "ngp" (2.37' image) or "train"
+    slope_data: str = "planck_dust_ngp_500px.npy"
+    slope_ell_range: list = field(default_factory=lambda: [300.0, 1500.0])
     split_seed: int = 0
     split_fractions: list = field(default_factory=lambda: [0.7, 0.15, 0.15])
     region_nside: int = 2           # HEALPix regions assigned whole to one split
@@ -118,7 +121,7 @@ def build_datasets(cfg: TrainConfig) -> tuple[dict, dict]:
     sets = {name: torch.from_numpy((residual[labels == k] - log_mean) / log_scale)[:, None]
             for k, name in enumerate(SPLITS)}
     info = {
-        "spectral_slope": spectral_slope(train, geometry),
+        "spectral_slope": cascade_slope(cfg, train, geometry),
         "geometry": {"npix": cfg.npix, "size_deg": cfg.size_deg,
                      "pixel_size_arcmin": 60 * geometry.pixel_size_deg, "projection": "gnomonic"},
         "normalisation": {"log_mean": log_mean, "log_scale": log_scale,
@@ -133,19 +136,27 @@ def build_datasets(cfg: TrainConfig) -> tuple[dict, dict]:
     return sets, info
 
 
-#: multipole range (patch flat-sky ell) where the data are above the template's Gaussian
-#: roll-off and below the source resolution: the power-law slope for the cascade is fitted here.
-SLOPE_ELL_RANGE = (150.0, 450.0)
-
-
-def spectral_slope(patches: np.ndarray, geometry: PatchGeometry, ell_range=SLOPE_ELL_RANGE) -> dict:
-    """Fit C_ell ~ ell^-slope to the mean flat-sky spectrum of patches (N, n, n) in `ell_range`."""
-    edges = default_ell_edges(geometry.npix, geometry.pixel_size_deg)
-    ell, cl = flat_power_spectrum(patches, geometry.pixel_size_deg, edges)
-    cl = cl.mean(0)
+def spectral_slope(small_scales: np.ndarray, pixel_size_deg: float, ell_range) -> dict:
+    """Fit C_ell ~ ell^-slope to the mean flat-sky spectrum of images (..., n, n) in `ell_range`."""
+    npix = small_scales.shape[-1]
+    ell, cl = flat_power_spectrum(small_scales, pixel_size_deg, default_ell_edges(npix, pixel_size_deg))
+    cl = cl.reshape(-1, len(ell)).mean(0)
     sel = (ell >= ell_range[0]) & (ell <= ell_range[1])
     slope, _ = np.polyfit(np.log(ell[sel]), np.log(cl[sel]), 1)
-    return {"slope": float(-slope), "ell_range": list(ell_range), "n_bins": int(sel.sum())}
+    return {"slope": float(-slope), "ell_range": [float(v) for v in ell_range], "n_bins": int(sel.sum())}
+
+
+def cascade_slope(cfg: "TrainConfig", train_patches: np.ndarray, geometry: PatchGeometry) -> dict:
+    """Power-law slope that sets the cascade amplitudes: from the 2.37' north-pole image (the only
+    real data resolving ell > 600 here) or from the training patches (`cfg.slope_source`)."""
+    if cfg.slope_source == "ngp":
+        path = resolve_data_path(cfg.slope_data)
+        image = flat_small_scales(np.log(load_ngp_image(path)), NGP_PIXEL_ARCMIN, cfg.template_fwhm_deg)
+        fit = spectral_slope(image, NGP_PIXEL_ARCMIN / 60, cfg.slope_ell_range)
+        return {**fit, "source": path.name, "sha256": file_digest(path)}
+    if cfg.slope_source == "train":
+        return {**spectral_slope(train_patches, geometry.pixel_size_deg, cfg.slope_ell_range), "source": "train split"}
+    raise ValueError(f"slope_source={cfg.slope_source!r}: expected 'ngp' or 'train'")
 
 
 @torch.no_grad()
