@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,7 +193,9 @@ def load_ngp_image(path=None) -> np.ndarray:
     path = Path(path) if path is not None else shared_data_dir() / "planck_dust_ngp_500px.npy"
     if not path.is_file():
         raise FileNotFoundError(f"north-pole image {str(path)!r} does not exist")
-    image = np.asarray(np.load(path), dtype=np.float64)
+    with warnings.catch_warnings():  # the file was saved by Python 2: numpy warns, then reads it fine
+        warnings.filterwarnings("ignore", message="Reading `.npy` or `.npz` file required additional")
+        image = np.asarray(np.load(path), dtype=np.float64)
     if image.ndim != 2 or image.shape[0] != image.shape[1]:
         raise ValueError(f"{str(path)!r}: expected a square 2D image, got shape {image.shape}")
     check_positive_finite(image, f"north-pole image {str(path)!r}")
