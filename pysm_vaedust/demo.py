@@ -17,8 +17,9 @@ from .data import atomic_write
 
 
 def plot_map(path, emission: np.ndarray, template: np.ndarray, nside: int, freq_GHz: float,
-             zoom_lonlat=(70.0, 60.0)) -> None:
-    """PNG: log10 Mollweide view, a 20-deg gnomonic zoom, and C_ell of map and template."""
+             zoom_lonlat=(70.0, 60.0), zoom_deg: float = 20.0) -> None:
+    """PNG: log10 Mollweide view, a gnomonic zoom, and C_ell of map and template at |b| > 30 deg
+    (cos^2-apodised over 30-40 deg to keep the Galactic plane from leaking into high ell)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,21 +29,24 @@ def plot_map(path, emission: np.ndarray, template: np.ndarray, nside: int, freq_
     log_map = np.log10(emission)
     hp.mollview(log_map, fig=fig, sub=(1, 3, 1), title=f"VAEDust I, {freq_GHz:g} GHz, nside {nside}",
                 unit="log10(uK_RJ)", cmap="inferno")
-    reso = max(hp.nside2resol(nside, arcmin=True), 1200 / 600)
-    hp.gnomview(log_map, rot=zoom_lonlat, xsize=600, reso=reso, fig=fig, sub=(1, 3, 2), cmap="inferno",
-                title=f"zoom at (l, b) = {zoom_lonlat}, {600 * reso / 60:.0f} deg", unit="log10(uK_RJ)")
+    reso = hp.nside2resol(nside, arcmin=True)  # one map pixel per image pixel
+    xsize = int(min(1200, zoom_deg * 60 / reso))
+    hp.gnomview(log_map, rot=zoom_lonlat, xsize=xsize, reso=reso, fig=fig, sub=(1, 3, 2), cmap="inferno",
+                title=f"zoom at (l, b) = {zoom_lonlat}, {xsize * reso / 60:.0f} deg", unit="log10(uK_RJ)")
     ax = fig.add_subplot(1, 3, 3)
     lmax = 3 * nside - 1
-    mask = np.abs(hp.pix2ang(nside, np.arange(len(emission)), lonlat=True)[1]) > 30
+    abs_b = np.abs(hp.pix2ang(nside, np.arange(len(emission)), lonlat=True)[1])
+    mask = np.sin(0.5 * np.pi * np.clip((abs_b - 30) / 10, 0, 1)) ** 2
     for values, label in [(emission, "VAEDust"), (template, "large-scale template")]:
-        cl = hp.anafast(np.where(mask, values - values[mask].mean(), 0), lmax=lmax) / mask.mean()
+        mean = np.sum(mask * values) / np.sum(mask)
+        cl = hp.anafast(mask * (values - mean), lmax=lmax) / np.mean(mask**2)
         ell = np.arange(2, lmax + 1)
         ax.loglog(ell, ell * (ell + 1) * cl[2:] / (2 * np.pi), label=label)
     ax.set_xlabel(r"$\ell$")
-    ax.set_ylabel(r"$\ell(\ell+1)C_\ell/2\pi$ [uK$_{RJ}^2$], |b| > 30$^\circ$")
+    ax.set_ylabel(r"$\ell(\ell+1)C_\ell/2\pi$ [uK$_{RJ}^2$], |b| > 30$^\circ$ (apodised)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.subplots_adjust(wspace=0.3)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
 
