@@ -22,14 +22,13 @@ from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 
-from .data import atomic_write, file_digest
+from .data import atomic_write, file_digest, shared_data_dir
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_KEYS = ("name", "description", "url", "sha256", "units", "frame", "reference",
                  "license", "local_name")
 
@@ -101,11 +100,9 @@ def sha256_file(path) -> str:
 
 
 def default_data_dir() -> Path | None:
-    """$PYSM_VAEDUST_DATA, else ../shared/data beside the repository if it exists, else None."""
-    if env := os.environ.get("PYSM_VAEDUST_DATA"):
-        return Path(env)
-    shared = REPO_ROOT.parent / "shared" / "data"
-    return shared if shared.is_dir() else None
+    """data.shared_data_dir() ($PYSM_VAEDUST_DATA, else ../shared/data) when it exists, else None."""
+    path = shared_data_dir()
+    return path if path.is_dir() else None
 
 
 def default_cache_dir() -> Path:
