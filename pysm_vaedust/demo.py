@@ -63,9 +63,12 @@ def main(argv=None) -> int:
     from .component import VAEDust
 
     start = time.time()
-    component = VAEDust(nside=args.nside, seed=args.seed, weights=args.weights, progress=True)
-    sky = pysm3.Sky(nside=args.nside, component_objects=[component])
-    emission = sky.get_emission(args.freq * u.GHz)[0].value
+    try:
+        component = VAEDust(nside=args.nside, seed=args.seed, weights=args.weights, progress=True)
+        sky = pysm3.Sky(nside=args.nside, component_objects=[component])
+        emission = sky.get_emission(args.freq * u.GHz)[0].value
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        parser.error(str(err))  # one line, exit code 2
     elapsed = time.time() - start
     out = Path(args.output_dir)
     stem = f"vaedust_nside{args.nside}_{args.freq:g}GHz_seed{args.seed}"

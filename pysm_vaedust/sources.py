@@ -24,10 +24,7 @@ from pathlib import Path
 
 from .data import atomic_write, file_digest, shared_data_dir
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+import tomllib
 
 REQUIRED_KEYS = ("name", "description", "url", "sha256", "units", "frame", "reference",
                  "license", "local_name")

@@ -324,21 +324,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_value(text: str, like):
-    if isinstance(like, bool):
-        return text.lower() in ("1", "true", "yes")
-    if isinstance(like, (list, tuple)):
-        return json.loads(text)
-    return type(like)(text)
+def _parse_value(key: str, text: str, like):
+    """A command-line value converted to the type of the field's default; ValueError naming it."""
+    try:
+        if isinstance(like, bool):
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("1", "true", "yes")
+        if isinstance(like, (list, tuple)):
+            return json.loads(text)
+        return type(like)(text)
+    except ValueError:
+        raise ValueError(f"--{key}={text!r}: expected a {type(like).__name__} like {like!r}") from None
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     defaults = TrainConfig().to_dict()
-    overrides = {key: _parse_value(getattr(args, key), defaults[key])
-                 for key in defaults if getattr(args, key) is not None}
-    cfg = TrainConfig.from_toml(args.config, overrides) if args.config else TrainConfig.from_dict(overrides)
     start = time.time()
-    train(cfg, resume=args.resume, progress=not args.quiet)
+    try:
+        overrides = {key: _parse_value(key, getattr(args, key), defaults[key])
+                     for key in defaults if getattr(args, key) is not None}
+        cfg = TrainConfig.from_toml(args.config, overrides) if args.config else TrainConfig.from_dict(overrides)
+        train(cfg, resume=args.resume, progress=not args.quiet)
+    except (ValueError, FileNotFoundError, tomllib.TOMLDecodeError) as err:
+        parser.error(str(err))  # one line, exit code 2
     print(f"training took {time.time() - start:.0f} s", file=sys.stderr)
     return 0
