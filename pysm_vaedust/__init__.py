@@ -11,11 +11,16 @@ _LAZY = {"VAEDust": "component", "load_weights": "weights", "build_sky": "config
          "ConditionedVAEDust": "conditioning", "condition_sky": "conditioning", "FittedLatents": "conditioning"}
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        from importlib import import_module
+_SUBMODULES = ("component", "conditioning", "config", "statistics", "tiling", "weights", "train", "validate")
 
+
+def __getattr__(name):
+    from importlib import import_module
+
+    if name in _LAZY:
         return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
     raise AttributeError(f"module 'pysm_vaedust' has no attribute {name!r}")
 
 

@@ -37,10 +37,11 @@ PRIORS = ("auto", "flow", "standard")
 FINE_LEVEL_LINEAR_THRESHOLD = 1e-2
 
 
-def check_nside(nside) -> int:
-    """nside as int; ValueError unless a power of two between 1 and 2**15."""
-    if isinstance(nside, bool) or int(nside) != nside or not hp.isnsideok(int(nside), nest=True):
-        raise ValueError(f"nside={nside!r}: expected a power of two (1, 2, 4, ..., 8192)")
+def check_nside(nside, where: str = "nside") -> int:
+    """nside as int; ValueError naming `where` unless a power of two (1, 2, 4, ...)."""
+    if (isinstance(nside, bool) or not isinstance(nside, (int, np.integer))
+            or not hp.isnsideok(int(nside), nest=True)):
+        raise ValueError(f"{where}={nside!r}: expected a power of two (1, 2, 4, ..., 8192)")
     return int(nside)
 
 
@@ -246,7 +247,8 @@ class VAEDust(Model):
         if prior == "flow" and self.weights.prior is None:
             raise ValueError(f"prior='flow' but {self.weights.path!r} holds no learned prior")
         if prior == "auto":
-            prior = "flow" if self.weights.metadata.get("prior", {}).get("default", False) else "standard"
+            learned = self.weights.prior is not None and self.weights.metadata["prior"].get("default", False)
+            prior = "flow" if learned else "standard"
         self.prior = prior
         self.generator = SmallScaleGenerator(self.weights, prior, batch_size, fixed_latents)
         self.pixel_indices = None if map_dist is None else map_dist.pixel_indices
@@ -273,6 +275,8 @@ class VAEDust(Model):
             freq = 353.0
         elif isinstance(template, (str, Path)):
             values, freq, _ = read_template(template)
+            if freq is None and template_freq is None:
+                raise ValueError(f"template {str(template)!r} has no FREQREF header: pass template_freq=")
         else:
             values = np.asarray(u.Quantity(template, u.uK_RJ).value if isinstance(template, u.Quantity)
                                 else template, dtype=np.float64)

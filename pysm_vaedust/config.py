@@ -53,6 +53,7 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -61,6 +62,8 @@ import numpy as np
 import pysm3
 import pysm3.units as u
 from pysm3 import sky as pysm_sky
+
+from .component import check_nside
 
 #: Presets of this package: name -> {"class": dotted path, **keyword arguments}.
 PRESETS: dict[str, dict] = {
@@ -73,16 +76,6 @@ PRESETS: dict[str, dict] = {
 TOP_LEVEL_KEYS = ("nside", "output_unit", "components")
 #: Keywords set by build_sky itself, never in a component table.
 RESERVED_KEYS = ("nside", "map_dist")
-
-
-def _load_toml(text: str) -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10: pysm3 depends on `toml`
-        import toml
-
-        return toml.loads(text)
-    return tomllib.loads(text)
 
 
 def load_config(config) -> dict:
@@ -103,8 +96,8 @@ def load_config(config) -> dict:
         raise ValueError(f"config of type {type(config).__name__}: expected a dict, a list of "
                          "components, a TOML file path or TOML text")
     try:
-        return _load_toml(text)
-    except Exception as err:  # tomllib.TOMLDecodeError / toml.TomlDecodeError
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
         raise ValueError(f"config {where}: invalid TOML: {err}") from err
 
 
@@ -241,14 +234,6 @@ def _pysm_preset(label, preset, overrides, nside, map_dist) -> list[pysm3.Model]
     return pysm3.Sky(nside=nside, component_config={preset: config}, map_dist=map_dist).components
 
 
-def _check_nside(nside, where) -> int:
-    """int nside; ValueError unless a power of two (hp.isnsideok accepts any RING nside)."""
-    if (isinstance(nside, bool) or not isinstance(nside, (int, np.integer))
-            or not hp.isnsideok(int(nside), nest=True)):
-        raise ValueError(f"{where}={nside!r}: expected a power of two (1, 2, 4, ..., 8192)")
-    return int(nside)
-
-
 def build_sky(config, nside=None, output_unit=None, map_dist=None) -> pysm3.Sky:
     """One pysm3.Sky of the components of `config` (see the module docstring for the format).
 
@@ -265,11 +250,11 @@ def build_sky(config, nside=None, output_unit=None, map_dist=None) -> pysm3.Sky:
         raise ValueError("config has no 'components': name at least one component")
     dist_nside = None if map_dist is None else getattr(map_dist, "nside", None)
     if nside is not None:
-        nside = _check_nside(nside, "nside")
+        nside = check_nside(nside, "nside")
     elif "nside" in cfg:
-        nside = _check_nside(cfg["nside"], "config nside")
+        nside = check_nside(cfg["nside"], "config nside")
     elif dist_nside is not None:
-        nside = _check_nside(dist_nside, "map_dist.nside")
+        nside = check_nside(dist_nside, "map_dist.nside")
     else:
         raise ValueError("no nside: set nside in the config, or pass nside= or a map_dist with nside")
     if dist_nside is not None and int(dist_nside) != nside:

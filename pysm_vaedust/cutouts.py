@@ -127,8 +127,8 @@ def region_split(lon_deg, lat_deg, geometry: PatchGeometry, fractions=(0.7, 0.15
 
     Patches are grouped by the HEALPix pixel (nside `region_nside`) of their centre; whole regions
     are assigned to splits (seeded) until each split's share of patches reaches `fractions`.
-    Patches whose footprint could overlap a patch of a later split (the other centre within two
-    half-widths along both tangent-plane axes, with a 5 % margin) are dropped from the earlier split (train loses border patches to val/test, val to
+    Patches whose footprint could overlap a patch of a later split (whatever the relative
+    orientation of the two squares) are dropped from the earlier split (train loses border patches to val/test, val to
     test), so no sky pixel is seen by two splits. Returns labels (N,) int: 0 train, 1 val, 2 test,
     -1 dropped.
     """
@@ -153,8 +153,10 @@ def region_split(lon_deg, lat_deg, geometry: PatchGeometry, fractions=(0.7, 0.15
         later_vec = vec[labels == later]
         for i in np.flatnonzero((labels >= 0) & (labels < later)):
             x, y = gnomonic_coordinates(later_vec, lon_deg[i], lat_deg[i])
-            # squares of half-width h overlap when the other centre lies within 2h (5 % margin)
-            if np.any(np.fmax(np.abs(x), np.abs(y)) < 2.1 * half_width):
+            # the other square, of any orientation, lies within its circumscribed circle of
+            # radius sqrt(2) h: no overlap once its centre is beyond (1 + sqrt 2) h along an axis
+            # (factor 2.5: a 4 % margin for the gnomonic distortion)
+            if np.any(np.fmax(np.abs(x), np.abs(y)) < 2.5 * half_width):
                 labels[i] = -1
     return labels
 

@@ -67,19 +67,21 @@ def write_template(path, template: np.ndarray, provenance: dict) -> Path:
     return Path(path)
 
 
-def read_template(path) -> tuple[np.ndarray, float, float | None]:
-    """Read a template FITS: (map uK_RJ RING float64, reference frequency GHz, FWHM deg or None)."""
+def read_template(path) -> tuple[np.ndarray, float | None, float | None]:
+    """Read a template FITS: (map uK_RJ RING float64, reference frequency GHz or None when the
+    file has no FREQREF card, FWHM deg or None). The unit must be uK_RJ (TUNIT1)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"template {str(path)!r} does not exist")
     values = hp.read_map(path, field=0, dtype=np.float64)
     with fits.open(path) as hdus:
         header = hdus[1].header if len(hdus) > 1 else hdus[0].header
-    unit = str(header.get("TUNIT1", "uK_RJ")).strip()
+    unit = str(header.get("TUNIT1", "")).strip()
     if unit not in ("uK_RJ", "uK RJ"):
         raise ValueError(f"template {str(path)!r} has unit {unit!r}; expected uK_RJ")
     check_positive_finite(values, f"template {str(path)!r}")
-    return values, float(header.get("FREQREF", FREQ_REF_GHZ)), header.get("FWHMDEG")
+    freq = header.get("FREQREF")
+    return values, None if freq is None else float(freq), header.get("FWHMDEG")
 
 
 def main(argv=None) -> int:

@@ -58,17 +58,17 @@ class TrainConfig:
     decoder_logvar_init: float = -2.0
     pca_init: bool = True           # start from the probabilistic-PCA solution (linear branches)
     beta: float = 1.0               # KL weight of the ELBO
-    kl_warmup_epochs: int = 0       # beta rises linearly from 0 over these epochs (avoids collapse)
-    lr: float = 3e-4
+    kl_warmup_epochs: int = 0       # beta ramps linearly, beta * (epoch + 1) / warmup, over these epochs
+    lr: float = 1e-3
     batch_size: int = 64
-    epochs: int = 60
+    epochs: int = 30
     seed: int = 0
-    prior_epochs: int = 60          # epochs of the latent flow prior (0 = no learned prior)
+    prior_epochs: int = 30          # epochs of the latent flow prior (0 = no learned prior)
     prior_layers: int = 6
     prior_hidden: int = 128
-    prior_lr: float = 1e-3
+    prior_lr: float = 2e-4
     device: str = "auto"            # "auto" | "cpu" | "cuda"
-    threads: int = 0                # torch CPU threads; 0 = torch default
+    threads: int = 1                # torch CPU threads (0 = torch default; 2 oversubscribes busy cores)
     checkpoint_dir: str = "runs/default"
     output: str = "runs/default/vaedust.h5"
 
@@ -173,7 +173,8 @@ def calibrate_decoder_noise(model: VAE, latents: torch.Tensor, data: torch.Tenso
     def per_bin(images):
         power = torch.cat([torch.fft.fft2(images[i:i + 1024], norm="ortho").abs().square().flatten(1)
                            for i in range(0, len(images), 1024)]).mean(0)
-        return torch.zeros(len(model.decoder_logvar)).index_add(0, bins, power) / torch.bincount(bins)
+        return (torch.zeros(len(model.decoder_logvar), device=power.device).index_add(0, bins, power)
+                / torch.bincount(bins))
 
     data_power = per_bin(data)
     mean_power = per_bin(torch.cat([model.decode(latents[i:i + 1024]) for i in range(0, len(latents), 1024)]))

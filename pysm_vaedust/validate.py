@@ -33,13 +33,13 @@ import torch
 
 from . import __version__
 from .cutouts import PatchGeometry, log_residual_patches, patch_centres, region_split
+from .component import PRIORS
 from .data import atomic_write, load_dust_map, file_digest
 from .statistics import (apodization_window, bootstrap_band, default_ell_edges, flat_power_spectrum,
                          minkowski_functionals)
 from .train import SPLITS, TrainConfig, build_datasets, resolve_data_path, resolve_device
 from .weights import Weights, default_weights_path, load_weights
 
-PRIORS = ("auto", "flow", "standard")
 #: MF thresholds, in units of each set's pixel standard deviation about its mean.
 THRESHOLDS_NU = np.linspace(-3.0, 3.0, 25)
 #: residual-power level whose first crossing is reported.

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from pysm_vaedust import sources
+from pysm_vaedust.data import shared_data_dir
 from pysm_vaedust.sources import Source, fetch, load_registry, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+SHARED = shared_data_dir()
 BUNDLED = ("planck2013_ebv_nside256", "planck_dust_ngp_500px")
 
 

@@ -28,7 +28,8 @@ WEIGHTS_NAME = "vaedust_default.h5"        # pysm_vaedust.weights.DEFAULT_WEIGHT
 TEMPLATE_NAME = "template_545GHz_fwhm2deg_nside128.fits"  # pysm_vaedust.template.DEFAULT_TEMPLATE_NAME
 #: Not copied into the build: generated, large or unrelated to packaging.
 IGNORE = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
-                                ".benchmarks", "runs", "out", "*.pt", "w.h5")
+                                ".benchmarks", "runs", "out", "*.pt", "w.h5", ".pysm_fake_data",
+                                ".ci-venv", ".ci-out")
 
 def run(cmd, timeout=900, **kwargs):
     result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kwargs)
