@@ -85,8 +85,7 @@ class SmallScaleGenerator:
         return float((self.vae.decode(z) - linear).std() / linear.std())
 
     def levels(self, nside: int, cascade: bool = True) -> list[CascadeLevel]:
-        levels = cascade_levels(nside, self.base, self.slope)
-        return levels if cascade else cascade_levels(1, self.base, self.slope)
+        return cascade_levels(nside if cascade else 1, self.base, self.slope)
 
     def latents(self, normals: torch.Tensor) -> torch.Tensor:
         """Latents z (B, D) from standard normals (B, D): identity or the learned prior's map."""
@@ -335,14 +334,13 @@ class VAEDust(Model):
         weights = pysm_utils.normalize_weights(freqs, weights)
         i_ref = self.reference_map()
         out = np.zeros((3, len(i_ref)), dtype=np.float64)
-        mbb_index = np.broadcast_to(self.mbb_index, i_ref.shape)
-        mbb_temperature = np.broadcast_to(self.mbb_temperature, i_ref.shape)
         if np.ndim(self.mbb_index) == 0 and np.ndim(self.mbb_temperature) == 0:
             _mbb_intensity(freqs, weights, i_ref, self.freq_ref, float(self.mbb_index),
                            float(self.mbb_temperature), out[0])
         else:
-            _mbb_intensity(freqs, weights, i_ref, self.freq_ref, np.ascontiguousarray(mbb_index),
-                           np.ascontiguousarray(mbb_temperature), out[0])
+            _mbb_intensity(freqs, weights, i_ref, self.freq_ref,
+                           np.ascontiguousarray(np.broadcast_to(self.mbb_index, i_ref.shape)),
+                           np.ascontiguousarray(np.broadcast_to(self.mbb_temperature, i_ref.shape)), out[0])
         return out << u.uK_RJ
 
 

@@ -236,6 +236,7 @@ def test_posterior_coverage(trained, observations, fits):
     for all_px, masked, observed in rates:
         assert 0.55 <= all_px <= 0.80
         assert 0.55 <= masked <= 0.80
+        assert 0.55 <= observed <= 0.80
 
 
 def test_mala_refines_laplace(trained, observations, fits):
@@ -262,13 +263,13 @@ def test_learned_prior_enters_as_its_density(trained, observations):
         flow.initialise(vae.encode(sets["train"])[0])
     flow.eval().requires_grad_(False)
     x, d, mask, sigma = observations[0.3]
-    fit = map_fit(vae, d[:2], mask[:2], sigma[:2], n_restarts=2, prior=flow)
+    fit = map_fit(vae, d[:2], mask[:2], sigma[:2], n_restarts=2, prior=flow, noise_model="white")
     assert fit.converged.all()
+    assert fit.data_term.precision is None  # white noise: the data term is the quadratic form below
     with torch.no_grad():
         prior_part = -2 * flow.log_prob(fit.z_map).double() - vae.config.latent_dim * math.log(2 * math.pi)
         data_part = ((fit.mean - fit.data).square() * fit.mask / (fit.sigma2 + fit.sigma_dec2)).double().sum((1, 2, 3))
-    if fit.data_term.precision is None:
-        np.testing.assert_allclose(fit.loss.numpy(), (prior_part + data_part).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(fit.loss.numpy(), (prior_part + data_part).numpy(), rtol=1e-5)
     post = posterior_samples(vae, d[:2], mask[:2], sigma[:2], n_samples=16, fit=fit)
     assert torch.isfinite(post.realizations).all() and post.fit.prior is flow
 
