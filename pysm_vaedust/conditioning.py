@@ -1186,6 +1186,11 @@ class ConditionedVAEDust(VAEDust):
                           "region will be off by the change of the variance term", stacklevel=2)
         elif fitted_prior:
             kwargs["prior"] = fitted_prior
+        for key, value in (("nside", nside), ("cascade", kwargs.get("cascade", True))):
+            if key in fitted.metadata and fitted.metadata[key] != value:
+                warnings.warn(f"{key}={value!r} differs from the fit's {fitted.metadata[key]!r}: the variance "
+                              "term V changes, so the observed region follows the data only approximately",
+                              stacklevel=2)
         if weights is None and fitted.metadata.get("weights_path") and Path(fitted.metadata["weights_path"]).is_file():
             weights = fitted.metadata["weights_path"]
         super().__init__(nside=nside, seed=seed, weights=weights, fixed_latents=fitted.as_dict(), **kwargs)
