@@ -144,3 +144,23 @@ def test_statistics_consistent_between_nside_256_and_512():
     assert abs(ratio - 1) < 0.1, ratio
     # the finer map adds power only above the level-0 band (cascade), never removes it
     assert fields[512].std() >= 0.95 * fields[256].std()
+
+
+def test_pysm_gnilc_template_through_pysm3_data_loader(tmp_path, monkeypatch):
+    """template="pysm_gnilc" reads PySM's GNILC dust template (IQU, uK_RJ at 353 GHz) through
+    pysm3's own RemoteData lookup: here a small local file of the real name under $PYSM_LOCAL_DATA."""
+    from pysm_vaedust.sources import load_registry
+
+    relative = load_registry()["pysm_gnilc_dust_template"].pysm_path
+    path = tmp_path / "pysm-data" / relative
+    path.parent.mkdir(parents=True)
+    npix = hp.nside2npix(16)
+    iqu = [np.full(npix, 200.0), np.zeros(npix), np.zeros(npix)]
+    hp.write_map(path, iqu, coord="G", column_units="uK_RJ")
+    monkeypatch.setenv("PYSM_LOCAL_DATA", str(tmp_path / "pysm-data"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match="no recorded checksum"):
+        dust = VAEDust(nside=32, seed=0, template="pysm_gnilc", cascade=False)
+    assert dust.freq_ref == 353.0
+    m = dust.get_emission(353 * u.GHz)[0].value
+    assert np.mean(m) == pytest.approx(200.0, rel=0.02) and m.std() > 0
