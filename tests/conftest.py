@@ -16,7 +16,7 @@ def data_dir():
 
 
 TINY = dict(epochs=2, channels=[8, 16, 32], hidden=32, latent_dim=16, batch_size=64,
-            prior_epochs=3, prior_layers=2, prior_hidden=16, threads=2)
+            prior_epochs=3, prior_layers=2, prior_hidden=16, threads=1)
 
 
 @pytest.fixture(scope="session")

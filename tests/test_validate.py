@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pysm_vaedust.statistics import flat_power_spectrum, default_ell_edges
-from pysm_vaedust.train import TrainConfig, build_datasets, train
+from pysm_vaedust.train import TrainConfig, build_datasets
 from pysm_vaedust.validate import (
     FIGURE_NAMES,
     first_crossing,
@@ -23,17 +23,6 @@ from pysm_vaedust.validate import (
 from pysm_vaedust.weights import load_weights, save_weights
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    """A 1-epoch model with small layers and a 2-epoch latent flow (~10 s on one core), trained
-    once for the module."""
-    tmp = tmp_path_factory.mktemp("tiny")
-    cfg = TrainConfig(epochs=1, channels=[8, 16, 32], hidden=64, latent_dim=16, threads=1,
-                      prior_epochs=2, prior_layers=2, prior_hidden=32,
-                      checkpoint_dir=str(tmp), output=str(tmp / "w.h5"))
-    return train(cfg, progress=False)
 
 
 @pytest.fixture(scope="module")
