@@ -35,6 +35,22 @@ TEMPLATE_WORK_NSIDE = 128
 PRIORS = ("auto", "flow", "standard")
 #: see SmallScaleGenerator.convolutional_fraction
 FINE_LEVEL_LINEAR_THRESHOLD = 1e-2
+#: seed of the fixed draws that measure properties of the model (level variances, conv fraction)
+MODEL_PROPERTY_SEED = 12345
+#: output pixels interpolated per chunk (bounds the temporary theta/phi/weight arrays)
+PIXEL_CHUNK = 1 << 22
+
+
+def interpolate_at_pixels(values: np.ndarray, nside: int, pixels: np.ndarray | None) -> np.ndarray:
+    """Bilinear samples (float64) of a RING map `values` (any nside) at `pixels` of `nside`
+    (None = all), in chunks of PIXEL_CHUNK pixels."""
+    n = hp.nside2npix(nside) if pixels is None else len(pixels)
+    out = np.empty(n)
+    for start in range(0, n, PIXEL_CHUNK):
+        stop = min(start + PIXEL_CHUNK, n)
+        pix = np.arange(start, stop) if pixels is None else pixels[start:stop]
+        out[start:stop] = hp.get_interp_val(values, *hp.pix2ang(nside, pix))
+    return out
 
 
 def check_nside(nside, where: str = "nside") -> int:
@@ -79,7 +95,8 @@ class SmallScaleGenerator:
         draws (fixed seed). Below FINE_LEVEL_LINEAR_THRESHOLD the cascade levels >= 1 (~98 % of
         the patches at nside 2048) decode with the linear branch alone: a relative change of the
         decoded mean below that threshold, for a ~10x faster decoder."""
-        normals = torch.from_numpy(patch_normals(12345, 0, np.arange(n_samples), self.vae.config.latent_dim))
+        normals = torch.from_numpy(patch_normals(MODEL_PROPERTY_SEED, 0, np.arange(n_samples),
+                                                 self.vae.config.latent_dim))
         z = self.latents(normals.to(self.vae.device))
         linear = self.vae.decode_linear(z)
         return float((self.vae.decode(z) - linear).std() / linear.std())
@@ -112,7 +129,7 @@ class SmallScaleGenerator:
 
     def level_variance(self, level: CascadeLevel, n_samples: int = 512) -> float:
         """Variance of one level's patches (fixed seed: a property of the model, not the sky)."""
-        normals = patch_normals(12345, level.index, np.arange(n_samples), self.normals_size)
+        normals = patch_normals(MODEL_PROPERTY_SEED, level.index, np.arange(n_samples), self.normals_size)
         return float(self.decode(level, normals).var())
 
     @property
@@ -178,19 +195,16 @@ class SmallScaleGenerator:
     def interpolated_level_field(self, level, work_nside, nside, seed, pixels_out, bar):
         """A level computed at `work_nside` on the pixels bilinear interpolation needs, then
         interpolated to `pixels_out` of `nside` (float32)."""
-        chunks = [slice(i, i + (1 << 22)) for i in range(0, len(pixels_out), 1 << 22)]
         full = np.zeros(hp.nside2npix(work_nside), dtype=np.float32)
         if len(pixels_out) == hp.nside2npix(nside):
             full[:] = self.level_field(level, work_nside, seed, None, bar)
         else:
             needed = np.zeros(len(full), dtype=bool)
-            for c in chunks:
-                needed[hp.get_interp_weights(work_nside, *hp.pix2ang(nside, pixels_out[c]))[0].ravel()] = True
+            for start in range(0, len(pixels_out), PIXEL_CHUNK):
+                pix = pixels_out[start:start + PIXEL_CHUNK]
+                needed[hp.get_interp_weights(work_nside, *hp.pix2ang(nside, pix))[0].ravel()] = True
             full[needed] = self.level_field(level, work_nside, seed, np.flatnonzero(needed), bar)
-        out = np.empty(len(pixels_out), dtype=np.float32)
-        for c in chunks:
-            out[c] = hp.get_interp_val(full, *hp.pix2ang(nside, pixels_out[c]))
-        return out
+        return interpolate_at_pixels(full, nside, pixels_out).astype(np.float32)
 
 
 def working_nside(level: CascadeLevel, nside: int) -> int:
@@ -310,12 +324,7 @@ class VAEDust(Model):
 
     def template_at_pixels(self) -> np.ndarray:
         """log T at this component's pixels (float64)."""
-        out = np.empty(self.n_pixels)
-        for start in range(0, self.n_pixels, 1 << 22):
-            stop = min(start + (1 << 22), self.n_pixels)
-            pix = np.arange(start, stop) if self.pixel_indices is None else self.pixel_indices[start:stop]
-            out[start:stop] = hp.get_interp_val(self.log_template, *hp.pix2ang(self.nside, pix))
-        return out
+        return interpolate_at_pixels(self.log_template, self.nside, self.pixel_indices)
 
     def reference_map(self) -> np.ndarray:
         """Intensity at the reference frequency (uK_RJ, float64, own pixels); computed once, cached."""

@@ -59,7 +59,8 @@ import torch
 from pysm3 import utils as pysm_utils
 
 from . import __version__
-from .component import SmallScaleGenerator, VAEDust, _as_frequency, _mbb_intensity, check_nside
+from .component import (SmallScaleGenerator, VAEDust, _as_frequency, _mbb_intensity, check_nside,
+                        interpolate_at_pixels)
 from .data import BETA_DUST, T_DUST_K, atomic_write, file_digest
 from .model import VAE
 from .tiling import CascadeLevel, Footprints, band_filter, blend_torch, footprints
@@ -788,8 +789,7 @@ class SkyForwardModel:
         self.s = model.weights.log_scale
         self.variance = float(sum(model.generator.level_variance(lv) for lv in levels))
         self.fine_variance = float(sum(model.generator.level_variance(lv) for lv in levels[level_index + 1:]))
-        self.log_template = torch.from_numpy(
-            hp.get_interp_val(model.log_template, *hp.pix2ang(nside, self.pixels)))
+        self.log_template = torch.from_numpy(interpolate_at_pixels(model.log_template, nside, self.pixels))
 
     def band(self, x: torch.Tensor) -> torch.Tensor:
         """Band filter and amplitude of patches (P, n, n) (self-adjoint)."""

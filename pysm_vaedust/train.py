@@ -220,10 +220,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     sets, info = build_datasets(cfg)
+    augmented = torch.cat([dihedral(sets["train"], k) for k in range(8)]).to(device)  # all 8 symmetries
     torch.manual_seed(cfg.seed)  # parameter initialisation only
     model = VAE(vae_config_of(cfg)).to(device)
     if cfg.pca_init:
-        model.init_from_pca(torch.cat([dihedral(sets["train"], k) for k in range(8)]).to(device))
+        model.init_from_pca(augmented)
     optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     ckpt_dir = Path(cfg.checkpoint_dir)
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
@@ -279,7 +280,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     modules = {"vae": model}
     prior_report = None
     model.eval().requires_grad_(False)
-    augmented = torch.cat([dihedral(sets["train"], k) for k in range(8)]).to(device)
     if cfg.prior_epochs > 0:
         flow, prior_report = train_prior(model, augmented, sets["val"], cfg.prior_epochs, cfg.seed,
                                          cfg.prior_layers, cfg.prior_hidden, cfg.prior_lr, progress=progress)
