@@ -70,6 +70,21 @@ def _as_frequency(freqs) -> u.Quantity:
     return freqs
 
 
+def _fixed_table(tables: dict | None) -> dict:
+    """{level: {tile: float32 array}} from any int-like keys / array-likes."""
+    return {int(level): {int(t): np.asarray(v, dtype=np.float32) for t, v in table.items()}
+            for level, table in (tables or {}).items()}
+
+
+def _replace_rows(values: torch.Tensor, table: dict | None, ids: np.ndarray | None) -> None:
+    """In place: rows r of `values` whose tile ids[r] is in `table` get table[ids[r]]."""
+    if not table or ids is None:
+        return
+    rows = [r for r, t in enumerate(ids) if int(t) in table]
+    if rows:
+        values[rows] = torch.from_numpy(np.stack([table[int(ids[r])] for r in rows])).to(values)
+
+
 class SmallScaleGenerator:
     """Decodes the patches of the cascade levels and blends them onto HEALPix pixels.
 
@@ -77,10 +92,10 @@ class SmallScaleGenerator:
     """
 
     def __init__(self, weights: Weights, prior: str = "standard", batch_size: int = 1024,
-                 fixed_latents: dict | None = None):
+                 fixed_latents: dict | None = None, fixed_noise: dict | None = None):
         self.weights = weights
-        self.fixed_latents = {int(level): {int(t): np.asarray(z, dtype=np.float32) for t, z in table.items()}
-                              for level, table in (fixed_latents or {}).items()}
+        self.fixed_latents = _fixed_table(fixed_latents)
+        self.fixed_noise = _fixed_table(fixed_noise)
         self.vae = weights.vae
         self.prior = weights.prior if prior == "flow" else None
         self.batch_size = int(batch_size)
@@ -115,14 +130,13 @@ class SmallScaleGenerator:
         eps = torch.from_numpy(normals).to(self.vae.device)
         with torch.no_grad():
             z = self.latents(eps[:, :d])
-            fixed = self.fixed_latents.get(level.index, {})
-            if ids is not None and fixed:
-                rows = [r for r, t in enumerate(ids) if int(t) in fixed]
-                if rows:
-                    z[rows] = torch.from_numpy(np.stack([fixed[int(ids[r])] for r in rows])).to(z)
+            _replace_rows(z, self.fixed_latents.get(level.index), ids)
             fast = level.index > 0 and self.conv_fraction < FINE_LEVEL_LINEAR_THRESHOLD
             x = self.vae.decode_linear(z) if fast else self.vae.decode(z)
-            x = x + self.vae.decoder_noise(len(eps), white=eps[:, d:].reshape(-1, 1, n, n))
+            noise = self.vae.decoder_noise(len(eps), white=eps[:, d:].reshape(-1, 1, n, n),
+                                           log_amplitude=self.vae.noise_log_amplitude(z, x))
+            _replace_rows(noise[:, 0], self.fixed_noise.get(level.index), ids)
+            x = x + noise
             filt = torch.from_numpy(band_filter(level)).to(x)
             x = torch.fft.ifft2(torch.fft.fft2(x[:, 0]) * filt).real
         return x * level.amplitude
@@ -240,13 +254,15 @@ class VAEDust(Model):
     device : 'auto' | 'cpu' | 'cuda'. cascade : add the finer levels needed by nside.
     fixed_latents : {level: {tile id: z (latent_dim,)}} latents replacing the prior draws of those
         tiles (constrained realizations, see pysm_vaedust.conditioning).
+    fixed_noise : {level: {tile id: (npix, npix)}} decoder-noise patches replacing the draws of
+        those tiles (normalised units, before band filtering).
     max_nside, map_dist : as every pysm3 Model.
     """
 
     def __init__(self, nside=2048, seed=0, template=None, template_freq=None,
                  mbb_temperature=T_DUST_K, mbb_index=BETA_DUST, weights=None, prior="auto",
                  device="auto", cascade=True, batch_size=1024, progress=False, fixed_latents=None,
-                 max_nside=8192, map_dist=None):
+                 fixed_noise=None, max_nside=8192, map_dist=None):
         nside = check_nside(nside)
         if map_dist is not None and map_dist.nside is not None and map_dist.nside != nside:
             raise ValueError(f"map_dist.nside={map_dist.nside} differs from the component's nside={nside}")
@@ -263,7 +279,7 @@ class VAEDust(Model):
             learned = self.weights.prior is not None and self.weights.metadata["prior"].get("default", False)
             prior = "flow" if learned else "standard"
         self.prior = prior
-        self.generator = SmallScaleGenerator(self.weights, prior, batch_size, fixed_latents)
+        self.generator = SmallScaleGenerator(self.weights, prior, batch_size, fixed_latents, fixed_noise)
         self.pixel_indices = None if map_dist is None else map_dist.pixel_indices
         self.freq_ref, self.log_template = self._load_template(template, template_freq)
         self.mbb_temperature = self._spectral_parameter(mbb_temperature, "mbb_temperature", u.K)

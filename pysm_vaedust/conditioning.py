@@ -59,7 +59,7 @@ import torch
 from pysm3 import utils as pysm_utils
 
 from . import __version__
-from .component import (SmallScaleGenerator, VAEDust, _as_frequency, _mbb_intensity, check_nside,
+from .component import (VAEDust, _as_frequency, _mbb_intensity, check_nside,
                         interpolate_at_pixels)
 from .data import BETA_DUST, T_DUST_K, atomic_write, file_digest
 from .model import VAE
@@ -123,19 +123,34 @@ def _check_patch_inputs(npix: int, d, mask, sigma):
 
 
 def decoder_pixel_variance(vae: VAE) -> float:
-    """Per-pixel variance of the stationary decoder noise (normalised units^2): the mean over
-    orthonormal-FFT modes of exp(noise_logvar)."""
+    """Per-pixel variance of the stationary decoder noise before modulation (normalised
+    units^2): the mean over orthonormal-FFT modes of exp(noise_logvar)."""
     return float(vae.noise_logvar().detach().exp().mean())
 
 
-def decoder_noise_covariance(vae: VAE) -> torch.Tensor:
-    """(n^2, n^2) float64 covariance of the decoder noise of one patch (circulant: the noise is
-    periodic on the patch), pixels in row-major order."""
+def decoder_noise_covariance(vae: VAE, log_amplitude: torch.Tensor | None = None) -> torch.Tensor:
+    """(n^2, n^2) float64 covariance of the decoder noise of one patch, pixels in row-major
+    order: circulant (the stationary noise is periodic on the patch), times
+    exp((a_p + a_q) / 2) for a modulation log-amplitude a (n, n) or (1, n, n)."""
     n = vae.config.npix
     acf = torch.fft.ifft2(vae.noise_logvar().detach().double().exp()).real  # C[p, q] = acf[p - q mod n]
     r = torch.arange(n).repeat_interleave(n)
     c = torch.arange(n).repeat(n)
-    return acf[(r[:, None] - r[None, :]) % n, (c[:, None] - c[None, :]) % n]
+    cov = acf[(r[:, None] - r[None, :]) % n, (c[:, None] - c[None, :]) % n]
+    return cov if log_amplitude is None else _modulate(cov, log_amplitude)
+
+
+def _modulate(cov: torch.Tensor, log_amplitude: torch.Tensor) -> torch.Tensor:
+    """cov[p, q] exp((a_p + a_q) / 2) for one patch's log-amplitude a (any shape with n^2 values)."""
+    amp = (0.5 * log_amplitude.detach().double().flatten()).exp()
+    return cov * amp[:, None] * amp[None, :]
+
+
+@torch.no_grad()
+def fitted_log_amplitude(vae: VAE, z: torch.Tensor) -> torch.Tensor | None:
+    """Decoder-noise log-amplitude a(z) (B, 1, n, n) at latents z (B, D); None without modulation.
+    The fits hold it fixed: first at z = 0 (the prior mean), then at the MAP latents."""
+    return vae.noise_log_amplitude(z, vae.decode(z))
 
 
 def _decoder_is_affine(vae: VAE, rtol: float = 1e-6) -> bool:
@@ -155,7 +170,8 @@ def _decoder_is_affine(vae: VAE, rtol: float = 1e-6) -> bool:
 class _DataTerm:
     """-2 log p(d | z) + const of B patches as a function of the residual r = mu(z) - d:
     sum_i w_i r_i^2 (white: w = m / sigma_eff^2) or r^T K^-1 r with K = C + diag(sigma^2) over the
-    observed pixels (exact: C the coloured decoder-noise covariance; masked pixels get zero rows).
+    observed pixels (exact: C the coloured decoder-noise covariance, modulated by a fixed
+    log-amplitude a (B, 1, n, n) when given; masked pixels get zero rows).
     `repeats`: the residuals hold that many stacked copies (restarts / chains) of the B patches."""
 
     def __init__(self, weight: torch.Tensor, precision: torch.Tensor | None = None, repeats: int = 1):
@@ -164,17 +180,21 @@ class _DataTerm:
         self.repeats = int(repeats)
 
     @classmethod
-    def build(cls, vae, m, s2, decoder_noise: bool, noise_model: str) -> "_DataTerm":
+    def build(cls, vae, m, s2, decoder_noise: bool, noise_model: str,
+              log_amplitude: torch.Tensor | None = None) -> "_DataTerm":
         logvar = vae.noise_logvar().detach()
         if not decoder_noise or noise_model == "white" or bool(torch.all(logvar == logvar.flatten()[0])):
             # (a flat decoder-noise spectrum makes the white form exact)
             sigma_dec2 = decoder_pixel_variance(vae) if decoder_noise else 0.0
+            if decoder_noise and log_amplitude is not None:
+                sigma_dec2 = sigma_dec2 * log_amplitude.detach().exp()
             return cls(m / (s2 + sigma_dec2))
-        cov = decoder_noise_covariance(vae)
-        prec = torch.zeros(len(m), cov.shape[0], cov.shape[0])
+        stationary = decoder_noise_covariance(vae)
+        prec = torch.zeros(len(m), stationary.shape[0], stationary.shape[0])
         for i in range(len(m)):
             idx = torch.nonzero(m[i].flatten() > 0).flatten()
             if len(idx):
+                cov = stationary if log_amplitude is None else _modulate(stationary, log_amplitude[i])
                 k = cov[idx][:, idx] + torch.diag(s2[i].flatten()[idx].double())
                 inv = torch.cholesky_inverse(torch.linalg.cholesky(k)).float()
                 prec[i].index_put_((idx[:, None].expand(-1, len(idx)), idx[None, :].expand(len(idx), -1)), inv)
@@ -275,7 +295,9 @@ class MapFit:
     |d loss / dz| at z_map; converged (B,) grad_norm < gtol; mean (B, 1, n, n) decoder mean
     mu(z_map); data (B, 1, n, n) the validated observation (0 at masked pixels); mask, sigma2
     (B, 1, n, n); noise_model 'exact' | 'white' | 'none'; sigma_dec2: decoder-noise pixel
-    variance; prior: the learned latent prior used (None: N(0, I)).
+    variance before modulation; prior: the learned latent prior used (None: N(0, I));
+    log_amplitude (B, 1, n, n): the decoder-noise modulation a(z_map) the final fit held fixed
+    (None without modulation).
     """
 
     z_map: torch.Tensor
@@ -296,6 +318,7 @@ class MapFit:
     data_term: _DataTerm = field(repr=False, default=None)
     method: str = "lbfgs"
     prior: object = field(repr=False, default=None)
+    log_amplitude: torch.Tensor | None = field(repr=False, default=None)
 
 
 def _starts(vae, d, m, data_term, n_restarts, generator, prior):
@@ -335,7 +358,8 @@ def map_fit(vae: VAE, d, mask, sigma, n_restarts: int = 4, steps: int = 200, met
     about 0 (N(0, I) prior), then prior draws (`n_restarts` of them in that order). method:
     'lbfgs' (strong-Wolfe line search, at most `steps` iterations) or 'adam' (`steps` steps of
     rate `lr`). converged: |grad| < gtol (the loss is then within ~gtol^2 / 4 of the optimum:
-    the N(0, I) prior alone makes the Hessian >= 2 I).
+    the N(0, I) prior alone makes the Hessian >= 2 I). A decoder-noise modulation a(z) is held
+    fixed: at z = 0 for the restarts, then at the best restart's latents for a final refit.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {METHODS}")
@@ -347,8 +371,33 @@ def map_fit(vae: VAE, d, mask, sigma, n_restarts: int = 4, steps: int = 200, met
         raise ValueError(f"steps={steps!r}: expected >= 1")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     d, m, s2 = _check_patch_inputs(vae.config.npix, d, mask, sigma)
-    data_term = _DataTerm.build(vae, m, s2, decoder_noise, noise_model)
+    dim = vae.config.latent_dim
+    log_amplitude = fitted_log_amplitude(vae, torch.zeros(len(d), dim)) if decoder_noise else None
+    data_term = _DataTerm.build(vae, m, s2, decoder_noise, noise_model, log_amplitude)
     starts, labels = _starts(vae, d, m, data_term, int(n_restarts), generator, prior)
+    z, losses, grad, n_iter, n_eval = _optimise(vae, starts, d, data_term, prior, method, int(steps), gtol, lr)
+    best = losses.argmin(0)
+    rows = torch.arange(len(d))
+    z_best, restart_losses = z[best, rows], losses
+    if log_amplitude is not None:  # refit with the modulation at the MAP latents
+        log_amplitude = fitted_log_amplitude(vae, z_best)
+        data_term = _DataTerm.build(vae, m, s2, decoder_noise, noise_model, log_amplitude)
+        z, losses, grad, it2, ev2 = _optimise(vae, z_best[None], d, data_term, prior, method, int(steps), gtol, lr)
+        z_best, best, n_iter, n_eval = z[0], torch.zeros_like(best), n_iter + it2, n_eval + ev2
+    with torch.no_grad():
+        mean = vae.decode(z_best)
+    g_best = grad[best, rows]
+    return MapFit(z_map=z_best, loss=losses[best, rows], restart_losses=restart_losses,
+                  restart_labels=labels, best_restart=restart_losses.argmin(0), n_iter=int(n_iter),
+                  n_eval=int(n_eval), grad_norm=g_best, converged=g_best < gtol, mean=mean, data=d, mask=m,
+                  sigma2=s2, noise_model=noise_model if decoder_noise else "none",
+                  sigma_dec2=decoder_pixel_variance(vae) if decoder_noise else 0.0,
+                  data_term=data_term, method=method, prior=prior, log_amplitude=log_amplitude)
+
+
+def _optimise(vae, starts, d, data_term, prior, method, steps, gtol, lr):
+    """Minimise the objective from starts (R, B, D), all R x B problems as one batch: returns
+    z (R, B, D), losses (R, B), |grad| (R, B), iterations, objective evaluations."""
     r, b, dim = starts.shape
     dd, term = d.repeat(r, 1, 1, 1), data_term.repeat(r)
     z = starts.reshape(r * b, dim).clone().requires_grad_(True)
@@ -361,7 +410,7 @@ def map_fit(vae: VAE, d, mask, sigma, n_restarts: int = 4, steps: int = 200, met
             return loss
 
         while n_iter < steps:  # a fresh history when the line search stalls before convergence
-            opt = torch.optim.LBFGS([z], lr=1.0, max_iter=int(steps) - n_iter, history_size=20,
+            opt = torch.optim.LBFGS([z], lr=1.0, max_iter=steps - n_iter, history_size=20,
                                     tolerance_change=1e-12, tolerance_grad=gtol / math.sqrt(dim),
                                     line_search_fn="strong_wolfe")
             opt.step(closure)
@@ -372,28 +421,16 @@ def map_fit(vae: VAE, d, mask, sigma, n_restarts: int = 4, steps: int = 200, met
                 break
     else:
         opt = torch.optim.Adam([z], lr=lr)
-        for _ in range(int(steps)):
+        for _ in range(steps):
             opt.zero_grad()
             _objective(vae, z, dd, term, prior).sum().backward()
             opt.step()
-        n_iter = n_eval = int(steps)
+        n_iter = n_eval = steps
     z.grad = None
     loss_all = _objective(vae, z, dd, term, prior)
     loss_all.sum().backward()
     grad = z.grad.detach().reshape(r, b, dim).norm(dim=2)
-    losses = loss_all.detach().reshape(r, b)
-    best = losses.argmin(0)
-    rows = torch.arange(b)
-    z_best = z.detach().reshape(r, b, dim)[best, rows]
-    with torch.no_grad():
-        mean = vae.decode(z_best)
-    g_best = grad[best, rows]
-    return MapFit(z_map=z_best, loss=losses[best, rows], restart_losses=losses,
-                  restart_labels=labels, best_restart=best, n_iter=int(n_iter), n_eval=int(n_eval),
-                  grad_norm=g_best, converged=g_best < gtol, mean=mean, data=d, mask=m, sigma2=s2,
-                  noise_model=noise_model if decoder_noise else "none",
-                  sigma_dec2=decoder_pixel_variance(vae) if decoder_noise else 0.0,
-                  data_term=data_term, method=method, prior=prior)
+    return z.detach().reshape(r, b, dim), loss_all.detach().reshape(r, b), grad, n_iter, n_eval
 
 
 # ----------------------------------------------------------------------------- posterior samples
@@ -452,24 +489,27 @@ class Posterior:
         return lo, hi
 
 
-def _conditional_decoder_noise(vae, residual, m, s2, generator=None):
+def _conditional_decoder_noise(vae, residual, m, s2, generator=None, log_amplitude=None):
     """Decoder noise e ~ N(0, C) given r = d - mu = A e + n on the observed pixels, residual
     (S, B, 1, n, n): exact draws e = e0 + C A^T (A C A^T + N)^-1 (r - A e0 - n0), or with
-    generator=None the conditional mean C A^T (A C A^T + N)^-1 r."""
+    generator=None the conditional mean C A^T (A C A^T + N)^-1 r. C: the stationary noise
+    covariance, modulated by log_amplitude (B, 1, n, n) when given."""
     s, b = residual.shape[:2]
     n = vae.config.npix
-    cov = decoder_noise_covariance(vae)
+    stationary = decoder_noise_covariance(vae)
     r = residual.reshape(s, b, n * n).double()
     if generator is None:
         e0 = n0 = torch.zeros_like(r)
     else:
-        e0 = vae.decoder_noise(s * b, generator).reshape(s, b, n * n).double()
+        amp = None if log_amplitude is None else log_amplitude.repeat(s, 1, 1, 1)
+        e0 = vae.decoder_noise(s * b, generator, log_amplitude=amp).reshape(s, b, n * n).double()
         n0 = torch.randn((s, b, n * n), generator=generator, dtype=torch.float64) * s2.flatten(1).double().sqrt()
     out = e0.clone()
     for i in range(b):
         idx = torch.nonzero(m[i].flatten() > 0).flatten()
         if len(idx) == 0:
             continue
+        cov = stationary if log_amplitude is None else _modulate(stationary, log_amplitude[i])
         chol = torch.linalg.cholesky(cov[idx][:, idx] + torch.diag(s2[i].flatten()[idx].double()))
         rhs = (r[:, i, idx] - e0[:, i, idx] - n0[:, i, idx]).T      # (n_obs, S)
         out[:, i] += (cov[:, idx] @ torch.cholesky_solve(rhs, chol)).T
@@ -483,7 +523,8 @@ def conditional_mean(vae: VAE, fit: MapFit) -> torch.Tensor:
     if fit.noise_model == "none":
         return fit.mean.clone()
     with torch.no_grad():
-        return fit.mean + _conditional_decoder_noise(vae, (fit.data - fit.mean)[None], fit.mask, fit.sigma2)[0]
+        return fit.mean + _conditional_decoder_noise(vae, (fit.data - fit.mean)[None], fit.mask, fit.sigma2,
+                                                     log_amplitude=fit.log_amplitude)[0]
 
 
 def posterior_samples(vae: VAE, d, mask, sigma, n_samples: int = 64, method: str = "laplace",
@@ -499,7 +540,8 @@ def posterior_samples(vae: VAE, d, mask, sigma, n_samples: int = 64, method: str
     Laplace draws (MALA adapts its step size towards 57 % acceptance during the first half).
     Realizations: mu(z_s) + e_s, e_s drawn exactly from p(e | z_s, d) (coloured decoder noise and
     the observation noise), so observed pixels follow the data and masked pixels get the decoder
-    noise of the prior (correlated with the observed residual). `fit`: a MapFit of the same data
+    noise of the prior (correlated with the observed residual), modulated by the fit's
+    a(z_map) for every draw (the modulation is held at the MAP). `fit`: a MapFit of the same data
     (skips the MAP step; its noise model and prior are used); other keywords go to map_fit.
     """
     if method not in SAMPLERS:
@@ -526,7 +568,7 @@ def posterior_samples(vae: VAE, d, mask, sigma, n_samples: int = 64, method: str
         mu = vae.decode(z_s.reshape(-1, dim)).reshape(z_s.shape[0], b, 1, *d_t.shape[-2:])
         real = mu
         if fit.noise_model != "none":
-            real = mu + _conditional_decoder_noise(vae, d_t[None] - mu, m, s2, generator)
+            real = mu + _conditional_decoder_noise(vae, d_t[None] - mu, m, s2, generator, fit.log_amplitude)
     return Posterior(z=z_s, realizations=real, mean=real.mean(0), std=real.std(0), fit=fit, method=method,
                      acceptance=acceptance)
 
@@ -674,6 +716,18 @@ class StationaryGaussian:
         shape = (b, 1, n, n)
         return (mean.reshape(shape).float(), var.sqrt().reshape(shape).float() if std else None,
                 samples.reshape(n_samples, *shape).float() if n_samples else None)
+
+
+def block_mask(fraction: float, rng: np.random.Generator, n: int = 32, block: int = 4) -> np.ndarray:
+    """(n, n) bool observation mask, True = observed, with round(fraction * (n / block)^2) random
+    block x block squares masked (4 x 4 pixels = 1 degree on the default patches): the holes of the
+    inpainting tests and benchmark."""
+    per_side = n // block
+    mask = np.ones((n, n), bool)
+    for j in rng.choice(per_side**2, int(round(fraction * per_side**2)), replace=False):
+        r, c = divmod(int(j), per_side)
+        mask[r * block:(r + 1) * block, c * block:(c + 1) * block] = False
+    return mask
 
 
 # ----------------------------------------------------------------------------- forward model
@@ -1025,7 +1079,10 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
     i_ref = i_obs[obs] / ratio
     delta = torch.from_numpy(((np.log(i_ref) - fwd.log_template.numpy()) / s + 0.5 * s * fwd.variance))
     sigma_delta2 = torch.from_numpy((sig[obs] / (i_obs[obs] * s)) ** 2)
-    sigma_dec2 = decoder_pixel_variance(vae) if decoder_noise else 0.0
+    sigma_dec2 = 0.0
+    if decoder_noise:  # pixel variance of the decoder noise, with the modulation at z = 0
+        a0 = fitted_log_amplitude(vae, torch.zeros(1, dim))
+        sigma_dec2 = decoder_pixel_variance(vae) * (1.0 if a0 is None else float(a0.exp().mean()))
     white = sigma_delta2 + fwd.fine_variance                        # noise of step 3 (delta units^2)
     n_eff = white + sigma_dec2 * fwd.amplitude ** 2 * op.row_sq_sum  # white approximation (steps 1-2)
     inv_n = (1.0 / n_eff).float()
@@ -1096,9 +1153,13 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
     noise_patches, it_noise, res_noise = None, 0, 0.0
     if decoder_noise:
         spectrum = vae.noise_logvar().detach().exp()
+        log_amp = None
+        if vae.config.noise_modulation:  # held at the fitted latents
+            log_amp = torch.cat([fitted_log_amplitude(vae, z_fit[k:k + chunk]) for k in range(0, p_count, chunk)])
+        amp = 1.0 if log_amp is None else (0.5 * log_amp[:, 0]).exp()
 
         def cov(x):  # C x for patches (P, n, n)
-            return torch.fft.ifft2(torch.fft.fft2(x, norm="ortho") * spectrum, norm="ortho").real
+            return amp * torch.fft.ifft2(torch.fft.fft2(amp * x, norm="ortho") * spectrum, norm="ortho").real
 
         def b_c_bt(y):
             return op(fwd.band(cov(fwd.band(op.adjoint(y)))))
@@ -1106,7 +1167,7 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
         white_f = white.float()
         with torch.no_grad():
             if sample:
-                e0 = vae.decoder_noise(p_count, gen)[:, 0]
+                e0 = vae.decoder_noise(p_count, gen, log_amplitude=log_amp)[:, 0]
                 n0 = torch.randn(len(obs), generator=gen) * white_f.sqrt()
             else:
                 e0, n0 = torch.zeros(p_count, n, n), torch.zeros(len(obs))
@@ -1143,29 +1204,6 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
                          noise=None if noise_patches is None else noise_patches.numpy())
 
 
-class _ConditionedGenerator(SmallScaleGenerator):
-    """SmallScaleGenerator whose fitted tiles also use fixed decoder-noise patches (injected as the
-    whitened normals the generator colours, so the rendering path stays VAEDust's own)."""
-
-    def __init__(self, weights, prior, batch_size, fixed_latents, fixed_noise):
-        super().__init__(weights, prior, batch_size, fixed_latents)
-        self.fixed_noise = {int(lv): {int(t): np.asarray(e, np.float32) for t, e in table.items()}
-                            for lv, table in (fixed_noise or {}).items()}
-
-    def decode(self, level, normals, ids=None):
-        fixed = self.fixed_noise.get(level.index, {})
-        if ids is not None and fixed:
-            rows = [r for r, t in enumerate(ids) if int(t) in fixed]
-            if rows:
-                d, n = self.vae.config.latent_dim, self.vae.config.npix
-                e = torch.from_numpy(np.stack([fixed[int(ids[r])] for r in rows])).to(self.vae.device)
-                inv = (-0.5 * self.vae.noise_logvar()).exp()
-                whitened = torch.fft.ifft2(torch.fft.fft2(e, norm="ortho") * inv, norm="ortho").real
-                normals = np.array(normals, copy=True)
-                normals[rows, d:] = whitened.reshape(len(rows), n * n).cpu().numpy()
-        return super().decode(level, normals, ids)
-
-
 class ConditionedVAEDust(VAEDust):
     """A VAEDust whose level-0 tiles listed in `fitted` (FittedLatents or a path) use the fitted
     latents and decoder-noise patches: the map follows the observation where observed (at the
@@ -1178,8 +1216,8 @@ class ConditionedVAEDust(VAEDust):
     def __init__(self, fitted, nside=2048, seed=0, weights=None, **kwargs):
         if not isinstance(fitted, FittedLatents):
             fitted = FittedLatents.load(fitted)
-        if "fixed_latents" in kwargs:
-            raise TypeError("ConditionedVAEDust takes its fixed latents from `fitted`")
+        if "fixed_latents" in kwargs or "fixed_noise" in kwargs:
+            raise TypeError("ConditionedVAEDust takes its fixed latents and noise from `fitted`")
         fitted_prior = fitted.metadata.get("prior")
         if fitted_prior and kwargs.get("prior", "auto") not in ("auto", fitted_prior):
             warnings.warn(f"prior={kwargs['prior']!r} differs from the fit's {fitted_prior!r}: the observed "
@@ -1193,7 +1231,8 @@ class ConditionedVAEDust(VAEDust):
                               stacklevel=2)
         if weights is None and fitted.metadata.get("weights_path") and Path(fitted.metadata["weights_path"]).is_file():
             weights = fitted.metadata["weights_path"]
-        super().__init__(nside=nside, seed=seed, weights=weights, fixed_latents=fitted.as_dict(), **kwargs)
+        super().__init__(nside=nside, seed=seed, weights=weights, fixed_latents=fitted.as_dict(),
+                         fixed_noise=fitted.noise_dict(), **kwargs)
         want = fitted.metadata.get("weights_sha256")
         if want and file_digest(self.weights.path) != want:
             raise ValueError(f"the latents were fitted with weights sha256 {want[:16]}..., but "
@@ -1202,12 +1241,9 @@ class ConditionedVAEDust(VAEDust):
             raise ValueError(f"fitted latents have dimension {fitted.z.shape[1]}, the weights "
                              f"{self.weights.vae.config.latent_dim}")
         self.fitted = fitted
-        gen = self.generator
-        self.generator = _ConditionedGenerator(self.weights, self.prior, gen.batch_size, fitted.as_dict(),
-                                               fitted.noise_dict())
 
 
 __all__ = ["map_fit", "MapFit", "conditional_mean", "posterior_samples", "Posterior", "laplace_precision",
            "latent_jacobian", "StationaryGaussian", "forward_model", "BlendOperator", "SkyForwardModel",
            "condition_sky", "FittedLatents", "ConditionedVAEDust", "decoder_pixel_variance",
-           "decoder_noise_covariance"]
+           "decoder_noise_covariance", "fitted_log_amplitude", "block_mask"]

@@ -7,9 +7,17 @@ Encoder and decoder are each a linear map plus a convolutional branch. `init_fro
 linear maps to the exact probabilistic-PCA solution of the data (Tipping & Bishop 1999) with the
 convolutional branches damped (last layers scaled by 0.1): training starts near the best linear
 VAE and the convolutional branches learn the non-Gaussian part. The decoder noise p(x|z) is a
-stationary Gaussian whose variance is learned per radial Fourier bin ("fourier"), one learned
-scalar ("learned") or fixed ("fixed"); sampling can add it, so samples carry the small-scale
-power the 256-d latent cannot encode.
+Gaussian whose spectrum is learned per radial Fourier bin ("fourier"), one learned scalar
+("learned") or fixed ("fixed"), modulated in pixel space by a log-amplitude map a(z) learned with
+the rest (`noise_modulation` > 0):
+
+    x = mu(z) + exp(a(z) / 2) * e,   e stationary with the learned spectrum,
+    a(z) = bilinear upsampling of a g x g map linear in z + a small CNN of mu(z).
+
+The modulation lets the small-scale amplitude vary between and inside patches and follow the
+decoded structure (brighter filaments carry more small-scale power), which a stationary noise
+cannot. Sampling adds the noise, so samples carry the small-scale power the 256-d latent cannot
+encode.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ class VAEConfig:
     hidden: int = 256
     decoder_variance: str = "fourier"  # "fourier" (per radial Fourier bin), "learned" (scalar), "fixed"
     decoder_logvar_init: float = -2.0  # log sigma^2 in normalised units
+    noise_modulation: int = 8  # g: grid of the z-dependent noise log-amplitude (0: stationary noise)
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
@@ -39,6 +48,9 @@ class VAEConfig:
             raise ValueError(f"npix={self.npix} must be divisible by 2**len(channels)={down}")
         if self.decoder_variance not in ("fourier", "learned", "fixed"):
             raise ValueError(f"decoder_variance={self.decoder_variance!r}: expected 'fourier', 'learned' or 'fixed'")
+        if not 0 <= int(self.noise_modulation) <= self.npix:
+            raise ValueError(f"noise_modulation={self.noise_modulation!r}: expected 0 (off) .. npix={self.npix}")
+        self.noise_modulation = int(self.noise_modulation)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +64,10 @@ def _conv_block(c_in, c_out):
 def _deconv_block(c_in, c_out):
     # one transpose convolution per scale: the decoder runs on ~250k patches for an nside-2048 sky
     return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.SiLU())
+
+
+#: hidden channels of the modulation CNN (small: it runs on every decoded patch of a sky)
+MODULATION_CHANNELS = 8
 
 
 def radial_bins(npix: int) -> torch.Tensor:
@@ -84,6 +100,16 @@ class VAE(nn.Module):
         n_bins = int(self.noise_bin.max()) + 1 if config.decoder_variance == "fourier" else 1
         self.decoder_logvar = nn.Parameter(torch.full((n_bins,), float(config.decoder_logvar_init)),
                                            requires_grad=config.decoder_variance != "fixed")
+        g = config.noise_modulation
+        if g:
+            self.modulation_global = nn.Linear(d, g * g)
+            self.modulation_local = nn.Sequential(
+                nn.Conv2d(1, MODULATION_CHANNELS, 3, padding=1), nn.SiLU(),
+                nn.Conv2d(MODULATION_CHANNELS, MODULATION_CHANNELS, 3, padding=1), nn.SiLU(),
+                nn.Conv2d(MODULATION_CHANNELS, 1, 3, padding=1))
+            for last in (self.modulation_global, self.modulation_local[-1]):  # start stationary
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
 
     @property
     def device(self) -> torch.device:
@@ -112,15 +138,28 @@ class VAE(nn.Module):
         h = h.contiguous(memory_format=torch.channels_last)
         return self.decoder_conv(h).contiguous() + self.decode_linear(z)
 
+    def noise_log_amplitude(self, z: torch.Tensor, mean: torch.Tensor) -> torch.Tensor | None:
+        """Log-amplitude a(z) (B, 1, n, n) of the decoder noise, from latents (B, D) and the
+        decoder mean (B, 1, n, n) of z; None for a stationary-noise model."""
+        g = self.config.noise_modulation
+        if not g:
+            return None
+        coarse = self.modulation_global(z).view(-1, 1, g, g)
+        n = self.config.npix
+        return (nn.functional.interpolate(coarse, size=(n, n), mode="bilinear", align_corners=False)
+                + self.modulation_local(mean))
+
     def decoder_noise(self, n: int, generator: torch.Generator | None = None,
-                      white: torch.Tensor | None = None) -> torch.Tensor:
-        """(n, 1, npix, npix) draws of the stationary decoder noise of p(x|z), coloured from
-        `white` standard normals of that shape when given."""
+                      white: torch.Tensor | None = None, log_amplitude: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, 1, npix, npix) draws of the decoder noise of p(x|z): coloured from `white` standard
+        normals of that shape when given, times exp(log_amplitude / 2) when given (see
+        `noise_log_amplitude`)."""
         npix = self.config.npix
         if white is None:
             white = torch.randn((n, 1, npix, npix), generator=generator, device=self.device)
         spectrum = torch.fft.fft2(white, norm="ortho") * (0.5 * self.noise_logvar()).exp()
-        return torch.fft.ifft2(spectrum, norm="ortho").real
+        noise = torch.fft.ifft2(spectrum, norm="ortho").real
+        return noise if log_amplitude is None else noise * (0.5 * log_amplitude).exp()
 
     def reconstruct(self, x: torch.Tensor, n_samples: int = 1, generator: torch.Generator | None = None):
         """Mean of `n_samples` decodings of z ~ q(z|x) (n_samples=0: decode the posterior mean)."""
@@ -140,20 +179,27 @@ class VAE(nn.Module):
         if z is None:
             z = torch.randn((n, self.config.latent_dim), generator=generator, device=self.device)
         out = self.decode(z)
-        return out + self.decoder_noise(len(z), generator) if noise else out
+        if not noise:
+            return out
+        return out + self.decoder_noise(len(z), generator, log_amplitude=self.noise_log_amplitude(z, out))
 
-    def neg_log_likelihood(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-        """-log p(x | mu) per image (B,), nats, for the stationary Gaussian decoder noise."""
-        power = torch.fft.fft2(x - mean, norm="ortho").abs().square().flatten(1)
+    def neg_log_likelihood(self, x: torch.Tensor, mean: torch.Tensor,
+                           log_amplitude: torch.Tensor | None = None) -> torch.Tensor:
+        """-log p(x | mu, a) per image (B,), nats: the residual divided by exp(a / 2) is
+        stationary Gaussian noise (Jacobian term sum a / 2)."""
+        resid = x - mean if log_amplitude is None else (x - mean) * (-0.5 * log_amplitude).exp()
+        power = torch.fft.fft2(resid, norm="ortho").abs().square().flatten(1)
         logvar = self.noise_logvar().flatten()
-        return 0.5 * (power * torch.exp(-logvar) + logvar + math.log(2 * math.pi)).sum(1)
+        nll = 0.5 * (power * torch.exp(-logvar) + logvar + math.log(2 * math.pi)).sum(1)
+        return nll if log_amplitude is None else nll + 0.5 * log_amplitude.flatten(1).sum(1)
 
     def elbo_terms(self, x: torch.Tensor, beta: float = 1.0, generator: torch.Generator | None = None):
         """Per-image mean of the negative ELBO and its parts (nats): dict(loss, recon, kl, mse)."""
         mean, logvar = self.encode(x)
         eps = torch.randn(mean.shape, generator=generator, device=mean.device)
-        recon_mean = self.decode(mean + eps * (0.5 * logvar).exp())
-        recon = self.neg_log_likelihood(x, recon_mean)
+        z = mean + eps * (0.5 * logvar).exp()
+        recon_mean = self.decode(z)
+        recon = self.neg_log_likelihood(x, recon_mean, self.noise_log_amplitude(z, recon_mean))
         kl = 0.5 * (mean**2 + logvar.exp() - logvar - 1).sum(1)
         mse = (x - recon_mean).square().mean()
         return {"loss": (recon + beta * kl).mean(), "recon": recon.mean(), "kl": kl.mean(), "mse": mse}

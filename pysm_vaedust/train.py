@@ -56,6 +56,7 @@ class TrainConfig:
     hidden: int = 256
     decoder_variance: str = "fourier"
     decoder_logvar_init: float = -2.0
+    noise_modulation: int = 8       # g x g grid of the z-dependent decoder-noise log-amplitude (0 = stationary)
     pca_init: bool = True           # start from the probabilistic-PCA solution (linear branches)
     beta: float = 1.0               # KL weight of the ELBO
     kl_warmup_epochs: int = 0       # beta ramps linearly, beta * (epoch + 1) / warmup, over these epochs
@@ -160,10 +161,12 @@ def cascade_slope(cfg: "TrainConfig", train_patches: np.ndarray, geometry: Patch
 
 
 @torch.no_grad()
-def calibrate_decoder_noise(model: VAE, latents: torch.Tensor, data: torch.Tensor) -> dict:
-    """Moment-match the stationary decoder noise to the data: per radial Fourier bin, noise power
-    = data power - power of the decoded prior latents (floored at 1 % of the data power), so
-    prior samples decode(z) + noise have the data's mean 2D power spectrum.
+def calibrate_decoder_noise(model: VAE, latents: torch.Tensor, data: torch.Tensor, iterations: int = 3) -> dict:
+    """Moment-match the decoder noise to the data: per radial Fourier bin, noise power = data
+    power - power of the decoded prior latents (floored at 1 % of the data power), so prior
+    samples mu(z) + exp(a(z)/2) e have the data's mean 2D power spectrum. With a noise modulation
+    the power of the modulated noise is measured on fixed draws and the stationary spectrum
+    rescaled per bin (`iterations` fixed-point steps).
 
     latents: (M, D) draws of the prior in use; data: augmented training images (N, 1, n, n)."""
     if model.config.decoder_variance != "fourier":
@@ -177,19 +180,28 @@ def calibrate_decoder_noise(model: VAE, latents: torch.Tensor, data: torch.Tenso
                 / torch.bincount(bins))
 
     data_power = per_bin(data)
-    mean_power = per_bin(torch.cat([model.decode(latents[i:i + 1024]) for i in range(0, len(latents), 1024)]))
-    noise = torch.maximum(data_power - mean_power, 0.01 * data_power)
+    means = torch.cat([model.decode(latents[i:i + 1024]) for i in range(0, len(latents), 1024)])
+    mean_power = per_bin(means)
+    target = torch.maximum(data_power - mean_power, 0.01 * data_power)
     before = model.decoder_logvar.exp().clone()
-    model.decoder_logvar.copy_(noise.log())
+    model.decoder_logvar.copy_(target.log())
+    log_amplitude = model.noise_log_amplitude(latents, means)
+    if log_amplitude is not None:
+        gen = torch.Generator(device=model.device).manual_seed(0)
+        white = torch.randn(means.shape, generator=gen, device=model.device)
+        for _ in range(int(iterations)):
+            modulated = per_bin(model.decoder_noise(len(white), white=white, log_amplitude=log_amplitude))
+            model.decoder_logvar.add_((target / modulated).log())
     return {"calibrated": True, "n_latents": len(latents),
-            "noise_power_per_bin_before": before.tolist(), "noise_power_per_bin": noise.tolist(),
+            "noise_power_per_bin_before": before.tolist(), "noise_power_per_bin": model.decoder_logvar.exp().tolist(),
+            "modulated_noise_power_per_bin": target.tolist(),
             "data_power_per_bin": data_power.tolist(), "decoded_prior_power_per_bin": mean_power.tolist()}
 
 
 def vae_config_of(cfg: TrainConfig) -> VAEConfig:
     return VAEConfig(npix=cfg.npix, latent_dim=cfg.latent_dim, channels=tuple(cfg.channels),
                      hidden=cfg.hidden, decoder_variance=cfg.decoder_variance,
-                     decoder_logvar_init=cfg.decoder_logvar_init)
+                     decoder_logvar_init=cfg.decoder_logvar_init, noise_modulation=cfg.noise_modulation)
 
 
 @torch.no_grad()

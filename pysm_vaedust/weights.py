@@ -20,7 +20,7 @@ import torch
 from .data import atomic_write
 from .model import VAE, VAEConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_WEIGHTS_NAME = "vaedust_default.h5"
 
 
