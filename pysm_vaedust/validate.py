@@ -167,6 +167,26 @@ def pooled_moments(patches: np.ndarray, n_boot: int = 200, seed: int = 0, q=(16,
             "skewness_band": np.percentile(boot_skew, q), "kurtosis_band": np.percentile(boot_kurt, q)}
 
 
+def per_patch_moments(patches: np.ndarray, n_boot: int = 200, seed: int = 0, q=(16, 84)) -> dict:
+    """Statistics of the patches one by one (N, n, n), with bootstrap (over patches) bands `q`:
+    rms_cv — the patch-to-patch spread of the small-scale amplitude, std / mean of the per-patch
+    rms; skewness_mean — mean within-patch skewness; kurtosis_median — median within-patch excess
+    kurtosis. (Pooled moments mix the two: a spread of patch amplitudes alone raises the pooled
+    kurtosis.)"""
+    x = np.asarray(patches, dtype=float).reshape(len(patches), -1)
+    c = x - x.mean(1, keepdims=True)
+    var = np.mean(c**2, 1)
+    rms, skew, kurt = np.sqrt(var), np.mean(c**3, 1) / var**1.5, np.mean(c**4, 1) / var**2 - 3
+    rng = np.random.default_rng(seed)
+    boot = rng.integers(0, len(x), size=(n_boot, len(x)))
+
+    def entry(values, func):
+        return {"value": float(func(values)), "band": np.percentile([func(values[b]) for b in boot], q)}
+
+    return {"rms_cv": entry(rms, lambda v: v.std() / v.mean()), "skewness_mean": entry(skew, np.mean),
+            "kurtosis_median": entry(kurt, np.median)}
+
+
 def first_crossing(ell: np.ndarray, ratio: np.ndarray, level: float = RESIDUAL_LEVEL) -> float | None:
     """ell where `ratio` first reaches `level` (linear interpolation between bin centres); the
     first centre if it already starts above; None if it never does."""
@@ -203,7 +223,8 @@ def set_statistics(patches: np.ndarray, pixel_size_deg: float, ell_edges, hist_e
             "cl": _band(cl, n_boot, seed),
             "histogram": _band(patch_histograms(x, hist_edges), n_boot, seed),
             "minkowski": {k: _band(v, n_boot, seed) for k, v in mfs.items()},
-            "moments": pooled_moments(x, n_boot, seed)}
+            "moments": pooled_moments(x, n_boot, seed),
+            "patch_moments": per_patch_moments(x, n_boot, seed)}
 
 
 # ----------------------------------------------------------------------------- model passes
@@ -521,6 +542,7 @@ def validate(weights_path, split: str = "test", out="validation", n_samples: int
         "minkowski": {"nu": THRESHOLDS_NU, **{key: s["minkowski"] for key, s in stats.items()}},
         "band_inside_fraction": inside,
         "moments": {key: s["moments"] for key, s in stats.items()},
+        "patch_moments": {key: s["patch_moments"] for key, s in stats.items()},
         "interpolation": {"indices": [int(i), int(j)], "steps": INTERP_STEPS,
                           "latent_norms": path.norm(dim=1), "method": "slerp of directions, linear norm"},
         "timing_s": timing,
@@ -571,6 +593,14 @@ def summary(m: dict) -> str:
         for k in ("split", "train", "prior", "grf"))
         + f"  ({split} 68 % band {mo['split']['skewness_band'][0]:.2f}..{mo['split']['skewness_band'][1]:.2f}"
         f" / {mo['split']['kurtosis_band'][0]:.2f}..{mo['split']['kurtosis_band'][1]:.2f})")
+    pm = m["patch_moments"]
+    for key, label in (("rms_cv", "patch-to-patch rms spread (std/mean)"),
+                       ("skewness_mean", "mean within-patch skewness"),
+                       ("kurtosis_median", "median within-patch excess kurtosis")):
+        band = pm["split"][key]["band"]
+        lines.append(f"{label}: " + ", ".join(f"{k if k != 'split' else split} {pm[k][key]['value']:.2f}"
+                                              for k in ("split", "train", "prior", "grf"))
+                     + f"  ({split} 68 % band {band[0]:.2f}..{band[1]:.2f})")
     return "\n".join(lines)
 
 

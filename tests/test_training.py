@@ -108,3 +108,30 @@ def test_config_errors_and_cli(tmp_path, data_dir):
         main(["--help"])
     with pytest.raises(SystemExit):  # one argparse error (exit 2) naming the bad value
         main(["--epochs", "abc"])
+
+
+def test_modulated_decoder_noise_likelihood_and_draws():
+    """-log p(x | mu, a) of the modulated noise equals the dense Gaussian density with covariance
+    C_pq exp((a_p + a_q) / 2) (C circulant from the learned spectrum), and draws have its variances."""
+    from pysm_vaedust.conditioning import decoder_noise_covariance
+
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(npix=8, latent_dim=4, channels=(4,), hidden=8, noise_modulation=2)).double()
+    with torch.no_grad():
+        vae.decoder_logvar.copy_(torch.linspace(-1.0, -3.0, len(vae.decoder_logvar)))
+        for p in list(vae.modulation_global.parameters()) + list(vae.modulation_local.parameters()):
+            p.normal_(0, 0.3)
+        z = torch.randn(3, 4, dtype=torch.float64)
+        mean = vae.decode(z)
+        a = vae.noise_log_amplitude(z, mean)
+        assert a.shape == (3, 1, 8, 8) and float(a.std()) > 0.05   # varies inside and between patches
+        x = mean + torch.randn_like(mean)
+        for i in range(3):
+            cov = decoder_noise_covariance(vae, a[i])
+            dense = -torch.distributions.MultivariateNormal(mean[i].flatten(), cov).log_prob(x[i].flatten())
+            assert float(vae.neg_log_likelihood(x[i:i + 1], mean[i:i + 1], a[i:i + 1])) == pytest.approx(float(dense), rel=1e-9)
+        draws = vae.decoder_noise(20000, torch.Generator().manual_seed(1), log_amplitude=a[:1].expand(20000, 1, 8, 8))
+        predicted = torch.diagonal(decoder_noise_covariance(vae, a[0]))
+        assert torch.allclose(draws.flatten(1).var(0), predicted, rtol=0.05)
+    with pytest.raises(ValueError, match="noise_modulation"):
+        VAEConfig(npix=8, channels=(4,), noise_modulation=9)

@@ -17,6 +17,7 @@ from pysm_vaedust.validate import (
     main,
     normalised_patches,
     patch_histograms,
+    per_patch_moments,
     pooled_moments,
     slerp,
 )
@@ -152,3 +153,19 @@ def test_small_helpers():
     assert first_crossing(ell, np.array([0.05, 0.15, 0.5])) == pytest.approx(150.0)
     assert first_crossing(ell, np.array([0.2, 0.3, 0.5])) == 100.0
     assert first_crossing(ell, np.array([0.01, 0.02, 0.05])) is None
+
+
+def test_per_patch_moments_on_known_fields():
+    """Gaussian white patches with amplitudes 1 or 3 (half each): rms spread std/mean = 1/2, within-patch
+    skewness ~0 and excess kurtosis ~0; exponential patches: skewness 2, excess kurtosis 6."""
+    rng = np.random.default_rng(1)
+    amp = np.repeat([1.0, 3.0], 200)[:, None, None]
+    gauss = per_patch_moments(amp * rng.standard_normal((400, 64, 64)), n_boot=50)
+    assert gauss["rms_cv"]["value"] == pytest.approx(0.5, abs=0.01)
+    assert abs(gauss["skewness_mean"]["value"]) < 0.01
+    assert abs(gauss["kurtosis_median"]["value"]) < 0.05
+    lo, hi = gauss["rms_cv"]["band"]
+    assert lo <= gauss["rms_cv"]["value"] <= hi
+    expo = per_patch_moments(rng.exponential(size=(100, 64, 64)), n_boot=50)
+    assert expo["skewness_mean"]["value"] == pytest.approx(2.0, rel=0.05)
+    assert expo["kurtosis_median"]["value"] == pytest.approx(6.0, rel=0.15)
