@@ -554,7 +554,11 @@ def posterior_samples(vae: VAE, d, mask, sigma, n_samples: int = 64, method: str
         fit = map_fit(vae, d, mask, sigma, generator=generator, decoder_noise=decoder_noise,
                       noise_model=noise_model, prior=prior, **fit_kwargs)
     else:
-        _check_patch_inputs(vae.config.npix, d, mask, sigma)
+        d_c, m_c, s2_c = _check_patch_inputs(vae.config.npix, d, mask, sigma)
+        if not (m_c.shape == fit.mask.shape and torch.equal(m_c, fit.mask)
+                and torch.allclose(d_c * m_c, fit.data * fit.mask) and torch.allclose(s2_c * m_c, fit.sigma2 * m_c)):
+            raise ValueError("fit= was computed from another observation (d, mask or sigma differ): "
+                             "pass the data of the fit, or fit=None")
     d_t, m, s2, prior = fit.data, fit.mask, fit.sigma2, fit.prior
     chol = torch.linalg.cholesky(laplace_precision(vae, fit, hessian))   # (B, D, D)
     b, dim = fit.z_map.shape

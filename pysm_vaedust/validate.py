@@ -422,7 +422,8 @@ def validate(weights_path, split: str = "test", out="validation", n_samples: int
              log=print) -> dict:
     """Run the whole validation, write `out`/metrics.json and the PNGs; returns the metrics dict.
 
-    weights_path: a weights file or a loaded `Weights`; the other arguments as the command line's."""
+    weights_path: a weights file (loaded on `device`) or a loaded `Weights` (used on its own
+    device); the other arguments as the command line's."""
     if split not in SPLITS + ("all",):
         raise ValueError(f"split={split!r}: expected one of {SPLITS + ('all',)}")
     if split == "all" and data_map is None:

@@ -122,6 +122,10 @@ def test_bad_patch_input_raises(trained):
     m_hole[5, 6] = False
     fit = map_fit(vae, bad_d, m_hole, 0.1, n_restarts=1, steps=5)
     assert torch.isfinite(fit.z_map).all()
+    with pytest.raises(ValueError, match="another observation"):
+        posterior_samples(vae, bad_d + 1.0, m_hole, 0.1, n_samples=2, fit=fit)
+    with pytest.raises(ValueError, match="another observation"):
+        posterior_samples(vae, bad_d, m_hole, 0.2, n_samples=2, fit=fit)
     with pytest.raises(ValueError, match="method="):
         map_fit(vae, d, m, 0.1, method="newton")
 
