@@ -106,7 +106,7 @@ class VAE(nn.Module):
             self.modulation_local = nn.Sequential(
                 nn.Conv2d(1, MODULATION_CHANNELS, 3, padding=1), nn.SiLU(),
                 nn.Conv2d(MODULATION_CHANNELS, MODULATION_CHANNELS, 3, padding=1), nn.SiLU(),
-                nn.Conv2d(MODULATION_CHANNELS, 1, 3, padding=1))
+                nn.Conv2d(MODULATION_CHANNELS, 1, 3, padding=1)).to(memory_format=torch.channels_last)
             for last in (self.modulation_global, self.modulation_local[-1]):  # start stationary
                 nn.init.zeros_(last.weight)
                 nn.init.zeros_(last.bias)
@@ -146,8 +146,8 @@ class VAE(nn.Module):
             return None
         coarse = self.modulation_global(z).view(-1, 1, g, g)
         n = self.config.npix
-        return (nn.functional.interpolate(coarse, size=(n, n), mode="bilinear", align_corners=False)
-                + self.modulation_local(mean))
+        local = self.modulation_local(mean.contiguous(memory_format=torch.channels_last)).contiguous()
+        return nn.functional.interpolate(coarse, size=(n, n), mode="bilinear", align_corners=False) + local
 
     def decoder_noise(self, n: int, generator: torch.Generator | None = None,
                       white: torch.Tensor | None = None, log_amplitude: torch.Tensor | None = None) -> torch.Tensor:
