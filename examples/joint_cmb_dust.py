@@ -10,9 +10,10 @@
   shape, not a real CMB spectrum in K;
 * noise: white, rms `--noise` (default 0.05).
 
-Model: g_dust(z) = mu(z) + e, e the VAE's stationary decoder noise. The CMB, the decoder noise
-and the white noise are all Gaussian and diagonal in the patch's orthonormal Fourier basis, so
-the CMB is marginalised (profiled) exactly: for given z the residual r = d - mu(z) has Fourier
+Model: g_dust(z) = mu(z) + e, e the VAE's decoder noise, approximated here as stationary (its
+modulation exp(a(z)/2) replaced by the mean level exp(a(0)) — an approximation for weights with a
+noise modulation). The CMB, the decoder noise and the white noise are then all Gaussian and
+diagonal in the patch's orthonormal Fourier basis, so the CMB is marginalised (profiled) exactly: for given z the residual r = d - mu(z) has Fourier
 variance S_k + C_k + N and
 
     -2 log p(z | d) = |z|^2 + sum_k |r_k|^2 / (S_k + C_k + N) + const,

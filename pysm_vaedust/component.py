@@ -125,7 +125,9 @@ class SmallScaleGenerator:
 
     def decode(self, level: CascadeLevel, normals: np.ndarray, ids: np.ndarray | None = None) -> torch.Tensor:
         """Band-filtered, amplitude-scaled patches (B, n, n) from per-patch normals (B, D + n^2);
-        tiles `ids` listed in `fixed_latents[level]` use their fixed z instead of a prior draw."""
+        tiles `ids` listed in `fixed_latents[level]` use their fixed z instead of a prior draw, and
+        those in `fixed_noise[level]` their fixed (modulated) noise patch. On the fast path (fine
+        levels, linear decoder mean) the noise modulation a(z) is computed from that mean."""
         d, n = self.vae.config.latent_dim, self.vae.config.npix
         eps = torch.from_numpy(normals).to(self.vae.device)
         with torch.no_grad():

@@ -2,15 +2,16 @@
 
 Patch level (normalised units; an observation `d` is (n, n), (B, n, n) or (B, 1, n, n), `mask`
 the same shape, True = observed, `sigma` a scalar or a map of d's shape). With the decoder
-p(x|z) = N(mu(z), C), C the stationary (generally coloured) decoder noise, and white noise of
-variance sigma^2 on the observed pixels o::
+p(x|z) = N(mu(z), C), C the decoder noise (stationary and coloured, times exp((a_p + a_q) / 2)
+for a model with a noise modulation a(z), which the fits hold fixed — see map_fit), and white
+noise of variance sigma^2 on the observed pixels o::
 
     -2 log p(z | d) = |z|^2 + r_o^T (C_oo + diag sigma_o^2)^-1 r_o + const,   r = d - mu(z)
 
 (noise_model='exact', the default: C_oo + diag sigma^2 is inverted once per patch, dense
 1024 x 1024 at most). noise_model='white' is the white approximation
-|z|^2 + sum_o r_o^2 / (sigma_o^2 + sigma_dec^2), sigma_dec^2 = mean_k exp(noise_logvar_k) the
-decoder noise's pixel variance; both coincide when the learned noise spectrum is flat (as for
+|z|^2 + sum_o r_o^2 / (sigma_o^2 + sigma_dec^2 exp(a_o)), sigma_dec^2 = mean_k exp(noise_logvar_k)
+the stationary noise's pixel variance; both coincide when the learned noise spectrum is flat (as for
 probabilistic-PCA weights). The sky level uses the white approximation for the latents (see
 condition_sky). Given z, the decoder noise is Gaussian and drawn exactly (e ~ p(e | z, d)) in the
 constrained realizations. With a learned latent prior (`weights.prior`, a flow g: z -> eps)
@@ -290,15 +291,17 @@ def _linear_solution(vae: VAE, d: torch.Tensor, data_term: _DataTerm) -> torch.T
 class MapFit:
     """Result of `map_fit` for B patches (R restarts each).
 
-    z_map (B, D) latents; loss (B,) -2 log p(z_map | d) + const of the best restart;
-    restart_losses (R, B); restart_labels (R,); best_restart (B,); n_iter / n_eval: optimiser
+    z_map (B, D) latents; loss (B,) -2 log p(z_map | d) + const of the final fit;
+    restart_losses (R, B), restart_labels (R,), best_restart (B,): the first pass over the
+    restarts (with a noise modulation its data term holds a(0), so these losses are not
+    comparable with `loss`, which holds a at the best restart); n_iter / n_eval: optimiser
     iterations / objective evaluations (all restarts run as one batch); grad_norm (B,)
     |d loss / dz| at z_map; converged (B,) grad_norm < gtol; mean (B, 1, n, n) decoder mean
     mu(z_map); data (B, 1, n, n) the validated observation (0 at masked pixels); mask, sigma2
     (B, 1, n, n); noise_model 'exact' | 'white' | 'none'; sigma_dec2: decoder-noise pixel
     variance before modulation; prior: the learned latent prior used (None: N(0, I));
-    log_amplitude (B, 1, n, n): the decoder-noise modulation a(z_map) the final fit held fixed
-    (None without modulation).
+    log_amplitude (B, 1, n, n): the decoder-noise modulation the final fit held fixed, a at the
+    best restart's latents (None without modulation).
     """
 
     z_map: torch.Tensor
@@ -542,7 +545,7 @@ def posterior_samples(vae: VAE, d, mask, sigma, n_samples: int = 64, method: str
     Realizations: mu(z_s) + e_s, e_s drawn exactly from p(e | z_s, d) (coloured decoder noise and
     the observation noise), so observed pixels follow the data and masked pixels get the decoder
     noise of the prior (correlated with the observed residual), modulated by the fit's
-    a(z_map) for every draw (the modulation is held at the MAP). `fit`: a MapFit of the same data
+    log_amplitude for every draw (the modulation the final fit held fixed). `fit`: a MapFit of the same data
     (skips the MAP step; its noise model and prior are used); other keywords go to map_fit.
     """
     if method not in SAMPLERS:

@@ -192,9 +192,11 @@ def calibrate_decoder_noise(model: VAE, latents: torch.Tensor, data: torch.Tenso
         for _ in range(int(iterations)):
             modulated = per_bin(model.decoder_noise(len(white), white=white, log_amplitude=log_amplitude))
             model.decoder_logvar.add_((target / modulated).log())
+    reached = per_bin(model.decoder_noise(len(means), white=torch.randn(means.shape, generator=torch.Generator(
+        device=model.device).manual_seed(1), device=model.device), log_amplitude=log_amplitude))
     return {"calibrated": True, "n_latents": len(latents),
             "noise_power_per_bin_before": before.tolist(), "noise_power_per_bin": model.decoder_logvar.exp().tolist(),
-            "modulated_noise_power_per_bin": target.tolist(),
+            "target_noise_power_per_bin": target.tolist(), "reached_noise_power_per_bin": reached.tolist(),
             "data_power_per_bin": data_power.tolist(), "decoded_prior_power_per_bin": mean_power.tolist()}
 
 
