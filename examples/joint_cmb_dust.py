@@ -37,7 +37,7 @@ import time
 import numpy as np
 import torch
 
-from pysm_vaedust.conditioning import fitted_log_amplitude, forward_model
+from pysm_vaedust.conditioning import forward_model, prior_mean_noise_level
 from pysm_vaedust.train import TrainConfig, build_datasets
 from pysm_vaedust.weights import default_weights_path, load_weights
 
@@ -123,10 +123,8 @@ def main(argv=None) -> int:
     n, size = vae.config.npix, float(weights.metadata["geometry"]["size_deg"])
     ell = ell_grid(n, size)
     S = cmb_mode_variance(ell, args.cmb_rms)
-    C = vae.noise_logvar().detach().double().exp()
-    a0 = fitted_log_amplitude(vae, torch.zeros(1, vae.config.latent_dim))
-    if a0 is not None:  # stationary approximation of the modulated decoder noise (its mean level at z = 0)
-        C = C * float(a0.double().exp().mean())
+    # stationary approximation of the (modulated) decoder noise: its mean level at z = 0
+    C = vae.noise_logvar().detach().double().exp() * prior_mean_noise_level(vae)
     N = torch.full_like(S, args.noise**2)
     # Gaussian baseline: the training split's mean 2D periodogram (dihedral-symmetrised) as the dust spectrum
     train = sets["train"][:, 0].double()

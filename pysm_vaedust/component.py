@@ -135,8 +135,7 @@ class SmallScaleGenerator:
             _replace_rows(z, self.fixed_latents.get(level.index), ids)
             fast = level.index > 0 and self.conv_fraction < FINE_LEVEL_LINEAR_THRESHOLD
             x = self.vae.decode_linear(z) if fast else self.vae.decode(z)
-            noise = self.vae.decoder_noise(len(eps), white=eps[:, d:].reshape(-1, 1, n, n),
-                                           log_amplitude=self.vae.noise_log_amplitude(z, x))
+            noise = self.vae.noise_given(z, x, white=eps[:, d:].reshape(-1, 1, n, n))
             _replace_rows(noise[:, 0], self.fixed_noise.get(level.index), ids)
             x = x + noise
             filt = torch.from_numpy(band_filter(level)).to(x)

@@ -150,8 +150,17 @@ def _modulate(cov: torch.Tensor, log_amplitude: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def fitted_log_amplitude(vae: VAE, z: torch.Tensor) -> torch.Tensor | None:
     """Decoder-noise log-amplitude a(z) (B, 1, n, n) at latents z (B, D); None without modulation.
-    The fits hold it fixed: first at z = 0 (the prior mean), then at the MAP latents."""
+    The fits hold it fixed: first at z = 0 (the prior mean), then at the fitted latents (map_fit:
+    the best restart's)."""
     return vae.noise_log_amplitude(z, vae.decode(z))
+
+
+def prior_mean_noise_level(vae: VAE) -> float:
+    """Mean over pixels of exp(a(0)): the factor by which the modulation at the prior mean z = 0
+    scales the stationary decoder-noise variance (1 without modulation) — the level used where
+    the noise is approximated as stationary."""
+    a0 = fitted_log_amplitude(vae, torch.zeros(1, vae.config.latent_dim, device=vae.device))
+    return 1.0 if a0 is None else float(a0.exp().mean())
 
 
 def _decoder_is_affine(vae: VAE, rtol: float = 1e-6) -> bool:
@@ -379,20 +388,20 @@ def map_fit(vae: VAE, d, mask, sigma, n_restarts: int = 4, steps: int = 200, met
     log_amplitude = fitted_log_amplitude(vae, torch.zeros(len(d), dim)) if decoder_noise else None
     data_term = _DataTerm.build(vae, m, s2, decoder_noise, noise_model, log_amplitude)
     starts, labels = _starts(vae, d, m, data_term, int(n_restarts), generator, prior)
-    z, losses, grad, n_iter, n_eval = _optimise(vae, starts, d, data_term, prior, method, int(steps), gtol, lr)
-    best = losses.argmin(0)
+    z, restart_losses, grad, n_iter, n_eval = _optimise(vae, starts, d, data_term, prior, method, int(steps),
+                                                        gtol, lr)
+    best = restart_losses.argmin(0)
     rows = torch.arange(len(d))
-    z_best, restart_losses = z[best, rows], losses
-    if log_amplitude is not None:  # refit with the modulation at the MAP latents
+    z_best, loss, g_best = z[best, rows], restart_losses[best, rows], grad[best, rows]
+    if log_amplitude is not None:  # refit with the modulation at the best restart's latents
         log_amplitude = fitted_log_amplitude(vae, z_best)
         data_term = _DataTerm.build(vae, m, s2, decoder_noise, noise_model, log_amplitude)
         z, losses, grad, it2, ev2 = _optimise(vae, z_best[None], d, data_term, prior, method, int(steps), gtol, lr)
-        z_best, best, n_iter, n_eval = z[0], torch.zeros_like(best), n_iter + it2, n_eval + ev2
+        z_best, loss, g_best, n_iter, n_eval = z[0], losses[0], grad[0], n_iter + it2, n_eval + ev2
     with torch.no_grad():
         mean = vae.decode(z_best)
-    g_best = grad[best, rows]
-    return MapFit(z_map=z_best, loss=losses[best, rows], restart_losses=restart_losses,
-                  restart_labels=labels, best_restart=restart_losses.argmin(0), n_iter=int(n_iter),
+    return MapFit(z_map=z_best, loss=loss, restart_losses=restart_losses,
+                  restart_labels=labels, best_restart=best, n_iter=int(n_iter),
                   n_eval=int(n_eval), grad_norm=g_best, converged=g_best < gtol, mean=mean, data=d, mask=m,
                   sigma2=s2, noise_model=noise_model if decoder_noise else "none",
                   sigma_dec2=decoder_pixel_variance(vae) if decoder_noise else 0.0,
@@ -558,8 +567,8 @@ def posterior_samples(vae: VAE, d, mask, sigma, n_samples: int = 64, method: str
                       noise_model=noise_model, prior=prior, **fit_kwargs)
     else:
         d_c, m_c, s2_c = _check_patch_inputs(vae.config.npix, d, mask, sigma)
-        if not (m_c.shape == fit.mask.shape and torch.equal(m_c, fit.mask)
-                and torch.allclose(d_c * m_c, fit.data * fit.mask) and torch.allclose(s2_c * m_c, fit.sigma2 * m_c)):
+        if not (torch.equal(m_c, fit.mask) and torch.allclose(d_c * m_c, fit.data * fit.mask)
+                and torch.allclose(s2_c * m_c, fit.sigma2 * m_c)):
             raise ValueError("fit= was computed from another observation (d, mask or sigma differ): "
                              "pass the data of the fit, or fit=None")
     d_t, m, s2, prior = fit.data, fit.mask, fit.sigma2, fit.prior
@@ -1089,10 +1098,8 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
     i_ref = i_obs[obs] / ratio
     delta = torch.from_numpy(((np.log(i_ref) - fwd.log_template.numpy()) / s + 0.5 * s * fwd.variance))
     sigma_delta2 = torch.from_numpy((sig[obs] / (i_obs[obs] * s)) ** 2)
-    sigma_dec2 = 0.0
-    if decoder_noise:  # pixel variance of the decoder noise, with the modulation at z = 0
-        a0 = fitted_log_amplitude(vae, torch.zeros(1, dim))
-        sigma_dec2 = decoder_pixel_variance(vae) * (1.0 if a0 is None else float(a0.exp().mean()))
+    # pixel variance of the decoder noise, with the modulation at z = 0
+    sigma_dec2 = decoder_pixel_variance(vae) * prior_mean_noise_level(vae) if decoder_noise else 0.0
     white = sigma_delta2 + fwd.fine_variance                        # noise of step 3 (delta units^2)
     n_eff = white + sigma_dec2 * fwd.amplitude ** 2 * op.row_sq_sum  # white approximation (steps 1-2)
     inv_n = (1.0 / n_eff).float()
@@ -1256,4 +1263,4 @@ class ConditionedVAEDust(VAEDust):
 __all__ = ["map_fit", "MapFit", "conditional_mean", "posterior_samples", "Posterior", "laplace_precision",
            "latent_jacobian", "StationaryGaussian", "forward_model", "BlendOperator", "SkyForwardModel",
            "condition_sky", "FittedLatents", "ConditionedVAEDust", "decoder_pixel_variance",
-           "decoder_noise_covariance", "fitted_log_amplitude", "block_mask"]
+           "decoder_noise_covariance", "fitted_log_amplitude", "prior_mean_noise_level", "block_mask"]

@@ -161,6 +161,12 @@ class VAE(nn.Module):
         noise = torch.fft.ifft2(spectrum, norm="ortho").real
         return noise if log_amplitude is None else noise * (0.5 * log_amplitude).exp()
 
+    def noise_given(self, z: torch.Tensor, mean: torch.Tensor, generator: torch.Generator | None = None,
+                    white: torch.Tensor | None = None) -> torch.Tensor:
+        """Draws (B, 1, npix, npix) of the decoder noise of p(x|z) for latents z (B, D) whose
+        decoder mean is `mean` (B, 1, n, n): `decoder_noise` modulated by a(z)."""
+        return self.decoder_noise(len(z), generator, white, self.noise_log_amplitude(z, mean))
+
     def reconstruct(self, x: torch.Tensor, n_samples: int = 1, generator: torch.Generator | None = None):
         """Mean of `n_samples` decodings of z ~ q(z|x) (n_samples=0: decode the posterior mean)."""
         mean, logvar = self.encode(x)
@@ -181,7 +187,7 @@ class VAE(nn.Module):
         out = self.decode(z)
         if not noise:
             return out
-        return out + self.decoder_noise(len(z), generator, log_amplitude=self.noise_log_amplitude(z, out))
+        return out + self.noise_given(z, out, generator)
 
     def neg_log_likelihood(self, x: torch.Tensor, mean: torch.Tensor,
                            log_amplitude: torch.Tensor | None = None) -> torch.Tensor:

@@ -248,8 +248,7 @@ def prior_samples(vae, n: int, generator: torch.Generator, prior=None, batch_siz
         if prior is not None:
             z = prior.sample_from_normals(z)
         mean = vae.sample(b, z=z, noise=False)
-        noise = vae.decoder_noise(b, generator, log_amplitude=vae.noise_log_amplitude(z, mean))
-        samples.append((mean + noise).cpu())
+        samples.append((mean + vae.noise_given(z, mean, generator)).cpu())
         means.append(mean.cpu())
     return torch.cat(samples), torch.cat(means)
 
