@@ -129,15 +129,20 @@ def decoder_pixel_variance(vae: VAE) -> float:
     return float(vae.noise_logvar().detach().exp().mean())
 
 
-def decoder_noise_covariance(vae: VAE, log_amplitude: torch.Tensor | None = None) -> torch.Tensor:
+def decoder_noise_covariance(vae: VAE, log_amplitude: torch.Tensor | None = None,
+                             periodic: bool = False) -> torch.Tensor:
     """(n^2, n^2) float64 covariance of the decoder noise of one patch, pixels in row-major
-    order: circulant (the stationary noise is periodic on the patch), times
-    exp((a_p + a_q) / 2) for a modulation log-amplitude a (n, n) or (1, n, n)."""
+    order, times exp((a_p + a_q) / 2) for a modulation log-amplitude a (n, n) or (1, n, n).
+    periodic=True: circulant, the training likelihood's noise (correlations wrap around the patch
+    edges); periodic=False (conditioning): the same spectrum without wrap-around, the covariance
+    of `vae.decoder_noise(periodic=False)` (a corner of a field twice the patch size)."""
     n = vae.config.npix
-    acf = torch.fft.ifft2(vae.noise_logvar().detach().double().exp()).real  # C[p, q] = acf[p - q mod n]
+    logvar = vae.noise_logvar() if periodic else vae.embedded_noise_logvar()
+    acf = torch.fft.ifft2(logvar.detach().double().exp().cpu()).real  # C[p, q] = acf[p - q mod grid]
+    grid = acf.shape[0]
     r = torch.arange(n).repeat_interleave(n)
     c = torch.arange(n).repeat(n)
-    cov = acf[(r[:, None] - r[None, :]) % n, (c[:, None] - c[None, :]) % n]
+    cov = acf[(r[:, None] - r[None, :]) % grid, (c[:, None] - c[None, :]) % grid]
     return cov if log_amplitude is None else _modulate(cov, log_amplitude)
 
 
@@ -515,7 +520,7 @@ def _conditional_decoder_noise(vae, residual, m, s2, generator=None, log_amplitu
         e0 = n0 = torch.zeros_like(r)
     else:
         amp = None if log_amplitude is None else log_amplitude.repeat(s, 1, 1, 1)
-        e0 = vae.decoder_noise(s * b, generator, log_amplitude=amp).reshape(s, b, n * n).double()
+        e0 = vae.decoder_noise(s * b, generator, log_amplitude=amp, periodic=False).reshape(s, b, n * n).double()
         n0 = torch.randn((s, b, n * n), generator=generator, dtype=torch.float64) * s2.flatten(1).double().sqrt()
     out = e0.clone()
     for i in range(b):

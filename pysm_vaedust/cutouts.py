@@ -122,11 +122,16 @@ def flat_small_scales(log_image: np.ndarray, pixel_arcmin: float, fwhm_deg: floa
 
 
 def region_split(lon_deg, lat_deg, geometry: PatchGeometry, fractions=(0.7, 0.15, 0.15),
-                 seed: int = 0, region_nside: int = 2):
+                 seed: int = 0, region_nside: int = 2, strata=None):
     """Deterministic train/val/test split by sky region.
 
-    Patches are grouped by the HEALPix pixel (nside `region_nside`) of their centre; whole regions
-    are assigned to splits (seeded) until each split's share of patches reaches `fractions`.
+    Patches are grouped by the HEALPix pixel (nside `region_nside`) of their centre and whole
+    regions are assigned to splits. Without `strata`, regions are taken in a seeded random order
+    and filled into test, then val, then train until each split's share of patches reaches
+    `fractions`. With `strata` (N,) (one number per patch, e.g. its small-scale variance), regions
+    are sorted by their mean value and cut into consecutive strata of ceil(1 / min(fractions))
+    regions; inside each stratum (seeded order) each region goes to the split furthest below its
+    share, so every split spans faint and bright sky alike.
     Patches whose footprint could overlap a patch of a later split (whatever the relative
     orientation of the two squares) are dropped from the earlier split (train loses border patches to val/test, val to
     test), so no sky pixel is seen by two splits. Returns labels (N,) int: 0 train, 1 val, 2 test,
@@ -137,15 +142,31 @@ def region_split(lon_deg, lat_deg, geometry: PatchGeometry, fractions=(0.7, 0.15
         raise ValueError(f"fractions={tuple(fractions)}: expected three positive numbers summing to 1")
     regions = hp.ang2pix(region_nside, lon_deg, lat_deg, lonlat=True)
     unique = np.unique(regions)
-    order = np.random.default_rng(seed).permutation(unique)
     counts = {r: int(np.sum(regions == r)) for r in unique}
-    filled, total = 0, len(lon_deg)
+    rng = np.random.default_rng(seed)
     split_of_region = {}
-    for r in order:  # fill test first, then val, rest train
-        share = filled / total
-        split = 2 if share < fractions[2] else (1 if share < fractions[2] + fractions[1] else 0)
-        split_of_region[r] = split
-        filled += counts[r]
+    if strata is None:
+        filled, total = 0, len(lon_deg)
+        for r in rng.permutation(unique):  # fill test first, then val, rest train
+            share = filled / total
+            split = 2 if share < fractions[2] else (1 if share < fractions[2] + fractions[1] else 0)
+            split_of_region[r] = split
+            filled += counts[r]
+    else:
+        strata = np.asarray(strata, dtype=float)
+        if strata.shape != regions.shape or not np.all(np.isfinite(strata)):
+            raise ValueError(f"strata: expected {regions.shape[0]} finite values, one per patch, "
+                             f"got shape {strata.shape}")
+        by_value = unique[np.argsort([strata[regions == r].mean() for r in unique], kind="stable")]
+        size = int(np.ceil(1 / fractions.min() - 1e-9))
+        deficit = np.zeros(3)  # patches each split is owed, carried from stratum to stratum
+        for start in range(0, len(by_value), size):
+            stratum = rng.permutation(by_value[start:start + size])
+            deficit += fractions * sum(counts[r] for r in stratum)
+            for r in stratum:
+                split = int(np.argmax(deficit))
+                split_of_region[r] = split
+                deficit[split] -= counts[r]
     labels = np.array([split_of_region[r] for r in regions])
     vec = hp.ang2vec(lon_deg, lat_deg, lonlat=True)
     half_width = np.tan(np.radians(0.5 * geometry.size_deg))

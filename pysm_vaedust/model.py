@@ -120,6 +120,21 @@ class VAE(nn.Module):
         bins = self.noise_bin if len(self.decoder_logvar) > 1 else torch.zeros_like(self.noise_bin)
         return self.decoder_logvar[bins]
 
+    def embedded_noise_logvar(self) -> torch.Tensor:
+        """(2 npix, 2 npix) log variance per FFT mode of the same noise on a grid twice the patch:
+        the learned per-bin log variance interpolated linearly in |k|. Its inverse FFT at lags
+        |dx|, |dy| < npix is the aperiodic (non-wrapping) autocovariance of the noise."""
+        n = self.config.npix
+        k = torch.fft.fftfreq(2 * n, d=1.0 / n, device=self.device)  # patch-fundamental units, step 1/2
+        radius = torch.sqrt(k[:, None] ** 2 + k[None, :] ** 2)
+        values = self.decoder_logvar
+        if len(values) == 1:
+            return values.expand(2 * n, 2 * n)
+        pos = radius.clamp(max=len(values) - 1)
+        lo = pos.floor().long().clamp(max=len(values) - 2)
+        frac = pos - lo
+        return values[lo] * (1 - frac) + values[lo + 1] * frac
+
     def encode(self, x: torch.Tensor):
         """q(z|x): (mean, log-variance), each (B, latent_dim), for images (B, 1, n, n)."""
         h = self.encoder_conv(x) + self.encoder_linear(x.flatten(1))
@@ -150,15 +165,19 @@ class VAE(nn.Module):
         return nn.functional.interpolate(coarse, size=(n, n), mode="bilinear", align_corners=False) + local
 
     def decoder_noise(self, n: int, generator: torch.Generator | None = None,
-                      white: torch.Tensor | None = None, log_amplitude: torch.Tensor | None = None) -> torch.Tensor:
+                      white: torch.Tensor | None = None, log_amplitude: torch.Tensor | None = None,
+                      periodic: bool = True) -> torch.Tensor:
         """(n, 1, npix, npix) draws of the decoder noise of p(x|z): coloured from `white` standard
-        normals of that shape when given, times exp(log_amplitude / 2) when given (see
-        `noise_log_amplitude`)."""
+        normals (n, 1, g, g) when given, times exp(log_amplitude / 2) when given (see
+        `noise_log_amplitude`). periodic=True (the likelihood's noise, g = npix) wraps around the
+        patch edges; periodic=False draws on a grid of g = 2 npix and keeps one npix corner: the
+        same spectrum without the wrap-around correlations."""
         npix = self.config.npix
+        grid, logvar = (npix, self.noise_logvar()) if periodic else (2 * npix, self.embedded_noise_logvar())
         if white is None:
-            white = torch.randn((n, 1, npix, npix), generator=generator, device=self.device)
-        spectrum = torch.fft.fft2(white, norm="ortho") * (0.5 * self.noise_logvar()).exp()
-        noise = torch.fft.ifft2(spectrum, norm="ortho").real
+            white = torch.randn((n, 1, grid, grid), generator=generator, device=self.device)
+        spectrum = torch.fft.fft2(white, norm="ortho") * (0.5 * logvar).exp()
+        noise = torch.fft.ifft2(spectrum, norm="ortho").real[..., :npix, :npix]
         return noise if log_amplitude is None else noise * (0.5 * log_amplitude).exp()
 
     def noise_given(self, z: torch.Tensor, mean: torch.Tensor, generator: torch.Generator | None = None,

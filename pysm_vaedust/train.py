@@ -51,6 +51,7 @@ class TrainConfig:
     split_seed: int = 0
     split_fractions: list = field(default_factory=lambda: [0.7, 0.15, 0.15])
     region_nside: int = 2           # HEALPix regions assigned whole to one split
+    split_strata: str = "variance"  # "variance": regions stratified by small-scale variance; "none": random
     latent_dim: int = 256
     channels: list = field(default_factory=lambda: [16, 32, 64])
     hidden: int = 256
@@ -115,8 +116,11 @@ def build_datasets(cfg: TrainConfig) -> tuple[dict, dict]:
                          frame=cfg.map_frame or None)
     geometry = PatchGeometry(cfg.npix, cfg.size_deg)
     lon, lat = patch_centres(cfg.lat_min_deg, cfg.spacing_deg)
-    labels = region_split(lon, lat, geometry, cfg.split_fractions, cfg.split_seed, cfg.region_nside)
     residual = log_residual_patches(dust, lon, lat, geometry, cfg.template_fwhm_deg)
+    if cfg.split_strata not in ("variance", "none"):
+        raise ValueError(f"split_strata={cfg.split_strata!r}: expected 'variance' or 'none'")
+    strata = residual.reshape(len(residual), -1).var(1) if cfg.split_strata == "variance" else None
+    labels = region_split(lon, lat, geometry, cfg.split_fractions, cfg.split_seed, cfg.region_nside, strata)
     train = residual[labels == 0]
     log_mean, log_scale = float(train.mean()), float(train.std())
     sets = {name: torch.from_numpy((residual[labels == k] - log_mean) / log_scale)[:, None]
@@ -131,7 +135,7 @@ def build_datasets(cfg: TrainConfig) -> tuple[dict, dict]:
         "data": dust.provenance(),
         "split": {"counts": {name: int(len(sets[name])) for name in SPLITS},
                   "dropped_border_patches": int(np.sum(labels < 0)),
-                  "centres_lonlat_deg": {name: np.stack([lon[labels == k], lat[labels == k]], 1).round(4).tolist()
+                  "centres_lonlat_deg": {name: np.stack([lon[labels == k], lat[labels == k]], 1).tolist()
                                          for k, name in enumerate(SPLITS)}},
     }
     return sets, info

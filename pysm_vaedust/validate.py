@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .cutouts import PatchGeometry, log_residual_patches, patch_centres, region_split
+from .cutouts import PatchGeometry, log_residual_patches, patch_centres
 from .component import PRIORS
 from .data import atomic_write, load_dust_map, file_digest
 from .statistics import (apodization_window, bootstrap_band, default_ell_edges, flat_power_spectrum,
@@ -57,7 +57,7 @@ def normalised_patches(data_map, metadata: dict, split: str = "all", quantity: s
 
     data_map: FITS path (or a name in the shared data folder). Patch geometry, centres, region
     split and normalisation (log_mean, log_scale, template_fwhm_deg) come from the weights'
-    metadata; split: 'train' | 'val' | 'test' (the same sky regions as training) or 'all' (every
+    metadata; split: 'train' | 'val' | 'test' (the patch centres stored with the weights) or 'all' (every
     centre at |b| >= lat_min, border patches included). Returns ((N, 1, n, n) float32 tensor in
     normalised units, info dict).
     """
@@ -67,11 +67,10 @@ def normalised_patches(data_map, metadata: dict, split: str = "all", quantity: s
     norm, geo = metadata["normalisation"], metadata["geometry"]
     geometry = PatchGeometry(int(geo["npix"]), float(geo["size_deg"]))
     dust = load_dust_map(resolve_data_path(str(data_map)), quantity=quantity, frame=frame)
-    lon, lat = patch_centres(cfg.lat_min_deg, cfg.spacing_deg)
-    if split != "all":
-        labels = region_split(lon, lat, geometry, cfg.split_fractions, cfg.split_seed, cfg.region_nside)
-        keep = labels == SPLITS.index(split)
-        lon, lat = lon[keep], lat[keep]
+    if split == "all":
+        lon, lat = patch_centres(cfg.lat_min_deg, cfg.spacing_deg)
+    else:
+        lon, lat = np.asarray(metadata["split"]["centres_lonlat_deg"][split], dtype=float).reshape(-1, 2).T
     residual = log_residual_patches(dust, lon, lat, geometry, float(norm["template_fwhm_deg"]))
     x = (residual - float(norm["log_mean"])) / float(norm["log_scale"])
     return torch.from_numpy(x)[:, None], {"data": dust.provenance(), "split": split, "count": int(len(x))}

@@ -127,11 +127,18 @@ def test_modulated_decoder_noise_likelihood_and_draws():
         assert a.shape == (3, 1, 8, 8) and float(a.std()) > 0.05   # varies inside and between patches
         x = mean + torch.randn_like(mean)
         for i in range(3):
-            cov = decoder_noise_covariance(vae, a[i])
+            cov = decoder_noise_covariance(vae, a[i], periodic=True)
             dense = -torch.distributions.MultivariateNormal(mean[i].flatten(), cov).log_prob(x[i].flatten())
             assert float(vae.neg_log_likelihood(x[i:i + 1], mean[i:i + 1], a[i:i + 1])) == pytest.approx(float(dense), rel=1e-9)
         draws = vae.decoder_noise(20000, torch.Generator().manual_seed(1), log_amplitude=a[:1].expand(20000, 1, 8, 8))
-        predicted = torch.diagonal(decoder_noise_covariance(vae, a[0]))
+        predicted = torch.diagonal(decoder_noise_covariance(vae, a[0], periodic=True))
         assert torch.allclose(draws.flatten(1).var(0), predicted, rtol=0.05)
+        # aperiodic noise (conditioning): same spectrum, no correlation across the patch edges
+        flat = vae.decoder_noise(20000, torch.Generator().manual_seed(2), periodic=False).flatten(1).double()
+        aperiodic = decoder_noise_covariance(vae, periodic=False)
+        assert torch.allclose(flat.T @ flat / len(flat), aperiodic, atol=0.03 * float(aperiodic.max()))
+        periodic = decoder_noise_covariance(vae, periodic=True)
+        assert float(periodic[0, 7]) > 2 * float(aperiodic[0, 7])   # pixels 0 and 7 of a row: neighbours only with wrap
+        assert float(torch.linalg.eigvalsh(aperiodic).min()) > 0
     with pytest.raises(ValueError, match="noise_modulation"):
         VAEConfig(npix=8, channels=(4,), noise_modulation=9)
