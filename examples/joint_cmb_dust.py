@@ -10,9 +10,10 @@
   shape, not a real CMB spectrum in K;
 * noise: white, rms `--noise` (default 0.05).
 
-Model: g_dust(z) = mu(z) + e, e the VAE's decoder noise, approximated here as stationary (its
-modulation exp(a(z)/2) replaced by the mean level exp(a(0)) — an approximation for weights with a
-noise modulation). The CMB, the decoder noise and the white noise are then all Gaussian and
+Model: g_dust(z) = mu(z) + e, mu(z) the data-space decoder mean (`forward_model`: f(mu(z)) for
+weights with a marginal transform), e the VAE's decoder noise, approximated here as stationary (its
+modulation, and the local slope of the marginal transform, replaced by their mean level at z = 0,
+`prior_mean_noise_level` — an approximation for such weights). The CMB, the decoder noise and the white noise are then all Gaussian and
 diagonal in the patch's orthonormal Fourier basis, so the CMB is marginalised (profiled) exactly: for given z the residual r = d - mu(z) has Fourier
 variance S_k + C_k + N and
 

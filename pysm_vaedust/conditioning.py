@@ -40,6 +40,12 @@ sum(w v) / sqrt(sum w^2)), and draws the decoder noise of those tiles given the 
 renders it: the observed region follows the data, unobserved tiles stay prior draws of `seed`.
 
 `forward_model` / `SkyForwardModel`: the differentiable latent -> patch -> sky-pixel map in torch.
+
+Weights with a marginal transform (model.py: samples x = f(mu(z) + e), e added in the Gaussian
+space) are conditioned in data space with f linearised about the decoder mean: mu(z) above reads
+f(mu(z)) and the noise modulation a(z) + 2 log f'(mu(z)) (`fitted_log_amplitude`), so each fit
+stays Gaussian given z. The patch-level decoder-noise covariance is the aperiodic one
+(`decoder_noise_covariance(periodic=False)`); the sky level keeps the periodic FFT form.
 """
 
 from __future__ import annotations
@@ -154,24 +160,35 @@ def _modulate(cov: torch.Tensor, log_amplitude: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def fitted_log_amplitude(vae: VAE, z: torch.Tensor) -> torch.Tensor | None:
-    """Decoder-noise log-amplitude a(z) (B, 1, n, n) at latents z (B, D); None without modulation.
+    """Data-space decoder-noise log-amplitude (B, 1, n, n) at latents z (B, D): a(z), plus
+    2 log f'(mu(z)) with a marginal transform (the noise e added to mu in the Gaussian space is
+    f'(mu) e in data space, to first order); None without modulation or transform.
     The fits hold it fixed: first at z = 0 (the prior mean), then at the fitted latents (map_fit:
     the best restart's)."""
-    return vae.noise_log_amplitude(z, vae.decode(z))
+    mean = vae.decode(z)
+    log_amplitude = vae.noise_log_amplitude(z, mean)
+    if vae.marginal.active:
+        slope = 2 * vae.marginal.data_log_derivative(mean)
+        log_amplitude = slope if log_amplitude is None else log_amplitude + slope
+    return log_amplitude
 
 
 def prior_mean_noise_level(vae: VAE) -> float:
-    """Mean over pixels of exp(a(0)): the factor by which the modulation at the prior mean z = 0
-    scales the stationary decoder-noise variance (1 without modulation) — the level used where
-    the noise is approximated as stationary."""
+    """Mean over pixels of exp(a(0)) (a the data-space log-amplitude of `fitted_log_amplitude`):
+    the factor by which the modulation at the prior mean z = 0 scales the stationary
+    decoder-noise variance (1 without modulation or transform) — the level used where the noise
+    is approximated as stationary."""
     a0 = fitted_log_amplitude(vae, torch.zeros(1, vae.config.latent_dim, device=vae.device))
     return 1.0 if a0 is None else float(a0.exp().mean())
 
 
 def _decoder_is_affine(vae: VAE, rtol: float = 1e-6) -> bool:
-    """True when the decoder's convolutional branch is negligible (its last layer is zero, as
-    straight after `init_from_pca`, or its output on 64 fixed prior draws is below rtol times the
-    linear branch's): mu(z) = W z + b then holds to float32 precision."""
+    """True when the data-space decoder mean is affine: no marginal transform, and the decoder's
+    convolutional branch negligible (its last layer is zero, as straight after `init_from_pca`,
+    or its output on 64 fixed prior draws is below rtol times the linear branch's): mu(z) = W z + b
+    then holds to float32 precision."""
+    if vae.marginal.active:
+        return False
     last = vae.decoder_conv[-1]
     if bool(torch.all(last.weight == 0) and torch.all(last.bias == 0)):
         return True
@@ -260,24 +277,24 @@ def _batched_jacobian(f, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
 
 
 def latent_jacobian(vae: VAE, z: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """(B, n^2, D) Jacobian d mu(z) / dz of the decoder mean at z (B, D), by forward-mode AD
-    (the linear branch's weight, exactly, when the decoder is affine)."""
+    """(B, n^2, D) Jacobian d f(mu(z)) / dz of the data-space decoder mean at z (B, D), by
+    forward-mode AD (the linear branch's weight, exactly, when the decoder is affine)."""
     if _decoder_is_affine(vae):
         return vae.decoder_linear.weight.detach().expand(len(z), -1, -1).clone()
-    return _batched_jacobian(lambda x: vae.decode(x).flatten(1), z, chunk)
+    return _batched_jacobian(lambda x: vae.decode_data(x).flatten(1), z, chunk)
 
 
 def _objective(vae: VAE, z: torch.Tensor, d: torch.Tensor, data_term: _DataTerm, prior=None) -> torch.Tensor:
     """Per-problem -2 log p(z | d) + const, (N,) float64."""
-    return _prior_term(z, prior) + data_term(vae.decode(z) - d)
+    return _prior_term(z, prior) + data_term(vae.decode_data(z) - d)
 
 
 def _linearisation(vae: VAE):
-    """Decoder linearised about z = 0: (J0 (n^2, D), mu0 (n^2,)), mu(z) ~ mu0 + J0 z (the linear
-    branch (W, b) exactly when the decoder is affine)."""
+    """Data-space decoder mean linearised about z = 0: (J0 (n^2, D), mu0 (n^2,)),
+    f(mu(z)) ~ mu0 + J0 z (the linear branch (W, b) exactly when the decoder is affine)."""
     zero = torch.zeros(1, vae.config.latent_dim, device=vae.device)
     with torch.no_grad():
-        mu0 = vae.decode(zero).flatten()
+        mu0 = vae.decode_data(zero).flatten()
     return latent_jacobian(vae, zero)[0], mu0
 
 
@@ -404,7 +421,7 @@ def map_fit(vae: VAE, d, mask, sigma, n_restarts: int = 4, steps: int = 200, met
         z, losses, grad, it2, ev2 = _optimise(vae, z_best[None], d, data_term, prior, method, int(steps), gtol, lr)
         z_best, loss, g_best, n_iter, n_eval = z[0], losses[0], grad[0], n_iter + it2, n_eval + ev2
     with torch.no_grad():
-        mean = vae.decode(z_best)
+        mean = vae.decode_data(z_best)
     return MapFit(z_map=z_best, loss=loss, restart_losses=restart_losses,
                   restart_labels=labels, best_restart=best, n_iter=int(n_iter),
                   n_eval=int(n_eval), grad_norm=g_best, converged=g_best < gtol, mean=mean, data=d, mask=m,
@@ -587,7 +604,7 @@ def posterior_samples(vae: VAE, d, mask, sigma, n_samples: int = 64, method: str
         z_s, acceptance = _langevin(vae, z_s, d_t, fit.data_term, chol, prior, int(mala_steps), step_size,
                                     generator, adjust=method == "mala")
     with torch.no_grad():
-        mu = vae.decode(z_s.reshape(-1, dim)).reshape(z_s.shape[0], b, 1, *d_t.shape[-2:])
+        mu = vae.decode_data(z_s.reshape(-1, dim)).reshape(z_s.shape[0], b, 1, *d_t.shape[-2:])
         real = mu
         if fit.noise_model != "none":
             real = mu + _conditional_decoder_noise(vae, d_t[None] - mu, m, s2, generator, fit.log_amplitude)
@@ -768,8 +785,7 @@ def forward_model(vae: VAE, z: torch.Tensor, fp: Footprints | None = None, n_out
     prior, pass z = weights.prior.sample_from_normals(eps) to work in its standard normals.
     """
     x = vae.decode(z)
-    if noise is not None:
-        x = x + noise
+    x = vae.to_data(x if noise is None else x + noise)
     if fp is None:
         return x
     if n_out is None:
@@ -874,9 +890,10 @@ class SkyForwardModel:
         return x * self.amplitude
 
     def patches(self, z: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoder mean (+ noise) of latents z (P, D), band-filtered: (P, n, n)."""
+        """Data-space decoder mean f(mu(z)) (f(mu(z) + noise) with Gaussian-space noise patches) of
+        latents z (P, D), band-filtered: (P, n, n)."""
         x = self.vae.decode(z)[:, 0]
-        return self.band(x if noise is None else x + noise)
+        return self.band(self.vae.to_data(x if noise is None else x + noise))
 
     def delta(self, z: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Sky field (n_pixels,) of latents z (P, D) (+ decoder noise patches (P, n, n))."""
@@ -1156,7 +1173,7 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
             grad, = torch.autograd.grad(prior_loss, zd)
             for k in range(0, p_count, chunk):
                 zk = zd.detach()[k:k + chunk].requires_grad_(True)
-                g, = torch.autograd.grad(vae.decode(zk)[:, 0], zk, cot[k:k + chunk])
+                g, = torch.autograd.grad(vae.decode_data(zk)[:, 0], zk, cot[k:k + chunk])
                 grad[k:k + chunk] += g
             z_fit.grad = grad
             return prior_loss.detach() + data
@@ -1176,7 +1193,7 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
     if decoder_noise:
         spectrum = vae.noise_logvar().detach().exp()
         log_amp = None
-        if vae.config.noise_modulation:  # held at the fitted latents
+        if vae.config.noise_modulation or vae.marginal.active:  # held at the fitted latents
             log_amp = torch.cat([fitted_log_amplitude(vae, z_fit[k:k + chunk]) for k in range(0, p_count, chunk)])
         amp = 1.0 if log_amp is None else (0.5 * log_amp[:, 0]).exp()
 
@@ -1198,6 +1215,9 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
             a, it_noise, res_noise = _cg(lambda v: b_c_bt(v) + white_f * v, y, precond=lambda v: v / diag,
                                          tol=cg_tol, max_iter=cg_max_iter)
             noise_patches = e0 + cov(fwd.band(op.adjoint(a)))
+            if vae.marginal.active:  # data-space noise e -> Gaussian-space g(f(mu) + e) - mu
+                mu = torch.cat([vae.decode(z_fit[k:k + chunk])[:, 0] for k in range(0, p_count, chunk)])
+                noise_patches = vae.marginal.to_gaussian(vae.to_data(mu) + noise_patches) - mu
         log(f"decoder noise: {it_noise} CG iterations (relative residual {res_noise:.1e})")
     with torch.no_grad():
         final = op(mean_patches if noise_patches is None

@@ -58,6 +58,7 @@ class TrainConfig:
     decoder_variance: str = "fourier"
     decoder_logvar_init: float = -2.0
     noise_modulation: int = 8       # g x g grid of the z-dependent decoder-noise log-amplitude (0 = stationary)
+    marginal_knots: int = 161       # knots of the data <-> Gaussian one-point transform (0 = none)
     pca_init: bool = True           # start from the probabilistic-PCA solution (linear branches)
     beta: float = 1.0               # KL weight of the ELBO
     kl_warmup_epochs: int = 0       # beta ramps linearly, beta * (epoch + 1) / warmup, over these epochs
@@ -170,9 +171,11 @@ def calibrate_decoder_noise(model: VAE, latents: torch.Tensor, data: torch.Tenso
     power - power of the decoded prior latents (floored at 1 % of the data power), so prior
     samples mu(z) + exp(a(z)/2) e have the data's mean 2D power spectrum. With a noise modulation
     the power of the modulated noise is measured on fixed draws and the stationary spectrum
-    rescaled per bin (`iterations` fixed-point steps).
+    rescaled per bin (`iterations` fixed-point steps); with a marginal transform, the same steps
+    then match the data-space samples f(mu + e) to the data-space power.
 
-    latents: (M, D) draws of the prior in use; data: augmented training images (N, 1, n, n)."""
+    latents: (M, D) draws of the prior in use; data: augmented training images (N, 1, n, n) in
+    data space (matched in the model's Gaussian space)."""
     if model.config.decoder_variance != "fourier":
         return {"calibrated": False}
     bins = model.noise_bin.flatten()
@@ -183,7 +186,7 @@ def calibrate_decoder_noise(model: VAE, latents: torch.Tensor, data: torch.Tenso
         return (torch.zeros(len(model.decoder_logvar), device=power.device).index_add(0, bins, power)
                 / torch.bincount(bins))
 
-    data_power = per_bin(data)
+    data_power = per_bin(model.marginal.to_gaussian(data))
     means = torch.cat([model.decode(latents[i:i + 1024]) for i in range(0, len(latents), 1024)])
     mean_power = per_bin(means)
     target = torch.maximum(data_power - mean_power, 0.01 * data_power)
@@ -198,7 +201,21 @@ def calibrate_decoder_noise(model: VAE, latents: torch.Tensor, data: torch.Tenso
             model.decoder_logvar.add_((target / modulated).log())
     reached = per_bin(model.decoder_noise(len(means), white=torch.randn(means.shape, generator=torch.Generator(
         device=model.device).manual_seed(1), device=model.device), log_amplitude=log_amplitude))
-    return {"calibrated": True, "n_latents": len(latents),
+    report = {}
+    if model.marginal.active:
+        # the marginal transform reshapes the spectrum: match the data-space power of the samples
+        # f(mu + e) to the data's, rescaling the noise per bin (fixed point; bins where the decoded
+        # mean dominates hardly move)
+        gen = torch.Generator(device=model.device).manual_seed(2)
+        white = torch.randn(means.shape, generator=gen, device=model.device)
+        data_space_target = per_bin(data)
+        for _ in range(int(iterations)):
+            samples = model.to_data(means + model.decoder_noise(len(white), white=white, log_amplitude=log_amplitude))
+            model.decoder_logvar.add_((data_space_target / per_bin(samples)).log().clamp(-1.0, 1.0))
+        samples = model.to_data(means + model.decoder_noise(len(white), white=white, log_amplitude=log_amplitude))
+        report = {"data_space_power_per_bin": data_space_target.tolist(),
+                  "reached_data_space_power_per_bin": per_bin(samples).tolist()}
+    return {"calibrated": True, "n_latents": len(latents), **report,
             "noise_power_per_bin_before": before.tolist(), "noise_power_per_bin": model.decoder_logvar.exp().tolist(),
             "target_noise_power_per_bin": target.tolist(), "reached_noise_power_per_bin": reached.tolist(),
             "data_power_per_bin": data_power.tolist(), "decoded_prior_power_per_bin": mean_power.tolist()}
@@ -207,7 +224,8 @@ def calibrate_decoder_noise(model: VAE, latents: torch.Tensor, data: torch.Tenso
 def vae_config_of(cfg: TrainConfig) -> VAEConfig:
     return VAEConfig(npix=cfg.npix, latent_dim=cfg.latent_dim, channels=tuple(cfg.channels),
                      hidden=cfg.hidden, decoder_variance=cfg.decoder_variance,
-                     decoder_logvar_init=cfg.decoder_logvar_init, noise_modulation=cfg.noise_modulation)
+                     decoder_logvar_init=cfg.decoder_logvar_init, noise_modulation=cfg.noise_modulation,
+                     marginal_knots=cfg.marginal_knots)
 
 
 @torch.no_grad()
@@ -241,6 +259,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     augmented = torch.cat([dihedral(sets["train"], k) for k in range(8)]).to(device)  # all 8 symmetries
     torch.manual_seed(cfg.seed)  # parameter initialisation only
     model = VAE(vae_config_of(cfg)).to(device)
+    model.marginal.fit(sets["train"])
     if cfg.pca_init:
         model.init_from_pca(augmented)
     optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)

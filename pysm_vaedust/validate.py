@@ -238,17 +238,17 @@ def reconstructions(vae, x: torch.Tensor, n_recon: int, generator: torch.Generat
 
 @torch.no_grad()
 def prior_samples(vae, n: int, generator: torch.Generator, prior=None, batch_size: int = 256):
-    """(samples, decoder means), each (n, 1, npix, npix): z from N(0, I) or `prior`'s
-    sample_from_normals, decoded, plus the decoder noise."""
+    """(samples, decoder means), each (n, 1, npix, npix) in data space: z from N(0, I) or
+    `prior`'s sample_from_normals, decoded, plus the decoder noise (means: f(mu(z)) alone)."""
     samples, means = [], []
     for s in range(0, n, batch_size):
         b = min(batch_size, n - s)
         z = torch.randn((b, vae.config.latent_dim), generator=generator, device=vae.device)
         if prior is not None:
             z = prior.sample_from_normals(z)
-        mean = vae.sample(b, z=z, noise=False)
-        samples.append((mean + vae.noise_given(z, mean, generator)).cpu())
-        means.append(mean.cpu())
+        mean = vae.decode(z)
+        samples.append(vae.to_data(mean + vae.noise_given(z, mean, generator)).cpu())
+        means.append(vae.to_data(mean).cpu())
     return torch.cat(samples), torch.cat(means)
 
 
@@ -510,7 +510,7 @@ def validate(weights_path, split: str = "test", out="validation", n_samples: int
     with torch.no_grad():
         z_mean, _ = vae.encode(x_split[[i, j]].to(vae.device))
         path = slerp(z_mean[0].cpu(), z_mean[1].cpu(), INTERP_STEPS)
-        strip = vae.decode(path.to(vae.device))[:, 0].cpu().numpy()
+        strip = vae.decode_data(path.to(vae.device))[:, 0].cpu().numpy()
 
     timing["total_s"] = time.time() - t_start
     with h5py.File(weights.path, "r") as f:

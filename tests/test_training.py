@@ -1,5 +1,7 @@
 """Stages 3-5 on real data: ELBO training, resume, weights file integrity, config errors."""
 
+import math
+
 import h5py
 import numpy as np
 import pytest
@@ -142,3 +144,49 @@ def test_modulated_decoder_noise_likelihood_and_draws():
         assert float(torch.linalg.eigvalsh(aperiodic).min()) > 0
     with pytest.raises(ValueError, match="noise_modulation"):
         VAEConfig(npix=8, channels=(4,), noise_modulation=9)
+
+
+def test_marginal_transform_round_trip_and_gaussianises():
+    from pysm_vaedust.marginal import MarginalTransform
+
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randn(20000, generator=gen).mul(0.8).exp() - 1.3     # skewed, like log-dust filaments
+    transform = MarginalTransform(81)
+    transform.fit(data)
+    y = transform.to_gaussian(data)
+    assert abs(float(y.mean())) < 0.02 and abs(float(y.std()) - 1) < 0.02
+    assert abs(float(((y - y.mean()) ** 3).mean() / y.std() ** 3)) < 0.05    # skewness removed
+    x = torch.linspace(-3.0, 40.0, 2001)                                    # beyond the end knots too
+    assert torch.allclose(transform.to_data(transform.to_gaussian(x)), x, atol=1e-4)
+    assert bool(torch.all(torch.diff(transform.to_gaussian(x)) > 0))
+    step = 1e-3                                 # f is C1: finite differences match everywhere
+    inner = x[(x > -1.2) & (x < 8)].double()
+    finite = (transform.to_gaussian(inner + step) - transform.to_gaussian(inner - step)) / (2 * step)
+    assert torch.allclose(transform.to_gaussian(inner, log_derivative=True)[1].exp(), finite, rtol=2e-3)
+    identity = MarginalTransform(0)
+    identity.fit(data)
+    assert torch.equal(identity.to_gaussian(data), data) and torch.equal(identity.to_data(data), data)
+
+
+def test_marginal_likelihood_is_the_density_of_the_samples():
+    """With a fitted marginal transform, samples are x = f(mu + e): the histogram of one pixel's
+    draws follows exp(-neg_log_likelihood) as that pixel varies (white noise: pixels independent)."""
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(npix=4, latent_dim=2, channels=(2,), hidden=4, decoder_variance="learned",
+                        noise_modulation=0, marginal_knots=41)).double()
+    with torch.no_grad():
+        vae.decoder_logvar.fill_(math.log(0.3))
+        vae.marginal.fit(torch.randn(50000, generator=torch.Generator().manual_seed(1)).exp())
+        z = torch.zeros(1, 2, dtype=torch.float64)
+        draws = vae.sample(200000, torch.Generator().manual_seed(2), z=z.expand(200000, 2))[:, 0, 0, 0]
+        mean = vae.decode(z)
+        edges = torch.quantile(draws.float(), torch.linspace(0.02, 0.98, 13)).double()
+        mass = torch.histogram(draws.float(), edges.float()).hist.double() / len(draws)
+        fine = edges[:-1, None] + torch.diff(edges)[:, None] * (torch.arange(64) + 0.5) / 64   # (12, 64)
+        x = vae.to_data(mean).repeat(fine.numel(), 1, 1, 1)
+        x[:, 0, 0, 0] = fine.flatten()
+        log_p = -vae.neg_log_likelihood(x, mean.expand_as(x))
+    # the pixel's density up to the (free) factor of the other pixels, integrated over each bin
+    predicted = (log_p - log_p.max()).exp().reshape(fine.shape).mean(1) * torch.diff(edges)
+    predicted *= float(mass.sum() / predicted.sum())
+    assert torch.allclose(mass, predicted, rtol=0.03), (mass, predicted)
