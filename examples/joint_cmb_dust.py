@@ -27,6 +27,15 @@ dust_hat = mu(z_map) + C / (S + C + N) r. Baseline: the same separation with the
 by a stationary Gaussian of the training split's 2D power spectrum (a two-component Wiener filter).
 
     python examples/joint_cmb_dust.py --weights path/to/vaedust.h5 [--patches 6]
+
+What it shows (shipped weights, 6 test patches, defaults, measured 2026-11-25, 7 s): the joint
+fit runs end to end through the differentiable forward model and separates the components —
+relative rms errors dust 0.52, CMB 0.91 with the flow prior (0.55 / 0.95 with N(0, I)) against
+1.00 for calling all of d dust — but it is **not better** than the two-component Wiener filter
+(0.50 / 0.85): at this resolution the VAE's dust prior adds no usable information beyond the
+power spectrum for separating a Gaussian CMB (as for inpainting, see the README), and the
+stationary approximation of the modulated, transformed decoder noise costs a little. One patch
+of six (index 262) is better with the VAE (dust 0.69 vs 0.76, CMB 0.62 vs 0.68).
 """
 
 from __future__ import annotations
