@@ -28,9 +28,9 @@ by a stationary Gaussian of the training split's 2D power spectrum (a two-compon
 
     python examples/joint_cmb_dust.py --weights path/to/vaedust.h5 [--patches 6]
 
-What it shows (shipped weights, 6 test patches, defaults, measured 2026-11-25, 7 s): the joint
+What it shows (shipped weights, 6 test patches, defaults, measured 2026-11-25, 6 s): the joint
 fit runs end to end through the differentiable forward model and separates the components —
-relative rms errors dust 0.52, CMB 0.91 with the flow prior (0.55 / 0.95 with N(0, I)) against
+relative rms errors dust 0.52, CMB 0.92 with the flow prior (0.54 / 0.93 with N(0, I)) against
 1.00 for calling all of d dust — but it is **not better** than the two-component Wiener filter
 (0.50 / 0.85): at this resolution the VAE's dust prior adds no usable information beyond the
 power spectrum for separating a Gaussian CMB (as for inpainting, see the README), and the
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     if use_flow and weights.prior is None:
         parser.error(f"--prior {args.prior}: {args.weights} holds no learned latent prior")
     prior = weights.prior if use_flow else None
-    sets, _ = build_datasets(TrainConfig.from_dict(weights.metadata["training_config"]))
+    sets, _ = build_datasets(TrainConfig.of_weights(weights.metadata))
     n, size = vae.config.npix, float(weights.metadata["geometry"]["size_deg"])
     ell = ell_grid(n, size)
     S = cmb_mode_variance(ell, args.cmb_rms)

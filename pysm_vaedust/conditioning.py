@@ -44,7 +44,8 @@ renders it: the observed region follows the data, unobserved tiles stay prior dr
 Weights with a marginal transform (model.py: samples x = f(mu(z) + e), e added in the Gaussian
 space) are conditioned in data space with f linearised about the decoder mean: mu(z) above reads
 f(mu(z)) and the noise modulation a(z) + 2 log f'(mu(z)) (`fitted_log_amplitude`), so each fit
-stays Gaussian given z. The patch-level decoder-noise covariance is the aperiodic one
+stays Gaussian given z; constrained realizations start from the exact (skewed) prior draws
+f(mu + e) - f(mu) and add the linear correction towards the data. The patch-level decoder-noise covariance is the aperiodic one
 (`decoder_noise_covariance(periodic=False)`); the sky level keeps the periodic FFT form.
 """
 
@@ -144,10 +145,10 @@ def decoder_noise_covariance(vae: VAE, log_amplitude: torch.Tensor | None = None
     of `vae.decoder_noise(periodic=False)` (a corner of a field twice the patch size)."""
     n = vae.config.npix
     logvar = vae.noise_logvar() if periodic else vae.embedded_noise_logvar()
-    acf = torch.fft.ifft2(logvar.detach().double().exp().cpu()).real  # C[p, q] = acf[p - q mod grid]
+    acf = torch.fft.ifft2(logvar.detach().double().exp()).real  # C[p, q] = acf[p - q mod grid]
     grid = acf.shape[0]
-    r = torch.arange(n).repeat_interleave(n)
-    c = torch.arange(n).repeat(n)
+    r = torch.arange(n, device=acf.device).repeat_interleave(n)
+    c = torch.arange(n, device=acf.device).repeat(n)
     cov = acf[(r[:, None] - r[None, :]) % grid, (c[:, None] - c[None, :]) % grid]
     return cov if log_amplitude is None else _modulate(cov, log_amplitude)
 
@@ -327,12 +328,13 @@ class MapFit:
     restarts (with a noise modulation its data term holds a(0), so these losses are not
     comparable with `loss`, which holds a at the best restart); n_iter / n_eval: optimiser
     iterations / objective evaluations (all restarts run as one batch); grad_norm (B,)
-    |d loss / dz| at z_map; converged (B,) grad_norm < gtol; mean (B, 1, n, n) decoder mean
-    mu(z_map); data (B, 1, n, n) the validated observation (0 at masked pixels); mask, sigma2
+    |d loss / dz| at z_map; converged (B,) grad_norm < gtol; mean (B, 1, n, n) data-space decoder
+    mean f(mu(z_map)) (mu(z_map) without a marginal transform); data (B, 1, n, n) the validated observation (0 at masked pixels); mask, sigma2
     (B, 1, n, n); noise_model 'exact' | 'white' | 'none'; sigma_dec2: decoder-noise pixel
     variance before modulation; prior: the learned latent prior used (None: N(0, I));
-    log_amplitude (B, 1, n, n): the decoder-noise modulation the final fit held fixed, a at the
-    best restart's latents (None without modulation).
+    log_amplitude (B, 1, n, n): the data-space decoder-noise log-amplitude the final fit held
+    fixed, `fitted_log_amplitude` at the best restart's latents (None without modulation and
+    marginal transform).
     """
 
     z_map: torch.Tensor
@@ -503,8 +505,9 @@ def laplace_precision(vae: VAE, fit: MapFit, hessian: str = "gauss-newton") -> t
 class Posterior:
     """Posterior draws for B patches.
 
-    z (S, B, D) latents; realizations (S, B, 1, n, n) constrained realizations mu(z_s) + e_s
-    (e_s the decoder noise drawn given z_s and the data; mu(z_s) alone without decoder noise);
+    z (S, B, D) latents; realizations (S, B, 1, n, n) constrained realizations f(mu(z_s)) + e_s
+    (e_s the data-space decoder noise drawn given z_s and the data; f(mu(z_s)) alone without
+    decoder noise; f the marginal transform, or the identity);
     mean / std (B, 1, n, n) over the realizations; fit: the MapFit used; acceptance: MALA
     acceptance rate after adaptation (None for 'laplace' / 'ula').
     """
@@ -524,20 +527,29 @@ class Posterior:
         return lo, hi
 
 
-def _conditional_decoder_noise(vae, residual, m, s2, generator=None, log_amplitude=None):
-    """Decoder noise e ~ N(0, C) given r = d - mu = A e + n on the observed pixels, residual
-    (S, B, 1, n, n): exact draws e = e0 + C A^T (A C A^T + N)^-1 (r - A e0 - n0), or with
-    generator=None the conditional mean C A^T (A C A^T + N)^-1 r. C: the stationary noise
-    covariance, modulated by log_amplitude (B, 1, n, n) when given."""
+def _data_space_noise(vae, mean, log_amplitude, generator, periodic: bool) -> torch.Tensor:
+    """Prior draws f(mu + e) - f(mu) (N, 1, n, n) of the decoder noise in data space: e the
+    Gaussian-space noise modulated by log_amplitude (N, 1, n, n) or None, mu (N, 1, n, n) the
+    Gaussian-space decoder mean (without a marginal transform f is the identity: e itself). With a
+    transform the draws keep the sky's skewness where the data do not constrain them."""
+    e = vae.decoder_noise(len(mean), generator, log_amplitude=log_amplitude, periodic=periodic)
+    return vae.to_data(mean + e) - vae.to_data(mean)
+
+
+def _conditional_decoder_noise(vae, residual, m, s2, log_amplitude=None, prior_draws=None, generator=None):
+    """Decoder noise e given r = d - mu = A e + n on the observed pixels, residual (S, B, 1, n, n),
+    in data space with covariance C (the aperiodic stationary covariance modulated by the
+    data-space log_amplitude (B, 1, n, n) when given): with prior_draws e0 (S, B, 1, n, n) (see
+    `_data_space_noise`), draws e = e0 + C A^T (A C A^T + N)^-1 (r - A e0 - n0) (exact for a
+    Gaussian e0; n0 drawn from `generator`); without, the conditional mean C A^T (A C A^T + N)^-1 r."""
     s, b = residual.shape[:2]
     n = vae.config.npix
     stationary = decoder_noise_covariance(vae)
     r = residual.reshape(s, b, n * n).double()
-    if generator is None:
+    if prior_draws is None:
         e0 = n0 = torch.zeros_like(r)
     else:
-        amp = None if log_amplitude is None else log_amplitude.repeat(s, 1, 1, 1)
-        e0 = vae.decoder_noise(s * b, generator, log_amplitude=amp, periodic=False).reshape(s, b, n * n).double()
+        e0 = prior_draws.reshape(s, b, n * n).double()
         n0 = torch.randn((s, b, n * n), generator=generator, dtype=torch.float64) * s2.flatten(1).double().sqrt()
     out = e0.clone()
     for i in range(b):
@@ -552,14 +564,14 @@ def _conditional_decoder_noise(vae, residual, m, s2, generator=None, log_amplitu
 
 
 def conditional_mean(vae: VAE, fit: MapFit) -> torch.Tensor:
-    """Point estimate (B, 1, n, n) of the patches: mu(z_map) + E[e | z_map, d], the decoder mean
-    plus the Wiener mean of the decoder noise given the residual (denoises the observed pixels and
-    extrapolates the noise's short-range correlations into masked ones)."""
+    """Point estimate (B, 1, n, n) of the patches: f(mu(z_map)) + E[e | z_map, d], the data-space
+    decoder mean plus the Wiener mean of the decoder noise given the residual (denoises the observed
+    pixels and extrapolates the noise's short-range correlations into masked ones)."""
     if fit.noise_model == "none":
         return fit.mean.clone()
     with torch.no_grad():
         return fit.mean + _conditional_decoder_noise(vae, (fit.data - fit.mean)[None], fit.mask, fit.sigma2,
-                                                     log_amplitude=fit.log_amplitude)[0]
+                                                     fit.log_amplitude)[0]
 
 
 def posterior_samples(vae: VAE, d, mask, sigma, n_samples: int = 64, method: str = "laplace",
@@ -604,10 +616,15 @@ def posterior_samples(vae: VAE, d, mask, sigma, n_samples: int = 64, method: str
         z_s, acceptance = _langevin(vae, z_s, d_t, fit.data_term, chol, prior, int(mala_steps), step_size,
                                     generator, adjust=method == "mala")
     with torch.no_grad():
-        mu = vae.decode_data(z_s.reshape(-1, dim)).reshape(z_s.shape[0], b, 1, *d_t.shape[-2:])
+        mu_gaussian = vae.decode(z_s.reshape(-1, dim))
+        shape = (z_s.shape[0], b, 1, *d_t.shape[-2:])
+        mu = vae.to_data(mu_gaussian).reshape(shape)
         real = mu
-        if fit.noise_model != "none":
-            real = mu + _conditional_decoder_noise(vae, d_t[None] - mu, m, s2, generator, fit.log_amplitude)
+        if fit.noise_model != "none":  # prior noise with the modulation held at z_map, as in the fit
+            a_map = vae.noise_log_amplitude(fit.z_map, vae.decode(fit.z_map))
+            draws = _data_space_noise(vae, mu_gaussian, None if a_map is None else a_map.repeat(shape[0], 1, 1, 1),
+                                      generator, periodic=False).reshape(shape)
+            real = mu + _conditional_decoder_noise(vae, d_t[None] - mu, m, s2, fit.log_amplitude, draws, generator)
     return Posterior(z=z_s, realizations=real, mean=real.mean(0), std=real.std(0), fit=fit, method=method,
                      acceptance=acceptance)
 
@@ -1205,8 +1222,9 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
 
         white_f = white.float()
         with torch.no_grad():
-            if sample:
-                e0 = vae.decoder_noise(p_count, gen, log_amplitude=log_amp)[:, 0]
+            mu = torch.cat([vae.decode(z_fit[k:k + chunk]) for k in range(0, p_count, chunk)])  # Gaussian space
+            if sample:  # prior draws in data space, f(mu + e) - f(mu), a held at the fitted latents
+                e0 = _data_space_noise(vae, mu, vae.noise_log_amplitude(z_fit, mu), gen, periodic=True)[:, 0]
                 n0 = torch.randn(len(obs), generator=gen) * white_f.sqrt()
             else:
                 e0, n0 = torch.zeros(p_count, n, n), torch.zeros(len(obs))
@@ -1216,7 +1234,7 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
                                          tol=cg_tol, max_iter=cg_max_iter)
             noise_patches = e0 + cov(fwd.band(op.adjoint(a)))
             if vae.marginal.active:  # data-space noise e -> Gaussian-space g(f(mu) + e) - mu
-                mu = torch.cat([vae.decode(z_fit[k:k + chunk])[:, 0] for k in range(0, p_count, chunk)])
+                mu = mu[:, 0]
                 noise_patches = vae.marginal.to_gaussian(vae.to_data(mu) + noise_patches) - mu
         log(f"decoder noise: {it_noise} CG iterations (relative residual {res_noise:.1e})")
     with torch.no_grad():

@@ -59,8 +59,6 @@ class VAEConfig:
         if not 0 <= int(self.noise_modulation) <= self.npix:
             raise ValueError(f"noise_modulation={self.noise_modulation!r}: expected 0 (off) .. npix={self.npix}")
         self.noise_modulation = int(self.noise_modulation)
-        if self.marginal_knots and int(self.marginal_knots) < 3:
-            raise ValueError(f"marginal_knots={self.marginal_knots!r}: expected 0 (none) or >= 3")
         self.marginal_knots = int(self.marginal_knots)
 
     def to_dict(self) -> dict:
@@ -133,9 +131,10 @@ class VAE(nn.Module):
         return self.decoder_logvar[bins]
 
     def embedded_noise_logvar(self) -> torch.Tensor:
-        """(2 npix, 2 npix) log variance per FFT mode of the same noise on a grid twice the patch:
-        the learned per-bin log variance interpolated linearly in |k|. Its inverse FFT at lags
-        |dx|, |dy| < npix is the aperiodic (non-wrapping) autocovariance of the noise."""
+        """(2 npix, 2 npix) log variance per FFT mode of the noise on a grid twice the patch: the
+        learned per-bin log variance interpolated linearly in |k| (the periodic model rounds |k| to
+        its bins; pixel variances differ by ~1 %). Its inverse FFT at lags |dx|, |dy| < npix is the
+        aperiodic (non-wrapping) autocovariance of the noise."""
         n = self.config.npix
         k = torch.fft.fftfreq(2 * n, d=1.0 / n, device=self.device)  # patch-fundamental units, step 1/2
         radius = torch.sqrt(k[:, None] ** 2 + k[None, :] ** 2)
@@ -153,9 +152,12 @@ class VAE(nn.Module):
         return self.marginal.to_data(y)
 
     def encode(self, x: torch.Tensor):
-        """q(z|x): (mean, log-variance), each (B, latent_dim), for data-space images (B, 1, n, n)."""
-        x = self.marginal.to_gaussian(x)
-        h = self.encoder_conv(x) + self.encoder_linear(x.flatten(1))
+        """q(z|x): (mean, log-variance), each (B, latent_dim), for data-space images (B, 1, n, n)
+        (no gradient reaches x through a marginal transform)."""
+        return self._encode_gaussian(self.marginal.to_gaussian(x))
+
+    def _encode_gaussian(self, y: torch.Tensor):
+        h = self.encoder_conv(y) + self.encoder_linear(y.flatten(1))
         mean, logvar = h.chunk(2, dim=1)
         return mean, logvar.clamp(-12.0, 6.0)
 
@@ -235,9 +237,13 @@ class VAE(nn.Module):
                            log_amplitude: torch.Tensor | None = None) -> torch.Tensor:
         """-log p(x | mu, a) per data-space image (B,), nats: the residual g(x) - mu divided by
         exp(a / 2) is stationary Gaussian noise (Jacobian terms sum a / 2 and -sum log g'(x))."""
-        x, log_derivative = self.marginal.to_gaussian(x, log_derivative=True)
+        return self._neg_log_likelihood_gaussian(*self.marginal.to_gaussian(x, log_derivative=True),
+                                                 mean, log_amplitude)
+
+    def _neg_log_likelihood_gaussian(self, y, log_derivative, mean, log_amplitude):
+        """As neg_log_likelihood, from y = g(x) and log g'(x)."""
         jacobian = log_derivative.flatten(1).sum(1)
-        resid = x - mean if log_amplitude is None else (x - mean) * (-0.5 * log_amplitude).exp()
+        resid = y - mean if log_amplitude is None else (y - mean) * (-0.5 * log_amplitude).exp()
         power = torch.fft.fft2(resid, norm="ortho").abs().square().flatten(1)
         logvar = self.noise_logvar().flatten()
         nll = 0.5 * (power * torch.exp(-logvar) + logvar + math.log(2 * math.pi)).sum(1) - jacobian
@@ -245,11 +251,13 @@ class VAE(nn.Module):
 
     def elbo_terms(self, x: torch.Tensor, beta: float = 1.0, generator: torch.Generator | None = None):
         """Per-image mean of the negative ELBO and its parts (nats): dict(loss, recon, kl, mse)."""
-        mean, logvar = self.encode(x)
+        y, log_derivative = self.marginal.to_gaussian(x, log_derivative=True)   # one inversion per batch
+        mean, logvar = self._encode_gaussian(y)
         eps = torch.randn(mean.shape, generator=generator, device=mean.device)
         z = mean + eps * (0.5 * logvar).exp()
         recon_mean = self.decode(z)
-        recon = self.neg_log_likelihood(x, recon_mean, self.noise_log_amplitude(z, recon_mean))
+        recon = self._neg_log_likelihood_gaussian(y, log_derivative, recon_mean,
+                                                  self.noise_log_amplitude(z, recon_mean))
         kl = 0.5 * (mean**2 + logvar.exp() - logvar - 1).sum(1)
         mse = (x - self.to_data(recon_mean)).square().mean()
         return {"loss": (recon + beta * kl).mean(), "recon": recon.mean(), "kl": kl.mean(), "mse": mse}

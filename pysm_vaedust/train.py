@@ -29,6 +29,8 @@ from .statistics import default_ell_edges, flat_power_spectrum
 from .weights import save_weights
 
 SPLITS = ("train", "val", "test")
+#: what a stored training config that predates a key meant by its absence (the old behaviour)
+LEGACY_DEFAULTS = {"split_strata": "none", "marginal_knots": 0}
 #: config keys that may differ when resuming (e.g. continue to more epochs)
 RESUMABLE_CHANGES = ("epochs", "output", "threads", "device")
 
@@ -89,6 +91,12 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{source}: unknown config key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**values)
+
+    @classmethod
+    def of_weights(cls, metadata: dict) -> "TrainConfig":
+        """The training config stored in a weights file's metadata; keys it predates take their
+        old behaviour (LEGACY_DEFAULTS), so older weights rebuild their own split."""
+        return cls.from_dict({**LEGACY_DEFAULTS, **metadata["training_config"]}, source="weights metadata")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -174,8 +182,9 @@ def calibrate_decoder_noise(model: VAE, latents: torch.Tensor, data: torch.Tenso
     rescaled per bin (`iterations` fixed-point steps); with a marginal transform, the same steps
     then match the data-space samples f(mu + e) to the data-space power.
 
-    latents: (M, D) draws of the prior in use; data: augmented training images (N, 1, n, n) in
-    data space (matched in the model's Gaussian space)."""
+    latents: (M, D) draws of the prior in use; data: training images (N, 1, n, n) in data space
+    (matched in the model's Gaussian space; the radial-bin power is the same for the dihedral
+    augmentations, so the unaugmented set suffices)."""
     if model.config.decoder_variance != "fourier":
         return {"calibrated": False}
     bins = model.noise_bin.flatten()
@@ -199,8 +208,6 @@ def calibrate_decoder_noise(model: VAE, latents: torch.Tensor, data: torch.Tenso
         for _ in range(int(iterations)):
             modulated = per_bin(model.decoder_noise(len(white), white=white, log_amplitude=log_amplitude))
             model.decoder_logvar.add_((target / modulated).log())
-    reached = per_bin(model.decoder_noise(len(means), white=torch.randn(means.shape, generator=torch.Generator(
-        device=model.device).manual_seed(1), device=model.device), log_amplitude=log_amplitude))
     report = {}
     if model.marginal.active:
         # the marginal transform reshapes the spectrum: match the data-space power of the samples
@@ -215,6 +222,8 @@ def calibrate_decoder_noise(model: VAE, latents: torch.Tensor, data: torch.Tenso
         samples = model.to_data(means + model.decoder_noise(len(white), white=white, log_amplitude=log_amplitude))
         report = {"data_space_power_per_bin": data_space_target.tolist(),
                   "reached_data_space_power_per_bin": per_bin(samples).tolist()}
+    reached = per_bin(model.decoder_noise(len(means), white=torch.randn(means.shape, generator=torch.Generator(
+        device=model.device).manual_seed(1), device=model.device), log_amplitude=log_amplitude))  # final noise
     return {"calibrated": True, "n_latents": len(latents), **report,
             "noise_power_per_bin_before": before.tolist(), "noise_power_per_bin": model.decoder_logvar.exp().tolist(),
             "target_noise_power_per_bin": target.tolist(), "reached_noise_power_per_bin": reached.tolist(),
@@ -326,7 +335,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     use_flow = prior_report is not None and prior_report["default"]
     with torch.no_grad():
         latents = modules["prior"].sample_from_normals(normals) if use_flow else normals
-    noise_report = calibrate_decoder_noise(model, latents, augmented)
+    noise_report = calibrate_decoder_noise(model, latents, sets["train"].to(device))
     test_calibrated = evaluate(model, sets["test"], cfg.beta, seed=cfg.seed)
     metadata = {
         "package_version": __version__,

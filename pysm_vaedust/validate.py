@@ -63,7 +63,7 @@ def normalised_patches(data_map, metadata: dict, split: str = "all", quantity: s
     """
     if split not in SPLITS + ("all",):
         raise ValueError(f"split={split!r}: expected one of {SPLITS + ('all',)}")
-    cfg = TrainConfig.from_dict(metadata["training_config"])
+    cfg = TrainConfig.of_weights(metadata)
     norm, geo = metadata["normalisation"], metadata["geometry"]
     geometry = PatchGeometry(int(geo["npix"]), float(geo["size_deg"]))
     dust = load_dust_map(resolve_data_path(str(data_map)), quantity=quantity, frame=frame)
@@ -441,7 +441,7 @@ def validate(weights_path, split: str = "test", out="validation", n_samples: int
 
     # data: the training run's splits, and the reference set (same split, or another map)
     tic = time.time()
-    sets, _ = build_datasets(TrainConfig.from_dict(meta["training_config"]))
+    sets, _ = build_datasets(TrainConfig.of_weights(meta))
     if data_map is not None:
         x_split, data_info = normalised_patches(data_map, meta, split, map_quantity, map_frame)
     else:

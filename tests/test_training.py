@@ -159,7 +159,7 @@ def test_marginal_transform_round_trip_and_gaussianises():
     x = torch.linspace(-3.0, 40.0, 2001)                                    # beyond the end knots too
     assert torch.allclose(transform.to_data(transform.to_gaussian(x)), x, atol=1e-4)
     assert bool(torch.all(torch.diff(transform.to_gaussian(x)) > 0))
-    step = 1e-3                                 # f is C1: finite differences match everywhere
+    step = 1e-6                                 # f is C1: finite differences match everywhere
     inner = x[(x > -1.2) & (x < 8)].double()
     finite = (transform.to_gaussian(inner + step) - transform.to_gaussian(inner - step)) / (2 * step)
     assert torch.allclose(transform.to_gaussian(inner, log_derivative=True)[1].exp(), finite, rtol=2e-3)
@@ -190,3 +190,14 @@ def test_marginal_likelihood_is_the_density_of_the_samples():
     predicted = (log_p - log_p.max()).exp().reshape(fine.shape).mean(1) * torch.diff(edges)
     predicted *= float(mass.sum() / predicted.sum())
     assert torch.allclose(mass, predicted, rtol=0.03), (mass, predicted)
+
+
+def test_older_weights_metadata_keeps_its_split_and_transform():
+    """A training config stored before split_strata / marginal_knots existed means the old
+    behaviour (random region split, no transform), not today's defaults."""
+    old = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("split_strata", "marginal_knots")}
+    cfg = TrainConfig.of_weights({"training_config": old})
+    assert cfg.split_strata == "none" and cfg.marginal_knots == 0
+    assert TrainConfig().split_strata == "variance" and TrainConfig().marginal_knots == 161
+    stored = TrainConfig.of_weights({"training_config": TrainConfig().to_dict()})
+    assert stored == TrainConfig()

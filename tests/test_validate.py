@@ -101,7 +101,7 @@ def test_data_map_patches_match_the_training_split(tiny_weights):
     """Another map goes through the same cutting and normalisation: the training map itself must
     give back exactly the training run's split."""
     meta = load_weights(tiny_weights).metadata
-    cfg = TrainConfig.from_dict(meta["training_config"])
+    cfg = TrainConfig.of_weights(meta)
     sets, _ = build_datasets(cfg)
     patches, info = normalised_patches(cfg.data_map, meta, "test")
     assert torch.equal(patches, sets["test"])
