@@ -45,8 +45,9 @@ Weights with a marginal transform (model.py: samples x = f(mu(z) + e), e added i
 space) are conditioned in data space with f linearised about the decoder mean: mu(z) above reads
 f(mu(z)) and the noise modulation a(z) + 2 log f'(mu(z)) (`fitted_log_amplitude`), so each fit
 stays Gaussian given z; constrained realizations start from the exact (skewed) prior draws
-f(mu + e) - f(mu) and add the linear correction towards the data. The patch-level decoder-noise covariance is the aperiodic one
-(`decoder_noise_covariance(periodic=False)`); the sky level keeps the periodic FFT form.
+f(mu + e) - f(mu) and add the linear correction towards the data. The patch-level
+decoder-noise covariance is the aperiodic one (`decoder_noise_covariance(periodic=False)`); the
+sky level keeps the periodic FFT form.
 """
 
 from __future__ import annotations
@@ -159,6 +160,17 @@ def _modulate(cov: torch.Tensor, log_amplitude: torch.Tensor) -> torch.Tensor:
     return cov * amp[:, None] * amp[None, :]
 
 
+def _observed_system(stationary, log_amplitude, m, s2, i):
+    """For patch i: (observed pixel indices, its decoder-noise covariance C (n^2, n^2) — the
+    stationary one modulated by log_amplitude[i] when given — and the Cholesky factor of
+    C_oo + diag sigma_o^2), or None when no pixel is observed."""
+    idx = torch.nonzero(m[i].flatten() > 0).flatten()
+    if len(idx) == 0:
+        return None
+    cov = stationary if log_amplitude is None else _modulate(stationary, log_amplitude[i])
+    return idx, cov, torch.linalg.cholesky(cov[idx][:, idx] + torch.diag(s2[i].flatten()[idx].double()))
+
+
 @torch.no_grad()
 def fitted_log_amplitude(vae: VAE, z: torch.Tensor) -> torch.Tensor | None:
     """Data-space decoder-noise log-amplitude (B, 1, n, n) at latents z (B, D): a(z), plus
@@ -167,11 +179,15 @@ def fitted_log_amplitude(vae: VAE, z: torch.Tensor) -> torch.Tensor | None:
     The fits hold it fixed: first at z = 0 (the prior mean), then at the fitted latents (map_fit:
     the best restart's)."""
     mean = vae.decode(z)
-    log_amplitude = vae.noise_log_amplitude(z, mean)
-    if vae.marginal.active:
-        slope = 2 * vae.marginal.data_log_derivative(mean)
-        log_amplitude = slope if log_amplitude is None else log_amplitude + slope
-    return log_amplitude
+    return _data_log_amplitude(vae, mean, vae.noise_log_amplitude(z, mean))
+
+
+def _data_log_amplitude(vae: VAE, mean: torch.Tensor, log_amplitude: torch.Tensor | None):
+    """Gaussian-space log-amplitude a (or None) at decoder mean mu -> data space, a + 2 log f'(mu)."""
+    if not vae.marginal.active:
+        return log_amplitude
+    slope = 2 * vae.marginal.data_log_derivative(mean)
+    return slope if log_amplitude is None else log_amplitude + slope
 
 
 def prior_mean_noise_level(vae: VAE) -> float:
@@ -225,11 +241,10 @@ class _DataTerm:
         stationary = decoder_noise_covariance(vae)
         prec = torch.zeros(len(m), stationary.shape[0], stationary.shape[0])
         for i in range(len(m)):
-            idx = torch.nonzero(m[i].flatten() > 0).flatten()
-            if len(idx):
-                cov = stationary if log_amplitude is None else _modulate(stationary, log_amplitude[i])
-                k = cov[idx][:, idx] + torch.diag(s2[i].flatten()[idx].double())
-                inv = torch.cholesky_inverse(torch.linalg.cholesky(k)).float()
+            system = _observed_system(stationary, log_amplitude, m, s2, i)
+            if system is not None:
+                idx, _, chol = system
+                inv = torch.cholesky_inverse(chol).float()
                 prec[i].index_put_((idx[:, None].expand(-1, len(idx)), idx[None, :].expand(len(idx), -1)), inv)
         return cls(m / s2, prec)
 
@@ -329,7 +344,8 @@ class MapFit:
     comparable with `loss`, which holds a at the best restart); n_iter / n_eval: optimiser
     iterations / objective evaluations (all restarts run as one batch); grad_norm (B,)
     |d loss / dz| at z_map; converged (B,) grad_norm < gtol; mean (B, 1, n, n) data-space decoder
-    mean f(mu(z_map)) (mu(z_map) without a marginal transform); data (B, 1, n, n) the validated observation (0 at masked pixels); mask, sigma2
+    mean f(mu(z_map)) (mu(z_map) without a marginal transform); data (B, 1, n, n) the validated
+    observation (0 at masked pixels); mask, sigma2
     (B, 1, n, n); noise_model 'exact' | 'white' | 'none'; sigma_dec2: decoder-noise pixel
     variance before modulation; prior: the learned latent prior used (None: N(0, I));
     log_amplitude (B, 1, n, n): the data-space decoder-noise log-amplitude the final fit held
@@ -553,11 +569,10 @@ def _conditional_decoder_noise(vae, residual, m, s2, log_amplitude=None, prior_d
         n0 = torch.randn((s, b, n * n), generator=generator, dtype=torch.float64) * s2.flatten(1).double().sqrt()
     out = e0.clone()
     for i in range(b):
-        idx = torch.nonzero(m[i].flatten() > 0).flatten()
-        if len(idx) == 0:
+        system = _observed_system(stationary, log_amplitude, m, s2, i)
+        if system is None:
             continue
-        cov = stationary if log_amplitude is None else _modulate(stationary, log_amplitude[i])
-        chol = torch.linalg.cholesky(cov[idx][:, idx] + torch.diag(s2[i].flatten()[idx].double()))
+        idx, cov, chol = system
         rhs = (r[:, i, idx] - e0[:, i, idx] - n0[:, i, idx]).T      # (n_obs, S)
         out[:, i] += (cov[:, idx] @ torch.cholesky_solve(rhs, chol)).T
     return out.reshape(s, b, 1, n, n).float()
@@ -1209,9 +1224,11 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
     noise_patches, it_noise, res_noise = None, 0, 0.0
     if decoder_noise:
         spectrum = vae.noise_logvar().detach().exp()
-        log_amp = None
-        if vae.config.noise_modulation or vae.marginal.active:  # held at the fitted latents
-            log_amp = torch.cat([fitted_log_amplitude(vae, z_fit[k:k + chunk]) for k in range(0, p_count, chunk)])
+        with torch.no_grad():  # Gaussian-space mean and modulation, held at the fitted latents
+            mu = torch.cat([vae.decode(z_fit[k:k + chunk]) for k in range(0, p_count, chunk)])
+            a_gauss = (None if not vae.config.noise_modulation else torch.cat(
+                [vae.noise_log_amplitude(z_fit[k:k + chunk], mu[k:k + chunk]) for k in range(0, p_count, chunk)]))
+            log_amp = _data_log_amplitude(vae, mu, a_gauss)
         amp = 1.0 if log_amp is None else (0.5 * log_amp[:, 0]).exp()
 
         def cov(x):  # C x for patches (P, n, n)
@@ -1222,9 +1239,8 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
 
         white_f = white.float()
         with torch.no_grad():
-            mu = torch.cat([vae.decode(z_fit[k:k + chunk]) for k in range(0, p_count, chunk)])  # Gaussian space
-            if sample:  # prior draws in data space, f(mu + e) - f(mu), a held at the fitted latents
-                e0 = _data_space_noise(vae, mu, vae.noise_log_amplitude(z_fit, mu), gen, periodic=True)[:, 0]
+            if sample:  # prior draws in data space, f(mu + e) - f(mu)
+                e0 = _data_space_noise(vae, mu, a_gauss, gen, periodic=True)[:, 0]
                 n0 = torch.randn(len(obs), generator=gen) * white_f.sqrt()
             else:
                 e0, n0 = torch.zeros(p_count, n, n), torch.zeros(len(obs))

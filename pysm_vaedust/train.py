@@ -198,13 +198,17 @@ def calibrate_decoder_noise(model: VAE, latents: torch.Tensor, data: torch.Tenso
     data_power = per_bin(model.marginal.to_gaussian(data))
     means = torch.cat([model.decode(latents[i:i + 1024]) for i in range(0, len(latents), 1024)])
     mean_power = per_bin(means)
+
+    def fixed_white(seed):  # standard normals shaped like `means`, the same at every call with `seed`
+        return torch.randn(means.shape, generator=torch.Generator(device=model.device).manual_seed(seed),
+                           device=model.device)
+
     target = torch.maximum(data_power - mean_power, 0.01 * data_power)
     before = model.decoder_logvar.exp().clone()
     model.decoder_logvar.copy_(target.log())
     log_amplitude = model.noise_log_amplitude(latents, means)
     if log_amplitude is not None:
-        gen = torch.Generator(device=model.device).manual_seed(0)
-        white = torch.randn(means.shape, generator=gen, device=model.device)
+        white = fixed_white(0)
         for _ in range(int(iterations)):
             modulated = per_bin(model.decoder_noise(len(white), white=white, log_amplitude=log_amplitude))
             model.decoder_logvar.add_((target / modulated).log())
@@ -213,17 +217,18 @@ def calibrate_decoder_noise(model: VAE, latents: torch.Tensor, data: torch.Tenso
         # the marginal transform reshapes the spectrum: match the data-space power of the samples
         # f(mu + e) to the data's, rescaling the noise per bin (fixed point; bins where the decoded
         # mean dominates hardly move)
-        gen = torch.Generator(device=model.device).manual_seed(2)
-        white = torch.randn(means.shape, generator=gen, device=model.device)
+        white = fixed_white(2)
+
+        def data_space_power():
+            return per_bin(model.to_data(means + model.decoder_noise(len(white), white=white,
+                                                                     log_amplitude=log_amplitude)))
+
         data_space_target = per_bin(data)
         for _ in range(int(iterations)):
-            samples = model.to_data(means + model.decoder_noise(len(white), white=white, log_amplitude=log_amplitude))
-            model.decoder_logvar.add_((data_space_target / per_bin(samples)).log().clamp(-1.0, 1.0))
-        samples = model.to_data(means + model.decoder_noise(len(white), white=white, log_amplitude=log_amplitude))
+            model.decoder_logvar.add_((data_space_target / data_space_power()).log().clamp(-1.0, 1.0))
         report = {"data_space_power_per_bin": data_space_target.tolist(),
-                  "reached_data_space_power_per_bin": per_bin(samples).tolist()}
-    reached = per_bin(model.decoder_noise(len(means), white=torch.randn(means.shape, generator=torch.Generator(
-        device=model.device).manual_seed(1), device=model.device), log_amplitude=log_amplitude))  # final noise
+                  "reached_data_space_power_per_bin": data_space_power().tolist()}
+    reached = per_bin(model.decoder_noise(len(means), white=fixed_white(1), log_amplitude=log_amplitude))  # final noise
     return {"calibrated": True, "n_latents": len(latents), **report,
             "noise_power_per_bin_before": before.tolist(), "noise_power_per_bin": model.decoder_logvar.exp().tolist(),
             "target_noise_power_per_bin": target.tolist(), "reached_noise_power_per_bin": reached.tolist(),
