@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import healpy as hp
 import numpy as np
 
-from .data import DustMap, check_positive_finite
+from .data import DustMap
 
 
 @dataclass(frozen=True)
@@ -91,25 +91,92 @@ def sample_map(values: np.ndarray, frame: str, vec_gal: np.ndarray) -> np.ndarra
     return hp.get_interp_val(values, theta, phi).reshape(vec_gal.shape[:-1])
 
 
+def oversampling(nside: int, geometry: PatchGeometry) -> int:
+    """Sub-pixels per patch pixel (per axis) so that sampling keeps up with the map's pixels:
+    round(patch pixel / map pixel), at least 1 (1 for the nside-256 Planck map at 15')."""
+    return max(int(round(np.radians(geometry.pixel_size_deg) / hp.nside2resol(nside))), 1)
+
+
+def sample_patches(values: np.ndarray, frame: str, lon_deg, lat_deg, geometry: PatchGeometry,
+                   oversample: int = 1) -> np.ndarray:
+    """Patches (N, npix, npix) of a RING map: the mean of oversample^2 bilinear samples in each
+    pixel (a box filter against aliasing when the map is finer than the patch pixel). NaN in
+    the map propagates to the pixels it touches."""
+    fine = PatchGeometry(geometry.npix * oversample, geometry.size_deg)
+    samples = sample_map(values, frame, gnomonic_directions(lon_deg, lat_deg, fine))
+    n, k = geometry.npix, oversample
+    return samples.reshape(len(samples), n, k, n, k).mean(axis=(2, 4))
+
+
+def fill_invalid(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """A RING map with its invalid pixels set to the mean of the valid ones around them: the
+    means of the valid pixels at each coarser nside (a push-pull pyramid in NESTED ordering),
+    taken from the finest level that has any. Smooth enough for harmonic smoothing."""
+    nest = hp.reorder(np.where(valid, values, 0.0), r2n=True)
+    weight = hp.reorder(valid.astype(float), r2n=True)
+    levels = [(nest, weight)]
+    while levels[-1][0].size > 12:
+        total, count = levels[-1]
+        levels.append((total.reshape(-1, 4).sum(1), count.reshape(-1, 4).sum(1)))
+    filled = np.where(levels[-1][1] > 0, levels[-1][0] / np.maximum(levels[-1][1], 1e-300),
+                      np.sum(levels[-1][0]) / max(np.sum(levels[-1][1]), 1e-300))
+    for total, count in reversed(levels[:-1]):
+        parent = np.repeat(filled, 4)
+        filled = np.where(count > 0, total / np.maximum(count, 1e-300), parent)
+    return hp.reorder(filled, n2r=True)
+
+
+def smoothing_lmax(nside: int, fwhm_deg: float) -> int:
+    """lmax of the harmonic smoothing: 3 nside - 1, or where the Gaussian beam falls below 1e-8."""
+    sigma = np.radians(fwhm_deg) / np.sqrt(8 * np.log(2))
+    return int(min(3 * nside - 1, np.ceil(np.sqrt(2 * np.log(1e8)) / sigma)))
+
+
+def log_intensity(dust: DustMap) -> tuple[np.ndarray, np.ndarray]:
+    """(ln(I / 1 MJy/sr) with NaN where I is not finite or <= 0, valid mask), both RING (npix,)."""
+    valid = np.isfinite(dust.intensity) & (dust.intensity > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(valid, np.log(np.where(valid, dust.intensity, 1.0)), np.nan), valid
+
+
 def large_scale_log_map(dust: DustMap, fwhm_deg: float) -> np.ndarray:
-    """log(I / 1 MJy/sr) smoothed by a Gaussian of `fwhm_deg` (the template resolution), RING."""
-    check_positive_finite(dust.intensity, f"dust map {dust.source!r}")
-    log_map = np.log(dust.intensity)
-    lmax = 3 * dust.nside - 1
-    return hp.smoothing(log_map, fwhm=np.radians(fwhm_deg), lmax=lmax, iter=1)
+    """log(I / 1 MJy/sr) smoothed by a Gaussian of `fwhm_deg` (the template resolution), RING.
+    Pixels without data (NaN, I <= 0) are filled (fill_invalid) before smoothing and are NaN in the
+    result; so are pixels where the beam-weighted fraction of valid pixels is below 99.9 %."""
+    log_map, valid = log_intensity(dust)
+    if not valid.any():
+        raise ValueError(f"dust map {dust.source!r} has no finite positive pixel")
+    lmax = smoothing_lmax(dust.nside, fwhm_deg)
+    if valid.all():
+        return hp.smoothing(log_map, fwhm=np.radians(fwhm_deg), lmax=lmax, iter=1)
+    smooth = hp.smoothing(fill_invalid(log_map, valid), fwhm=np.radians(fwhm_deg), lmax=lmax, iter=1)
+    coverage = hp.smoothing(valid.astype(float), fwhm=np.radians(fwhm_deg), lmax=lmax, iter=1)
+    return np.where(valid & (coverage > 0.999), smooth, np.nan)
 
 
 def log_residual_patches(dust: DustMap, lon_deg, lat_deg, geometry: PatchGeometry,
-                         template_fwhm_deg: float, chunk: int = 256) -> np.ndarray:
-    """Small-scale log-intensity patches log I - [log I]_smooth, (N, npix, npix) float32."""
-    log_map = np.log(dust.intensity)
+                         template_fwhm_deg: float, chunk: int = 64) -> np.ndarray:
+    """Small-scale log-intensity patches log I - [log I]_smooth, (N, npix, npix) float32.
+
+    Works on any HEALPix dust map (the Planck E(B-V) map, the IRIS mosaic, GNILC): a map finer
+    than the patch pixel is box-averaged (sample_patches). A patch that touches a pixel without
+    data, or lies where the smoothed template would feel one, is NaN throughout: drop it with
+    usable_patches()."""
+    log_map, _ = log_intensity(dust)
     smooth = large_scale_log_map(dust, template_fwhm_deg)
+    oversample = oversampling(dust.nside, geometry)
     out = np.empty((len(lon_deg), geometry.npix, geometry.npix), dtype=np.float32)
     for start in range(0, len(lon_deg), chunk):
         sl = slice(start, start + chunk)
-        vec = gnomonic_directions(lon_deg[sl], lat_deg[sl], geometry)
-        out[sl] = sample_map(log_map, dust.frame, vec) - sample_map(smooth, dust.frame, vec)
+        out[sl] = (sample_patches(log_map, dust.frame, lon_deg[sl], lat_deg[sl], geometry, oversample)
+                   - sample_patches(smooth, dust.frame, lon_deg[sl], lat_deg[sl], geometry, oversample))
+    out[~np.isfinite(out).all(axis=(1, 2))] = np.nan
     return out
+
+
+def usable_patches(patches: np.ndarray) -> np.ndarray:
+    """(N,) bool: patches (N, n, n) free of NaN (log_residual_patches marks unusable ones NaN)."""
+    return np.isfinite(patches).all(axis=(1, 2))
 
 
 def flat_small_scales(log_image: np.ndarray, pixel_arcmin: float, fwhm_deg: float) -> np.ndarray:

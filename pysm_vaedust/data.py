@@ -10,7 +10,7 @@ import hashlib
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 
 import healpy as hp
@@ -82,12 +82,13 @@ class DustMap:
     source: str
     sha256: str
     quantity: str
+    extra: dict = dataclass_field(default_factory=dict)  # JSON-able provenance of derived maps (e.g. the IRIS mosaic)
 
     def provenance(self) -> dict:
         """JSON-able description of where the map came from."""
         return {"source": self.source, "sha256": self.sha256, "frame": self.frame,
                 "nside": self.nside, "input_quantity": self.quantity,
-                "T_dust_K": T_DUST_K, "beta_dust": BETA_DUST, "freq_GHz": FREQ_REF_GHZ}
+                "T_dust_K": T_DUST_K, "beta_dust": BETA_DUST, "freq_GHz": FREQ_REF_GHZ, **self.extra}
 
 
 def read_healpix_map(path, frame: str | None = None, nest: bool | None = None, field: int = 0):

@@ -1,0 +1,382 @@
+"""Stage 1 — data, IRIS: 100 um plates -> point sources masked and filled -> one Galactic HEALPix mosaic.
+
+IRIS (Miville-Deschenes & Lagache 2005, ApJS 157, 302) is the reprocessed IRAS survey; the shared
+copy (``../shared/data/iris_100um``) holds 430 gnomonic plates of 250 x 250 pixels of 3.0' in FK4
+B1950 equatorial coordinates, MJy/sr, 4.3' FWHM, NaN where no data, point sources still in.
+
+``iris_mosaic(nside)`` returns the mosaic as a :class:`pysm_vaedust.data.DustMap` (Galactic,
+RING, MJy/sr, NaN where no plate has data), building it on first use and caching it outside the
+repository (``$PYSM_VAEDUST_CACHE``, else ``~/.cache/pysm_vaedust``) next to a JSON provenance
+record with the input checksums and the file's own sha256. A cache whose inputs, parameters or
+bytes do not match is rebuilt (with a warning when the bytes are corrupt); concurrent builders
+serialise on a lock file; every file is written under a temporary name and renamed.
+Command line: ``pysm_vaedust-mosaic --nside 2048``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import healpy as hp
+import numpy as np
+from astropy import units as u
+from astropy.coordinates import SkyCoord
+from astropy.io import fits
+from astropy.wcs import WCS
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from .data import DustMap, atomic_write, file_digest, shared_data_dir
+
+IRIS_DIR_NAME = "iris_100um"
+MANIFEST = "SHA256SUMS"
+BEAM_FWHM_ARCMIN = 4.3
+#: bump when the mosaic recipe changes: caches built by another version are rebuilt
+MOSAIC_VERSION = 1
+#: mosaic blending: plate weights rise as sin^2 from 0 at the plate edge to 1 this far inside (pixels)
+EDGE_TAPER_PIX = 20.0
+
+
+# ------------------------------------------------------------------------------------ plates
+@dataclass(frozen=True)
+class Plate:
+    """One IRIS plate: values (ny, nx) float64 MJy/sr (NaN = no data) and its celestial WCS."""
+
+    name: str
+    values: np.ndarray
+    wcs: WCS
+    pixel_arcmin: float
+
+    def galactic_lonlat(self) -> tuple[np.ndarray, np.ndarray]:
+        """Galactic (lon, lat) in degrees of every pixel centre, each (ny, nx)."""
+        rows, cols = np.indices(self.values.shape)
+        coords = self.wcs.pixel_to_world(cols, rows).galactic
+        return coords.l.deg, coords.b.deg
+
+    def pixel_of(self, lon_deg, lat_deg) -> tuple[np.ndarray, np.ndarray]:
+        """Plate pixel coordinates (col, row) (0-based, float) of Galactic directions (degrees)."""
+        coords = SkyCoord(np.asarray(lon_deg) * u.deg, np.asarray(lat_deg) * u.deg, frame="galactic")
+        col, row = self.wcs.world_to_pixel(coords)
+        return np.asarray(col), np.asarray(row)
+
+
+def read_plate(path) -> Plate:
+    """Read an IRIS plate; ValueError naming the file if it has no usable celestial TAN WCS in a
+    known frame (FK4 B1950, FK5 or ICRS), no 2D image, or units other than MJy/sr."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"IRIS plate {str(path)!r} does not exist")
+    try:
+        with fits.open(path) as hdus:
+            header, data = hdus[0].header, hdus[0].data
+            if data is None or data.ndim != 2:
+                raise ValueError(f"expected a 2D image in the primary HDU, got {None if data is None else data.shape}")
+            values = np.asarray(data, dtype=np.float64)
+        with warnings.catch_warnings():  # IRIS headers carry non-standard keys astropy warns about
+            warnings.simplefilter("ignore")
+            wcs = WCS(header).celestial
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"cannot read IRIS plate {str(path)!r}: {err}") from err
+    ctypes = tuple(wcs.wcs.ctype)
+    if wcs.naxis != 2 or not all(c.endswith("-TAN") for c in ctypes):
+        raise ValueError(f"IRIS plate {str(path)!r}: expected a gnomonic celestial WCS (RA---TAN, DEC--TAN), "
+                         f"got CTYPE {ctypes}")
+    frame = (wcs.wcs.radesys or "").strip().upper()
+    if frame not in ("FK4", "FK5", "ICRS"):
+        raise ValueError(f"IRIS plate {str(path)!r}: unknown celestial frame RADESYS={frame!r}; "
+                         f"expected 'FK4' (IRIS B1950), 'FK5' or 'ICRS'")
+    unit = str(header.get("BUNIT", "")).strip().upper().replace(" ", "")
+    if unit != "MJY/SR":
+        raise ValueError(f"IRIS plate {str(path)!r}: BUNIT={header.get('BUNIT')!r}, expected 'MJy/sr'")
+    pixel_arcmin = 60.0 * float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))))
+    return Plate(name=path.name, values=values, wcs=wcs, pixel_arcmin=pixel_arcmin)
+
+
+def iris_directory(directory=None) -> Path:
+    """The IRIS plate folder: `directory`, else <shared data>/iris_100um."""
+    path = Path(directory) if directory is not None else shared_data_dir() / IRIS_DIR_NAME
+    if not (path / MANIFEST).is_file():
+        raise FileNotFoundError(f"no IRIS plates at {str(path)!r}: expected a folder with {MANIFEST} and the plates")
+    return path
+
+
+def plate_checksums(directory, names=None) -> dict[str, str]:
+    """{plate file name: sha256} of the plates listed in the folder's SHA256SUMS (or `names` of
+    them), each checked against the manifest: ValueError naming a corrupted or missing plate."""
+    directory = iris_directory(directory)
+    manifest = {}
+    for line in (directory / MANIFEST).read_text().splitlines():
+        if line.strip():
+            digest, name = line.split()
+            manifest[name.lstrip("*")] = digest.lower()
+    names = sorted(manifest) if names is None else list(names)
+    if not names:
+        raise ValueError(f"no IRIS plates requested from {str(directory)!r}")
+    checked = {}
+    for name in names:
+        if name not in manifest:
+            raise ValueError(f"IRIS plate {name!r} is not listed in {str(directory / MANIFEST)!r}")
+        path = directory / name
+        if not path.is_file():
+            raise FileNotFoundError(f"IRIS plate {str(path)!r} is listed in {MANIFEST} but missing")
+        actual = file_digest(path)
+        if actual != manifest[name]:
+            raise ValueError(f"IRIS plate {str(path)!r} is corrupted: sha256 {actual}, "
+                             f"{MANIFEST} says {manifest[name]}")
+        checked[name] = actual
+    return checked
+
+
+# ----------------------------------------------------------------------------- point sources
+@dataclass(frozen=True)
+class PointSources:
+    """Detections on one image: peak (row, col) (K, 2) int, matched-filter S/N (K,), mask (ny, nx)."""
+
+    peaks: np.ndarray
+    snr: np.ndarray
+    mask: np.ndarray
+
+
+def find_point_sources(image, beam_fwhm_pix: float, threshold: float = 5.0, background_pix: int = 9,
+                       scatter_pix: int = 31, min_roundness: float = 0.3) -> PointSources:
+    """Compact sources above the local diffuse level.
+
+    image (ny, nx), NaN = no data. The diffuse level is a `background_pix` median filter; the
+    residual is matched-filtered with the beam (Gaussian, `beam_fwhm_pix` FWHM) and divided by its
+    local robust scatter (1.4826 x the median absolute matched residual in `scatter_pix` windows).
+    A source is a local maximum with S/N > `threshold` whose Hessian is round (eigenvalue ratio >
+    `min_roundness`: elongated dust ridges are not sources). Each source masks the disc where
+    its beam-shaped profile exceeds half the local scatter, plus one pixel.
+    """
+    image = np.asarray(image, dtype=np.float64)
+    if image.ndim != 2:
+        raise ValueError(f"image: expected a 2D array, got shape {image.shape}")
+    if not beam_fwhm_pix > 0 or not threshold > 0:
+        raise ValueError(f"beam_fwhm_pix={beam_fwhm_pix!r}, threshold={threshold!r}: expected positive numbers")
+    valid = np.isfinite(image)
+    if not valid.any():
+        return PointSources(np.zeros((0, 2), int), np.zeros(0), np.zeros(image.shape, bool))
+    filled = np.where(valid, image, np.median(image[valid]))
+    residual = filled - ndimage.median_filter(filled, size=background_pix, mode="reflect")
+    beam_sigma = beam_fwhm_pix / np.sqrt(8 * np.log(2))
+    matched = ndimage.gaussian_filter(residual, beam_sigma, mode="reflect")
+    # local robust scatter on a 3x coarser grid (a 31-pixel median filter at full resolution costs 10x more)
+    coarse = ndimage.median_filter(np.abs(matched)[::3, ::3], size=max(scatter_pix // 3, 3), mode="reflect")
+    scatter = 1.4826 * ndimage.zoom(coarse, np.divide(image.shape, coarse.shape), order=1, mode="nearest")
+    with np.errstate(over="ignore"):
+        snr = matched / np.maximum(scatter, np.finfo(float).tiny)
+    peak = (snr > threshold) & (snr == ndimage.maximum_filter(snr, size=3)) & valid
+    rows, cols = np.nonzero(peak)
+    # roundness: ratio of the Hessian eigenvalues of the matched image at the peak (1 for a point source)
+    d_rr = np.gradient(np.gradient(matched, axis=0), axis=0)[rows, cols]
+    d_cc = np.gradient(np.gradient(matched, axis=1), axis=1)[rows, cols]
+    d_rc = np.gradient(np.gradient(matched, axis=0), axis=1)[rows, cols]
+    half_trace, root = 0.5 * (d_rr + d_cc), np.sqrt(0.25 * (d_rr - d_cc) ** 2 + d_rc ** 2)
+    lam_strong, lam_weak = half_trace - root, half_trace + root  # both < 0 at a round maximum
+    round_enough = (lam_strong < 0) & (lam_weak < 0) & (lam_weak / np.where(lam_strong < 0, lam_strong, -1)
+                                                       > min_roundness)
+    rows, cols, ratio = rows[round_enough], cols[round_enough], snr[rows, cols][round_enough]
+    mask = np.zeros(image.shape, bool)
+    profile_sigma = np.sqrt(2) * beam_sigma  # beam convolved with the matched filter
+    radius = 1.0 + profile_sigma * np.sqrt(2 * np.log(np.maximum(2 * ratio, 1.0)))
+    for r0, c0, rad in zip(rows, cols, radius):
+        k = int(np.ceil(rad))
+        r_lo, r_hi, c_lo, c_hi = max(r0 - k, 0), min(r0 + k + 1, image.shape[0]), max(c0 - k, 0), min(c0 + k + 1, image.shape[1])
+        rr, cc = np.ogrid[r_lo:r_hi, c_lo:c_hi]
+        mask[r_lo:r_hi, c_lo:c_hi] |= (rr - r0) ** 2 + (cc - c0) ** 2 <= rad ** 2
+    return PointSources(np.stack([rows, cols], 1), ratio, mask & valid)
+
+
+def diffusion_fill(image, mask, iterations: int = 200) -> np.ndarray:
+    """Fill the masked pixels of image (ny, nx) by diffusion (Jacobi iterations of Laplace's
+    equation from the unmasked pixels around them); unmasked and NaN pixels are returned as they are."""
+    image = np.asarray(image, dtype=np.float64)
+    mask = np.asarray(mask, bool) & np.isfinite(image)
+    if not mask.any():
+        return image.copy()
+    known = np.isfinite(image) & ~mask
+    out = np.where(known, image, 0.0)
+    out[mask] = ndimage.median_filter(np.where(known, image, np.nanmedian(image)), size=9)[mask]
+    weight = known | mask
+    for _ in range(iterations):
+        padded, w = np.pad(np.where(weight, out, 0.0), 1), np.pad(weight.astype(float), 1)
+        total = padded[:-2, 1:-1] + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:]
+        count = w[:-2, 1:-1] + w[2:, 1:-1] + w[1:-1, :-2] + w[1:-1, 2:]
+        out[mask] = (total / np.maximum(count, 1))[mask]
+    return np.where(np.isfinite(image), out, np.nan)
+
+
+def clean_plate(plate: Plate, threshold: float = 5.0) -> tuple[np.ndarray, PointSources]:
+    """Plate values with the point sources masked and filled by diffusion, and the detections."""
+    found = find_point_sources(plate.values, BEAM_FWHM_ARCMIN / plate.pixel_arcmin, threshold)
+    return diffusion_fill(plate.values, found.mask), found
+
+
+# ------------------------------------------------------------------------------------ mosaic
+def edge_weight(col, row, shape, taper_pix: float = EDGE_TAPER_PIX) -> np.ndarray:
+    """Blending weight of plate pixel coordinates: sin^2 from 0 at the plate edge to 1 at
+    `taper_pix` inside; 0 outside the plate."""
+    ny, nx = shape
+    inside = np.minimum.reduce([col + 0.5, nx - 0.5 - col, row + 0.5, ny - 0.5 - row])
+    return np.sin(0.5 * np.pi * np.clip(inside / taper_pix, 0.0, 1.0)) ** 2
+
+
+def plate_footprint(plate: Plate, nside: int) -> np.ndarray:
+    """RING pixels (nside) whose centres may fall on the plate (a disc about its centre)."""
+    ny, nx = plate.values.shape
+    corners = plate.wcs.pixel_to_world(np.array([-0.5, nx - 0.5, -0.5, nx - 0.5, 0.5 * (nx - 1)]),
+                                       np.array([-0.5, -0.5, ny - 0.5, ny - 0.5, 0.5 * (ny - 1)])).galactic
+    vec = hp.ang2vec(corners.l.deg, corners.b.deg, lonlat=True)
+    radius = np.max(np.arccos(np.clip(vec[:4] @ vec[4], -1, 1)))
+    return hp.query_disc(nside, vec[4], radius + 2 * hp.nside2resol(nside), inclusive=False)
+
+
+def add_plate(sum_wv: np.ndarray, sum_w: np.ndarray, values: np.ndarray, plate: Plate) -> None:
+    """Accumulate one plate's bilinear samples at the mosaic's pixel centres, weighted by
+    edge_weight, into sum_wv and sum_w (RING, nside from their size). NaN samples weigh 0."""
+    nside = hp.npix2nside(sum_w.size)
+    pix = plate_footprint(plate, nside)
+    lon, lat = hp.pix2ang(nside, pix, lonlat=True)
+    col, row = plate.pixel_of(lon, lat)
+    weight = edge_weight(col, row, values.shape)
+    keep = weight > 0
+    pix, col, row, weight = pix[keep], col[keep], row[keep], weight[keep]
+    good = np.isfinite(values)
+    sample = ndimage.map_coordinates(np.where(good, values, 0.0), [row, col], order=1, mode="nearest")
+    coverage = ndimage.map_coordinates(good.astype(float), [row, col], order=1, mode="nearest")
+    weight = np.where(coverage > 1 - 1e-6, weight, 0.0)  # all four neighbours hold data
+    sum_wv[pix] += weight * sample  # query_disc pixels are unique: no np.add.at needed
+    sum_w[pix] += weight
+
+
+def build_mosaic(directory=None, nside: int = 2048, names=None, threshold: float = 5.0,
+                 progress: bool = True) -> tuple[np.ndarray, dict]:
+    """Mosaic of the cleaned plates: (12 nside^2,) float32 MJy/sr, Galactic RING, NaN where no
+    plate has data; and a provenance dict (inputs' sha256, point-source statistics, timing)."""
+    if not hp.isnsideok(nside, nest=True) or nside < 16:
+        raise ValueError(f"nside={nside!r}: expected a power of 2 >= 16")
+    tic = time.time()
+    directory = iris_directory(directory)
+    checksums = plate_checksums(directory, names)
+    sum_wv, sum_w = np.zeros(hp.nside2npix(nside)), np.zeros(hp.nside2npix(nside))
+    n_sources, n_masked, n_valid = 0, 0, 0
+    for name in tqdm(sorted(checksums), desc=f"IRIS mosaic nside {nside}", disable=not progress, unit="plate"):
+        plate = read_plate(directory / name)
+        cleaned, found = clean_plate(plate, threshold)
+        add_plate(sum_wv, sum_w, cleaned, plate)
+        n_sources += len(found.snr)
+        n_masked += int(found.mask.sum())
+        n_valid += int(np.isfinite(plate.values).sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mosaic = np.where(sum_w > 0, sum_wv / sum_w, np.nan).astype(np.float32)
+    info = {"inputs": checksums, "nside": nside, "ordering": "RING", "frame": "G", "units": "MJy/sr",
+            "beam_fwhm_arcmin": BEAM_FWHM_ARCMIN, "mosaic_version": MOSAIC_VERSION,
+            "edge_taper_pix": EDGE_TAPER_PIX, "point_source_threshold_sigma": threshold,
+            "point_sources": {"count": n_sources, "masked_pixel_fraction": n_masked / max(n_valid, 1)},
+            "nan_fraction": float(np.mean(np.isnan(mosaic))), "build_time_s": time.time() - tic,
+            "reference": "Miville-Deschenes & Lagache 2005, ApJS 157, 302 (IRIS)"}
+    return mosaic, info
+
+
+# ------------------------------------------------------------------------------------- cache
+def default_cache_dir() -> Path:
+    """Cache of derived data: $PYSM_VAEDUST_CACHE, else $XDG_CACHE_HOME/pysm_vaedust (~/.cache)."""
+    env = os.environ.get("PYSM_VAEDUST_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pysm_vaedust"
+
+
+def _cache_key(checksums: dict, nside: int, threshold: float) -> str:
+    recipe = {"inputs": checksums, "nside": nside, "threshold": threshold,
+              "mosaic_version": MOSAIC_VERSION, "edge_taper_pix": EDGE_TAPER_PIX}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _trusted(fits_path: Path, record_path: Path, key: str) -> dict | None:
+    """The provenance record when the cached mosaic is complete and matches `key`, else None
+    (warning when the file is there but its bytes differ from the record)."""
+    if not (fits_path.is_file() and record_path.is_file()):
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        warnings.warn(f"unreadable mosaic record {str(record_path)!r}: rebuilding", stacklevel=3)
+        return None
+    if record.get("cache_key") != key:
+        return None
+    if file_digest(fits_path) != record.get("sha256"):
+        warnings.warn(f"cached mosaic {str(fits_path)!r} is truncated or corrupted (sha256 differs from "
+                      f"its record): rebuilding", stacklevel=3)
+        return None
+    return record
+
+
+def iris_mosaic(nside: int = 2048, directory=None, cache_dir=None, names=None, threshold: float = 5.0,
+                rebuild: bool = False, progress: bool = True) -> DustMap:
+    """The cached IRIS mosaic as a DustMap (intensity (12 nside^2,) float64 MJy/sr, NaN = no data),
+    built (and cached) when missing, stale or corrupt. Concurrent callers build it once."""
+    directory = iris_directory(directory)
+    checksums = plate_checksums(directory, names)
+    key = _cache_key(checksums, nside, threshold)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    fits_path = cache / f"iris100_mosaic_nside{nside}_{key}.fits"
+    record_path = fits_path.with_suffix(".json")
+    record = None if rebuild else _trusted(fits_path, record_path, key)
+    if record is None:
+        with open(cache / f".{fits_path.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it: wait, then look again
+            record = None if rebuild else _trusted(fits_path, record_path, key)
+            if record is None:
+                record = _build_cache(directory, nside, names, threshold, fits_path, record_path, key, progress)
+    values = hp.read_map(fits_path, dtype=np.float64)
+    manifest = directory / MANIFEST
+    return DustMap(intensity=values, frame="G", nside=nside, source=f"{IRIS_DIR_NAME} mosaic ({fits_path.name})",
+                   sha256=record["sha256"], quantity="intensity_MJysr_100um",
+                   extra={"iris_manifest_sha256": file_digest(manifest), "mosaic": {
+                       k: record[k] for k in ("cache_key", "point_sources", "nan_fraction", "build_time_s")}})
+
+
+def _build_cache(directory, nside, names, threshold, fits_path: Path, record_path: Path, key: str,
+                 progress: bool) -> dict:
+    mosaic, info = build_mosaic(directory, nside, names, threshold, progress)
+    header = [("BUNIT", "MJy/sr"), ("TELESCOP", "IRAS"), ("INSTRUME", "IRIS"), ("WAVELEN", 100.0),
+              ("BEAMFWHM", BEAM_FWHM_ARCMIN), ("CACHEKEY", key)]
+    atomic_write(fits_path, lambda tmp: hp.write_map(tmp, mosaic, coord="G", column_units="MJy/sr",
+                                                     extra_header=header, overwrite=True, dtype=np.float32))
+    record = {**info, "cache_key": key, "file": fits_path.name, "sha256": file_digest(fits_path)}
+    atomic_write(record_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    return record
+
+
+def main(argv=None) -> int:
+    """pysm_vaedust-mosaic: build (or check) the cached IRIS mosaic and print its provenance."""
+    parser = argparse.ArgumentParser(prog="pysm_vaedust-mosaic", description=main.__doc__)
+    parser.add_argument("--nside", type=int, default=2048, help="HEALPix nside (default 2048: 1.7' pixels)")
+    parser.add_argument("--plates", type=Path, default=None, help="IRIS plate folder (default: shared data)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="cache folder (default: $PYSM_VAEDUST_CACHE "
+                                                                     "or ~/.cache/pysm_vaedust)")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild even when a valid cache exists")
+    args = parser.parse_args(argv)
+    if not hp.isnsideok(args.nside, nest=True) or args.nside < 16:
+        parser.error(f"--nside {args.nside}: expected a power of 2 >= 16")
+    try:
+        dust = iris_mosaic(args.nside, args.plates, args.cache_dir, rebuild=args.rebuild)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    print(json.dumps({"source": dust.source, "sha256": dust.sha256, **dust.extra["mosaic"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
