@@ -9,7 +9,8 @@ normalisation) and writes ``DIR/metrics.json`` plus PNG figures:
   reaches 0.1;
 - N prior samples (decoder mean + decoder noise; z from N(0, I) or the learned prior) against the
   split and the train split: binned power spectra, pixel histograms, the three Minkowski
-  functionals, skewness and kurtosis, with bootstrap bands of the data;
+  functionals, skewness and kurtosis, wavelet phase harmonics and filament statistics (structure-
+  tensor coherence, Hessian ridges; see `morphology`), with bootstrap bands of the data;
 - a Gaussian-random-field baseline with the train split's mean 2D power (what PySM d11 amounts
   to), to show the non-Gaussian structure the VAE adds;
 - a latent slerp between two encoded patches and a gallery of samples next to real patches.
@@ -35,6 +36,10 @@ from . import __version__
 from .cutouts import PatchGeometry, log_residual_patches, patch_centres
 from .component import PRIORS
 from .data import atomic_write, load_dust_map, file_digest
+from .morphology import (COHERENCE_EDGES, RIDGE_THRESHOLD, SIGMA_DERIVATIVE_PX, SIGMA_INTEGRATION_PX,
+                         SIGMA_RIDGE_PX, WPH_ORIENTATIONS, WPH_WAVELENGTH_J0_PX, max_wph_scales,
+                         ridge_length_edges, ridge_statistics, structure_tensor_statistics, wph_coefficients,
+                         wph_labels)
 from .statistics import (apodization_window, bootstrap_band, default_ell_edges, flat_power_spectrum,
                          minkowski_functionals)
 from .train import SPLITS, TrainConfig, build_datasets, resolve_data_path, resolve_device
@@ -47,7 +52,10 @@ RESIDUAL_LEVEL = 0.1
 HIST_BINS, HIST_RANGE_SIGMA = 60, 6.0
 INTERP_STEPS = 8
 FIGURE_NAMES = ("reconstructions.png", "residual_spectra.png", "power_spectra.png", "histograms.png",
-                "minkowski.png", "interpolation.png", "gallery.png")
+                "minkowski.png", "morphology.png", "interpolation.png", "gallery.png")
+#: per-patch filament statistics given bootstrap bands (orientation and median length are not averaged).
+FILAMENT_KEYS = ("coherence", "global_coherence", "coherence_hist", "ridge_fraction", "ridge_length_fraction")
+FILAMENT_HISTOGRAMS = ("coherence_hist", "ridge_length_fraction")  # compared where the reference is > 0
 
 
 # --------------------------------------------------------------------------------------- data
@@ -213,17 +221,22 @@ def _inside_fraction(values, band: dict, mask=None) -> float:
 
 def set_statistics(patches: np.ndarray, pixel_size_deg: float, ell_edges, hist_edges,
                    n_boot: int, seed: int) -> dict:
-    """Power spectrum, histogram and MF bands, and pooled moments of one set of patches (N, n, n)."""
+    """Power spectrum, histogram, MF, WPH and filament-statistic bands, and pooled moments of one
+    set of patches (N, n, n)."""
     x = np.asarray(patches, dtype=float)
     ell, cl = flat_power_spectrum(x, pixel_size_deg, ell_edges)
     std = float(x.std())
     mfs = minkowski_functionals(x - x.mean(), THRESHOLDS_NU * std, pixel_size_deg)
+    wph, _, _ = wph_coefficients(x)
+    filaments = {**structure_tensor_statistics(x), **ridge_statistics(x)}
     return {"ell": ell, "count": len(x),
             "cl": _band(cl, n_boot, seed),
             "histogram": _band(patch_histograms(x, hist_edges), n_boot, seed),
             "minkowski": {k: _band(v, n_boot, seed) for k, v in mfs.items()},
             "moments": pooled_moments(x, n_boot, seed),
-            "patch_moments": per_patch_moments(x, n_boot, seed)}
+            "patch_moments": per_patch_moments(x, n_boot, seed),
+            "wph": _band(wph, n_boot, seed),
+            "filaments": {k: _band(filaments[k], n_boot, seed) for k in FILAMENT_KEYS}}
 
 
 # ----------------------------------------------------------------------------- model passes
@@ -357,6 +370,42 @@ def make_figures(out: Path, m: dict, images: dict) -> list[str]:
         ax.set_title(title, fontsize=10)
     axes[0].legend(fontsize=8)
     names.append(_save(fig, out / "minkowski.png"))
+
+    # morphology: WPH coefficients, coherence and ridge-length distributions, with the split's band
+    wph, fil = m["wph"], m["filaments"]
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [2.2, 1, 1]})
+    index = np.arange(len(wph["labels"]))
+    band = wph["split"]
+    spread = [np.subtract(band["mean"], band["lo"]), np.subtract(band["hi"], band["mean"])]
+    axes[0].errorbar(index, band["mean"], yerr=spread, fmt="s", color="k", ms=4, capsize=3, label=labels["split"])
+    for shift, key in zip((-0.2, 0.2, 0.1), ("prior", "grf", "train")):
+        axes[0].plot(index + shift, wph[key]["mean"], "o", ms=4, color=colours[key], label=labels[key])
+    gaussian = np.array([np.nan if g is None else g for g in wph["gaussian_values"]])
+    axes[0].plot(index, gaussian, "_", ms=12, color="tab:green", alpha=0.6, label="Gaussian value")
+    axes[0].set_xticks(index)
+    axes[0].set_xticklabels(wph["labels"], rotation=60, ha="right", fontsize=7)
+    axes[0].set_title(f"wavelet phase harmonics (pywph, J={wph['scales_J']}, L={wph['orientations_L']})", fontsize=10)
+    axes[0].legend(fontsize=7)
+    edges = np.asarray(fil["coherence_edges"])
+    lower = fil["ridge_length_lower_edges_px"]
+    histograms = (("coherence_hist", (edges[1:] + edges[:-1]) / 2, "local coherence (energy-weighted)", "density"),
+                  ("ridge_length_fraction", np.arange(len(lower)), "ridge length [px]", "fraction of pixels on ridges"))
+    for ax, (key, centres, xlabel, ylabel) in zip(axes[1:], histograms):
+        for name in ("split", "train", "prior", "grf"):
+            b = fil[name][key]
+            ax.plot(centres, b["mean"], color=colours[name], label=labels[name], marker=".")
+            if name == "split":
+                ax.fill_between(centres, b["lo"], b["hi"], color="k", alpha=0.25)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    axes[2].set_xticks(np.arange(len(lower)))
+    axes[2].set_xticklabels([f"{a:g}-{b:g}" for a, b in zip(lower[:-1], lower[1:])] + [f">={lower[-1]:g}"])
+    axes[1].set_title(f"structure tensor: sigma {fil['sigma_derivative_px']:g} / {fil['sigma_integration_px']:g} px",
+                      fontsize=10)
+    axes[2].set_title(f"Hessian ridges: sigma {fil['sigma_ridge_px']:g} px, threshold {fil['ridge_threshold_rms']:g}",
+                      fontsize=10)
+    names.append(_save(fig, out / "morphology.png"))
 
     # interpolation strip: input a, decodes along the slerp, input b
     strip = images["interpolation"]
@@ -503,7 +552,13 @@ def validate(weights_path, split: str = "test", out="validation", n_samples: int
             inside[f"{other}_in_{ref}_band"] = {
                 "histogram": _inside_fraction(stats[other]["histogram"]["mean"], stats[ref]["histogram"], hist_mask),
                 **{k: _inside_fraction(stats[other]["minkowski"][k]["mean"], stats[ref]["minkowski"][k])
-                   for k in ("v0", "v1", "v2")}}
+                   for k in ("v0", "v1", "v2")},
+                "wph": _inside_fraction(stats[other]["wph"]["mean"], stats[ref]["wph"]),
+                **{k: _inside_fraction(stats[other]["filaments"][k]["mean"], stats[ref]["filaments"][k],
+                                       stats[ref]["filaments"][k]["mean"] > 0 if k in FILAMENT_HISTOGRAMS else None)
+                   for k in FILAMENT_KEYS}}
+    npix = int(meta["geometry"]["npix"])
+    labels, gaussian = wph_labels(max_wph_scales(npix))
 
     # latent interpolation between two encoded patches of the split
     i, j = np.random.default_rng(seed).choice(len(x_split), 2, replace=False)
@@ -542,6 +597,15 @@ def validate(weights_path, split: str = "test", out="validation", n_samples: int
         "band_inside_fraction": inside,
         "moments": {key: s["moments"] for key, s in stats.items()},
         "patch_moments": {key: s["patch_moments"] for key, s in stats.items()},
+        "wph": {"labels": labels, "gaussian_values": gaussian, "scales_J": max_wph_scales(npix),
+                "orientations_L": WPH_ORIENTATIONS,
+                "wavelength_px": WPH_WAVELENGTH_J0_PX * 2.0 ** np.arange(max_wph_scales(npix)),
+                **{key: s["wph"] for key, s in stats.items()}},
+        "filaments": {"sigma_derivative_px": SIGMA_DERIVATIVE_PX, "sigma_integration_px": SIGMA_INTEGRATION_PX,
+                      "sigma_ridge_px": SIGMA_RIDGE_PX, "pixel_size_arcmin": 60 * pixel_deg,
+                      "ridge_threshold_rms": RIDGE_THRESHOLD, "coherence_edges": COHERENCE_EDGES,
+                      "ridge_length_lower_edges_px": ridge_length_edges(npix)[:-1],  # the last bin is open
+                      **{key: s["filaments"] for key, s in stats.items()}},
         "interpolation": {"indices": [int(i), int(j)], "steps": INTERP_STEPS,
                           "latent_norms": path.norm(dim=1), "method": "slerp of directions, linear norm"},
         "timing_s": timing,
@@ -592,6 +656,17 @@ def summary(m: dict) -> str:
         for k in ("split", "train", "prior", "grf"))
         + f"  ({split} 68 % band {mo['split']['skewness_band'][0]:.2f}..{mo['split']['skewness_band'][1]:.2f}"
         f" / {mo['split']['kurtosis_band'][0]:.2f}..{mo['split']['kurtosis_band'][1]:.2f})")
+    for other in ("prior", "grf"):
+        b = m["band_inside_fraction"][f"{other}_in_split_band"]
+        lines.append(f"{other} inside the {split} bootstrap band: WPH {b['wph']:.2f} (of {len(m['wph']['labels'])} "
+                     f"coefficients), coherence histogram {b['coherence_hist']:.2f}, ridge lengths "
+                     f"{b['ridge_length_fraction']:.2f} (fraction of bins)")
+    fil = m["filaments"]
+    for key, label in (("coherence", "structure-tensor coherence"), ("ridge_fraction", "ridge-pixel fraction")):
+        band = fil["split"][key]
+        lines.append(f"{label}: " + ", ".join(f"{k if k != 'split' else split} {fil[k][key]['mean']:.3f}"
+                                              for k in ("split", "train", "prior", "grf"))
+                     + f"  ({split} 68 % band {band['lo']:.3f}..{band['hi']:.3f})")
     pm = m["patch_moments"]
     for key, label in (("rms_cv", "patch-to-patch rms spread (std/mean)"),
                        ("skewness_mean", "mean within-patch skewness"),

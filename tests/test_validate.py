@@ -53,10 +53,11 @@ def test_end_to_end_writes_finite_metrics_and_figures(validation_run, tiny_weigh
     leaves = list(_leaves(metrics))
     numbers = [v for _, v in leaves if isinstance(v, (int, float)) and not isinstance(v, bool)]
     assert len(numbers) > 1000 and all(math.isfinite(v) for v in numbers)
-    # non-finite values are written as null: only a crossing that never happens may be null
+    # non-finite values are written as null: only a crossing that never happens, or a WPH coefficient
+    # without a spectrum-independent Gaussian value, may be null
     nulls = {path for path, v in leaves if v is None}
     assert nulls <= {"/settings/data_map", "/reconstruction/ell_cross_crosses_level",
-                     "/reconstruction/ell_auto_crosses_level"}
+                     "/reconstruction/ell_auto_crosses_level", "/wph/gaussian_values"}
     meta = load_weights(tiny_weights).metadata
     assert metrics["counts"]["split"] == meta["split"]["counts"]["test"]
     assert metrics["counts"]["train"] == meta["split"]["counts"]["train"]
@@ -69,6 +70,19 @@ def test_end_to_end_writes_finite_metrics_and_figures(validation_run, tiny_weigh
         band = metrics["power_spectra"][key]
         assert np.all(np.asarray(band["lo"]) <= np.asarray(band["hi"]))
         assert len(metrics["minkowski"][key]["v2"]["mean"]) == len(metrics["minkowski"]["nu"])
+    # morphology: every WPH coefficient and filament statistic with its band, fractions inside in [0, 1]
+    wph, filaments = metrics["wph"], metrics["filaments"]
+    J = wph["scales_J"]
+    assert len(wph["labels"]) == len(wph["gaussian_values"]) == 4 * J + J * (J - 1) // 2
+    for key in ("split", "train", "prior", "grf"):
+        assert len(wph[key]["mean"]) == len(wph["labels"])
+        assert np.all(np.asarray(wph[key]["lo"]) <= np.asarray(wph[key]["hi"]))
+        assert len(filaments[key]["coherence_hist"]["mean"]) == len(filaments["coherence_edges"]) - 1
+        assert len(filaments[key]["ridge_length_fraction"]["mean"]) == len(filaments["ridge_length_lower_edges_px"])
+        assert 0 <= filaments[key]["coherence"]["mean"] <= 1 and 0 <= filaments[key]["ridge_fraction"]["mean"] < 1
+    for other in ("prior", "grf"):
+        inside = metrics["band_inside_fraction"][f"{other}_in_split_band"]
+        assert all(0 <= inside[k] <= 1 for k in ("wph", "coherence_hist", "ridge_length_fraction", "coherence"))
     # the reported crossing ells lie in the measured range (or None: never crosses)
     for key in ("ell_cross_crosses_level", "ell_auto_crosses_level"):
         ell = metrics["reconstruction"][key]
