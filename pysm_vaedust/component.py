@@ -12,6 +12,7 @@ log E[exp(s x)] = 0.0088 against s^2 V / 2 = 0.0082 for 1024 prior-sample patche
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from pysm3.models.dust import blackbody_ratio
 from pysm3.models.template import Model
 from tqdm import tqdm
 
+from .checks import (check_bandpass, check_bool, check_choice, check_frequency, check_int, check_nside,
+                     check_path, check_pixel_indices, check_seed)
 from .cutouts import PatchGeometry
 from .data import BETA_DUST, T_DUST_K, check_positive_finite
 from .template import default_template_path, read_template, smooth_log_map
@@ -55,27 +58,27 @@ def interpolate_at_pixels(values: np.ndarray, nside: int, pixels: np.ndarray | N
     return out
 
 
-def check_nside(nside, where: str = "nside") -> int:
-    """nside as int; ValueError naming `where` unless a power of two (1, 2, 4, ...)."""
-    if (isinstance(nside, bool) or not isinstance(nside, (int, np.integer))
-            or not hp.isnsideok(int(nside), nest=True)):
-        raise ValueError(f"{where}={nside!r}: expected a power of two (1, 2, 4, ..., 8192)")
-    return int(nside)
-
-
-def _as_frequency(freqs) -> u.Quantity:
-    if not isinstance(freqs, u.Quantity):
-        raise TypeError(f"frequency {freqs!r} has no units: pass e.g. 545 * u.GHz")
-    freqs = freqs.to(u.GHz, equivalencies=u.spectral())
-    if np.any(~np.isfinite(freqs.value)) or np.any(freqs.value <= 0):
-        raise ValueError(f"frequency {freqs!r}: expected finite positive values")
-    return freqs
-
-
-def _fixed_table(tables: dict | None) -> dict:
-    """{level: {tile: float32 array}} from any int-like keys / array-likes."""
-    return {int(level): {int(t): np.asarray(v, dtype=np.float32) for t, v in table.items()}
-            for level, table in (tables or {}).items()}
+def _fixed_table(tables, shape: tuple, name: str) -> dict:
+    """{level: {tile: float32 array of `shape`}} from {int: {int: array-like}}; errors name `name`."""
+    if tables is None:
+        return {}
+    if not isinstance(tables, Mapping) or not all(isinstance(v, Mapping) for v in tables.values()):
+        raise TypeError(f"{name}: expected {{level: {{tile id: array {shape}}}}}, got {type(tables).__name__}")
+    out = {}
+    for level, table in tables.items():
+        level = check_int(level, f"{name} level", minimum=0)
+        out[level] = {}
+        for tile, value in table.items():
+            tile = check_int(tile, f"{name}[{level}] tile id", minimum=0)
+            try:
+                arr = np.asarray(value, dtype=np.float32)
+            except (TypeError, ValueError):
+                raise TypeError(f"{name}[{level}][{tile}]: expected an array of numbers") from None
+            if arr.shape != shape or not np.all(np.isfinite(arr)):
+                raise ValueError(f"{name}[{level}][{tile}] has shape {arr.shape}: expected finite values "
+                                 f"of shape {shape}")
+            out[level][tile] = arr
+    return out
 
 
 def _replace_rows(values: torch.Tensor, table: dict | None, ids: np.ndarray | None) -> None:
@@ -87,6 +90,19 @@ def _replace_rows(values: torch.Tensor, table: dict | None, ids: np.ndarray | No
         values[rows] = torch.from_numpy(np.stack([table[int(ids[r])] for r in rows])).to(values)
 
 
+def _scalar_frequency(value, name: str) -> float:
+    """A scalar frequency (Quantity, or text such as '353 GHz') in GHz."""
+    if isinstance(value, str):
+        try:
+            value = u.Quantity(value)
+        except TypeError:
+            raise ValueError(f"{name}={value!r}: expected a frequency such as '353 GHz'") from None
+    freq = check_frequency(value, name)
+    if freq.ndim:
+        raise ValueError(f"{name} has shape {freq.shape}: expected one frequency")
+    return float(freq.value)
+
+
 class SmallScaleGenerator:
     """Decodes the patches of the cascade levels and blends them onto HEALPix pixels.
 
@@ -96,11 +112,12 @@ class SmallScaleGenerator:
     def __init__(self, weights: Weights, prior: str = "standard", batch_size: int = 1024,
                  fixed_latents: dict | None = None, fixed_noise: dict | None = None):
         self.weights = weights
-        self.fixed_latents = _fixed_table(fixed_latents)
-        self.fixed_noise = _fixed_table(fixed_noise)
         self.vae = weights.vae
+        d, n = self.vae.config.latent_dim, self.vae.config.npix
+        self.fixed_latents = _fixed_table(fixed_latents, (d,), "fixed_latents")
+        self.fixed_noise = _fixed_table(fixed_noise, (n, n), "fixed_noise")
         self.prior = weights.prior if prior == "flow" else None
-        self.batch_size = int(batch_size)
+        self.batch_size = check_int(batch_size, "batch_size", minimum=1)
         meta = weights.metadata
         self.base = PatchGeometry(meta["geometry"]["npix"], meta["geometry"]["size_deg"])
         self.slope = float(meta["spectral_slope"]["slope"])
@@ -249,7 +266,7 @@ class VAEDust(Model):
 
     Parameters
     ----------
-    nside : int, power of two. seed : int, seeds every patch's latents.
+    nside : int, power of two <= max_nside. seed : int in 0..2**32-1, seeds every patch's latents.
     template : None (bundled 545 GHz Planck-derived template), "pysm_gnilc" (PySM GNILC template
         via pysm3's data loader), a FITS path, or an array/Quantity (RING, Galactic, uK_RJ).
     template_freq : reference frequency of an array template (Quantity or "353 GHz").
@@ -268,15 +285,23 @@ class VAEDust(Model):
                  device="auto", cascade=True, batch_size=1024, progress=False, fixed_latents=None,
                  fixed_noise=None, max_nside=8192, map_dist=None):
         nside = check_nside(nside)
-        if map_dist is not None and map_dist.nside is not None and map_dist.nside != nside:
-            raise ValueError(f"map_dist.nside={map_dist.nside} differs from the component's nside={nside}")
+        max_nside = check_int(max_nside, "max_nside", minimum=1)
+        if nside > max_nside:
+            raise ValueError(f"nside={nside} exceeds max_nside={max_nside}")
+        pixel_indices = None
+        if map_dist is not None:
+            if not hasattr(map_dist, "pixel_indices"):
+                raise TypeError(f"map_dist={map_dist!r}: expected a pysm3.MapDistribution")
+            if map_dist.nside is not None and map_dist.nside != nside:
+                raise ValueError(f"map_dist.nside={map_dist.nside} differs from the component's nside={nside}")
+            if map_dist.pixel_indices is not None:
+                pixel_indices = check_pixel_indices(map_dist.pixel_indices, nside)
         super().__init__(nside=nside, max_nside=max_nside, map_dist=map_dist)
-        if prior not in PRIORS:
-            raise ValueError(f"prior={prior!r}: expected one of {PRIORS}")
-        self.seed = int(seed)
-        self.cascade = bool(cascade)
-        self.progress = bool(progress)
-        self.weights = load_weights(weights, device=resolve_device(device))
+        check_choice(prior, "prior", PRIORS)
+        self.seed = check_seed(seed)
+        self.cascade = check_bool(cascade, "cascade")
+        self.progress = check_bool(progress, "progress")
+        self.weights = load_weights(check_path(weights, "weights"), device=resolve_device(device))
         if prior == "flow" and self.weights.prior is None:
             raise ValueError(f"prior='flow' but {self.weights.path!r} holds no learned prior")
         if prior == "auto":
@@ -284,11 +309,25 @@ class VAEDust(Model):
             prior = "flow" if learned else "standard"
         self.prior = prior
         self.generator = SmallScaleGenerator(self.weights, prior, batch_size, fixed_latents, fixed_noise)
-        self.pixel_indices = None if map_dist is None else map_dist.pixel_indices
+        self._check_fixed_tiles()
+        self.pixel_indices = pixel_indices
         self.freq_ref, self.log_template = self._load_template(template, template_freq)
         self.mbb_temperature = self._spectral_parameter(mbb_temperature, "mbb_temperature", u.K)
         self.mbb_index = self._spectral_parameter(mbb_index, "mbb_index", u.dimensionless_unscaled)
         self._i_ref = None
+
+    def _check_fixed_tiles(self) -> None:
+        """ValueError if fixed latents / noise name a level or tile this nside and cascade lack."""
+        levels = self.generator.levels(self.nside, self.cascade)
+        for name, table in (("fixed_latents", self.generator.fixed_latents),
+                            ("fixed_noise", self.generator.fixed_noise)):
+            for level, tiles in table.items():
+                if level >= len(levels):
+                    raise ValueError(f"{name} has level {level}; nside={self.nside}, cascade={self.cascade} "
+                                     f"has levels 0..{len(levels) - 1}")
+                if tiles and max(tiles) >= levels[level].n_tiles:
+                    raise ValueError(f"{name}[{level}] has tile id {max(tiles)}; level {level} has "
+                                     f"{levels[level].n_tiles} tiles")
 
     @property
     def n_pixels(self) -> int:
@@ -311,16 +350,22 @@ class VAEDust(Model):
             if freq is None and template_freq is None:
                 raise ValueError(f"template {str(template)!r} has no FREQREF header: pass template_freq=")
         else:
-            values = np.asarray(u.Quantity(template, u.uK_RJ).value if isinstance(template, u.Quantity)
-                                else template, dtype=np.float64)
             if template_freq is None:
                 raise ValueError("an array template needs template_freq= (e.g. '545 GHz')")
+            try:
+                values = np.asarray(u.Quantity(template, u.uK_RJ).value if isinstance(template, u.Quantity)
+                                    else template, dtype=np.float64)
+            except u.UnitConversionError:
+                raise ValueError(f"template has unit {template.unit}: expected uK_RJ") from None
+            except (TypeError, ValueError):
+                raise TypeError(f"template of type {type(template).__name__}: expected None, 'pysm_gnilc', "
+                                "a FITS path or a HEALPix map (array or Quantity)") from None
             freq = None
         if values.ndim != 1 or not hp.isnpixok(values.size):
             raise ValueError(f"template has shape {values.shape}; expected a HEALPix map (12 nside^2,)")
         check_positive_finite(values, "template")
         if template_freq is not None:
-            freq = _as_frequency(u.Quantity(template_freq)).value
+            freq = _scalar_frequency(template_freq, "template_freq")
         log_values = np.log(values)
         nside_t = hp.npix2nside(values.size)
         if pre_smoothed and nside_t == TEMPLATE_WORK_NSIDE:
@@ -328,12 +373,27 @@ class VAEDust(Model):
         return float(freq), smooth_log_map(log_values, fwhm, TEMPLATE_WORK_NSIDE)
 
     def _spectral_parameter(self, value, name, unit):
+        """A scalar or a map at this component's pixels (float64) of T_d (K, > 0) or beta_d, from a
+        number, an array, a Quantity or a FITS path."""
+        positive = unit == u.K
+        wrong_type = TypeError(f"{name} of type {type(value).__name__}: expected a number, a RING map "
+                               "array or a FITS path")
         if isinstance(value, (str, Path)):
-            return np.asarray(self.read_map(str(value), unit=unit).value, dtype=np.float64)
-        arr = np.asarray(u.Quantity(value, unit).value, dtype=np.float64)
+            arr = np.asarray(self.read_map(str(value), unit=unit).value, dtype=np.float64)
+        elif isinstance(value, (bool, np.bool_)):
+            raise wrong_type
+        else:
+            try:
+                arr = np.asarray(u.Quantity(value, unit).value, dtype=np.float64)
+            except u.UnitConversionError:
+                raise ValueError(f"{name} has unit {value.unit}: expected {unit or 'no unit'}") from None
+            except (TypeError, ValueError):
+                raise wrong_type from None
+        bad = ~np.isfinite(arr) | ((arr <= 0) if positive else False)
+        if np.any(bad):
+            raise ValueError(f"{name} has {int(np.sum(bad))} non-finite{' or non-positive' if positive else ''} "
+                             f"values (e.g. {float(arr[bad].flat[0])!r}): expected finite numbers{' > 0' if positive else ''}")
         if arr.ndim == 0:
-            if not np.isfinite(arr) or (unit == u.K and arr <= 0):
-                raise ValueError(f"{name}={value!r}: expected a finite{' positive' if unit == u.K else ''} number")
             return float(arr)
         full = hp.nside2npix(self.nside)
         if arr.shape == (full,) and self.pixel_indices is not None:
@@ -358,19 +418,25 @@ class VAEDust(Model):
         return self._i_ref
 
     def get_emission(self, freqs, weights=None) -> u.Quantity:
-        """(3, npix) uK_RJ map (Q = U = 0) at a frequency or integrated over a bandpass."""
-        freqs = pysm_utils.check_freq_input(_as_frequency(freqs))
-        weights = pysm_utils.normalize_weights(freqs, weights)
+        """(3, npix) uK_RJ map (Q = U = 0) at a frequency or integrated over a bandpass: freqs a
+        Quantity (n,), weights None (top hat) or (n,) finite, >= 0, not all zero."""
+        freqs, weights = check_bandpass(freqs, weights)
         i_ref = self.reference_map()
         out = np.zeros((3, len(i_ref)), dtype=np.float64)
-        if np.ndim(self.mbb_index) == 0 and np.ndim(self.mbb_temperature) == 0:
-            _mbb_intensity(freqs, weights, i_ref, self.freq_ref, float(self.mbb_index),
-                           float(self.mbb_temperature), out[0])
-        else:
-            _mbb_intensity(freqs, weights, i_ref, self.freq_ref,
-                           np.ascontiguousarray(np.broadcast_to(self.mbb_index, i_ref.shape)),
-                           np.ascontiguousarray(np.broadcast_to(self.mbb_temperature, i_ref.shape)), out[0])
+        try:
+            if np.ndim(self.mbb_index) == 0 and np.ndim(self.mbb_temperature) == 0:
+                _mbb_intensity(freqs, weights, i_ref, self.freq_ref, float(self.mbb_index),
+                               float(self.mbb_temperature), out[0])
+            else:
+                _mbb_intensity(freqs, weights, i_ref, self.freq_ref,
+                               np.ascontiguousarray(np.broadcast_to(self.mbb_index, i_ref.shape)),
+                               np.ascontiguousarray(np.broadcast_to(self.mbb_temperature, i_ref.shape)), out[0])
+        except ZeroDivisionError:  # numba's: a black body underflowed to 0 (reported below)
+            out[0] = np.nan
+        if out.shape[1] and not (out[0].min() > 0 and np.isfinite(out[0].sum())):
+            raise ValueError(f"freqs={freqs} GHz: the modified black body of mbb_index / mbb_temperature "
+                             "overflows or underflows float64 there; expected frequencies where it is finite > 0")
         return out << u.uK_RJ
 
 
-__all__ = ["VAEDust", "SmallScaleGenerator", "check_nside"]
+__all__ = ["VAEDust", "SmallScaleGenerator"]

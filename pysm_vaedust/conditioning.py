@@ -65,11 +65,11 @@ import healpy as hp
 import numpy as np
 import pysm3.units as u
 import torch
-from pysm3 import utils as pysm_utils
 
 from . import __version__
-from .component import (VAEDust, _as_frequency, _mbb_intensity, check_nside,
-                        interpolate_at_pixels)
+from .checks import (check_bandpass, check_bool, check_choice, check_frequency, check_int, check_nside,
+                     check_path, check_real, check_seed)
+from .component import VAEDust, _mbb_intensity, interpolate_at_pixels
 from .data import BETA_DUST, T_DUST_K, atomic_write, file_digest
 from .model import VAE
 from .tiling import CascadeLevel, Footprints, band_filter, blend_torch, footprints
@@ -414,21 +414,18 @@ def map_fit(vae: VAE, d, mask, sigma, n_restarts: int = 4, steps: int = 200, met
     the N(0, I) prior alone makes the Hessian >= 2 I). A decoder-noise modulation a(z) is held
     fixed: at z = 0 for the restarts, then at the best restart's latents for a final refit.
     """
-    if method not in METHODS:
-        raise ValueError(f"method={method!r}: expected one of {METHODS}")
-    if noise_model not in NOISE_MODELS:
-        raise ValueError(f"noise_model={noise_model!r}: expected one of {NOISE_MODELS}")
-    if int(n_restarts) < 1:
-        raise ValueError(f"n_restarts={n_restarts!r}: expected >= 1")
-    if int(steps) < 1:
-        raise ValueError(f"steps={steps!r}: expected >= 1")
+    check_choice(method, "method", METHODS)
+    check_choice(noise_model, "noise_model", NOISE_MODELS)
+    n_restarts, steps = check_int(n_restarts, "n_restarts", 1), check_int(steps, "steps", 1)
+    decoder_noise = check_bool(decoder_noise, "decoder_noise")
+    gtol, lr = check_real(gtol, "gtol", positive=True), check_real(lr, "lr", positive=True)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     d, m, s2 = _check_patch_inputs(vae.config.npix, d, mask, sigma)
     dim = vae.config.latent_dim
     log_amplitude = fitted_log_amplitude(vae, torch.zeros(len(d), dim)) if decoder_noise else None
     data_term = _DataTerm.build(vae, m, s2, decoder_noise, noise_model, log_amplitude)
-    starts, labels = _starts(vae, d, m, data_term, int(n_restarts), generator, prior)
-    z, restart_losses, grad, n_iter, n_eval = _optimise(vae, starts, d, data_term, prior, method, int(steps),
+    starts, labels = _starts(vae, d, m, data_term, n_restarts, generator, prior)
+    z, restart_losses, grad, n_iter, n_eval = _optimise(vae, starts, d, data_term, prior, method, steps,
                                                         gtol, lr)
     best = restart_losses.argmin(0)
     rows = torch.arange(len(d))
@@ -436,7 +433,7 @@ def map_fit(vae: VAE, d, mask, sigma, n_restarts: int = 4, steps: int = 200, met
     if log_amplitude is not None:  # refit with the modulation at the best restart's latents
         log_amplitude = fitted_log_amplitude(vae, z_best)
         data_term = _DataTerm.build(vae, m, s2, decoder_noise, noise_model, log_amplitude)
-        z, losses, grad, it2, ev2 = _optimise(vae, z_best[None], d, data_term, prior, method, int(steps), gtol, lr)
+        z, losses, grad, it2, ev2 = _optimise(vae, z_best[None], d, data_term, prior, method, steps, gtol, lr)
         z_best, loss, g_best, n_iter, n_eval = z[0], losses[0], grad[0], n_iter + it2, n_eval + ev2
     with torch.no_grad():
         mean = vae.decode_data(z_best)
@@ -606,10 +603,11 @@ def posterior_samples(vae: VAE, d, mask, sigma, n_samples: int = 64, method: str
     log_amplitude for every draw (the modulation the final fit held fixed). `fit`: a MapFit of the same data
     (skips the MAP step; its noise model and prior are used); other keywords go to map_fit.
     """
-    if method not in SAMPLERS:
-        raise ValueError(f"method={method!r}: expected one of {SAMPLERS}")
-    if int(n_samples) < 1:
-        raise ValueError(f"n_samples={n_samples!r}: expected >= 1")
+    check_choice(method, "method", SAMPLERS)
+    check_choice(hessian, "hessian", ("gauss-newton", "exact"))
+    n_samples, mala_steps = check_int(n_samples, "n_samples", 1), check_int(mala_steps, "mala_steps", 0)
+    if step_size is not None:
+        step_size = check_real(step_size, "step_size", positive=True)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     if fit is None:
         fit = map_fit(vae, d, mask, sigma, generator=generator, decoder_noise=decoder_noise,
@@ -623,12 +621,12 @@ def posterior_samples(vae: VAE, d, mask, sigma, n_samples: int = 64, method: str
     d_t, m, s2, prior = fit.data, fit.mask, fit.sigma2, fit.prior
     chol = torch.linalg.cholesky(laplace_precision(vae, fit, hessian))   # (B, D, D)
     b, dim = fit.z_map.shape
-    xi = torch.randn((b, dim, int(n_samples)), generator=generator, dtype=torch.float64)
+    xi = torch.randn((b, dim, n_samples), generator=generator, dtype=torch.float64)
     z_s = fit.z_map.double()[:, :, None] + torch.linalg.solve_triangular(chol.mT, xi, upper=True)
     z_s = z_s.permute(2, 0, 1).float().contiguous()                            # (S, B, D)
     acceptance = None
     if method in ("mala", "ula"):
-        z_s, acceptance = _langevin(vae, z_s, d_t, fit.data_term, chol, prior, int(mala_steps), step_size,
+        z_s, acceptance = _langevin(vae, z_s, d_t, fit.data_term, chol, prior, mala_steps, step_size,
                                     generator, adjust=method == "mala")
     with torch.no_grad():
         mu_gaussian = vae.decode(z_s.reshape(-1, dim))
@@ -1033,8 +1031,7 @@ def _cg(apply_a, b, precond=None, tol: float = 1e-4, max_iter: int = 500):
 
 def _mbb_ratio(model: VAEDust, freq, bandpass_weights, pixels) -> np.ndarray:
     """I_nu / I_ref of the model's modified black body at `pixels` (bandpass-integrated)."""
-    freqs = pysm_utils.check_freq_input(_as_frequency(freq))
-    weights = pysm_utils.normalize_weights(freqs, bandpass_weights)
+    freqs, weights = check_bandpass(freq, bandpass_weights, "freq", "bandpass_weights")
     ones = np.ones(len(pixels))
     out = np.zeros(len(pixels))
 
@@ -1053,11 +1050,14 @@ def _map_values(values, name, npix, freq) -> np.ndarray:
     """A map (Quantity in brightness units, or array in uK_RJ) as a float64 uK_RJ array."""
     if isinstance(values, u.Quantity):
         try:
-            values = values.to_value(u.uK_RJ, equivalencies=u.cmb_equivalencies(_as_frequency(freq).mean()))
+            values = values.to_value(u.uK_RJ, equivalencies=u.cmb_equivalencies(check_frequency(freq, "freq").mean()))
         except u.UnitConversionError as err:
             raise ValueError(f"{name} has unit {values.unit}; expected a brightness unit (uK_RJ, uK_CMB, "
                              f"MJy/sr)") from err
-    arr = np.asarray(values, dtype=np.float64)
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} of type {type(values).__name__}: expected a number or a map array") from None
     if arr.ndim == 0:
         return np.full(npix, float(arr))
     if arr.shape != (npix,):
@@ -1106,8 +1106,11 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
     start_time = time.time()
     nside = check_nside(nside)
     npix = hp.nside2npix(nside)
-    if freq is None or not isinstance(freq, u.Quantity):
-        raise TypeError(f"freq={freq!r}: pass a Quantity, e.g. 545 * u.GHz")
+    check_bandpass(freq, bandpass_weights, "freq", "bandpass_weights")
+    seed, steps = check_seed(seed), check_int(steps, "steps", 0)
+    cg_max_iter, chunk = check_int(cg_max_iter, "cg_max_iter", 1), check_int(chunk, "chunk", 1)
+    cg_tol = check_real(cg_tol, "cg_tol", positive=True)
+    sample, decoder_noise = check_bool(sample, "sample"), check_bool(decoder_noise, "decoder_noise")
     m_np = np.asarray(mask)
     if m_np.shape != (npix,):
         raise ValueError(f"mask has shape {m_np.shape}; expected ({npix},) for nside={nside}")
@@ -1161,7 +1164,7 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
     log(f"{len(obs)} observed pixels, {len(touched)} tiles, V={fwd.variance:.3f}, "
         f"median sigma_delta={float(sigma_delta2.sqrt().median()):.3g}, sigma_dec^2={sigma_dec2:.3g}")
 
-    gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
+    gen = torch.Generator().manual_seed(seed * 7919 + 17)
     p_count = len(touched)
     centre = torch.randn((p_count, dim), generator=gen) if sample else torch.zeros(p_count, dim)
     target = delta + (torch.randn(len(obs), generator=gen) * n_eff.sqrt().float() if sample else 0)
@@ -1261,8 +1264,8 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
         chi2_mean = float((resid.double().square() / sigma_delta2).mean())
     weights_path = model.weights.path
     metadata = {
-        "package_version": __version__, "nside": nside, "level": 0, "seed": int(seed),
-        "freq_GHz": [float(f) for f in np.atleast_1d(_as_frequency(freq).value)],
+        "package_version": __version__, "nside": nside, "level": 0, "seed": seed,
+        "freq_GHz": [float(f) for f in np.atleast_1d(check_frequency(freq, "freq").value)],
         "freq_ref_GHz": float(model.freq_ref), "prior": model.prior, "cascade": bool(cascade),
         "sample": bool(sample), "decoder_noise": bool(decoder_noise),
         "weights_path": str(weights_path), "weights_sha256": file_digest(weights_path),
@@ -1291,7 +1294,7 @@ class ConditionedVAEDust(VAEDust):
 
     def __init__(self, fitted, nside=2048, seed=0, weights=None, **kwargs):
         if not isinstance(fitted, FittedLatents):
-            fitted = FittedLatents.load(fitted)
+            fitted = FittedLatents.load(check_path(fitted, "fitted", optional=False))
         if "fixed_latents" in kwargs or "fixed_noise" in kwargs:
             raise TypeError("ConditionedVAEDust takes its fixed latents and noise from `fitted`")
         fitted_prior = fitted.metadata.get("prior")

@@ -42,7 +42,8 @@ Every preset takes ``seed`` (default 0) and the other VAEDust keywords as overri
 
 Errors: an unknown preset or class, a keyword the class does not take (checked against
 ``inspect.signature``), a missing nside, an invalid unit, or a ``map_dist`` whose nside differs
-from the sky's raise one ValueError naming the offending entry.
+from the sky's raise one ValueError naming the offending entry; a keyword value the class refuses
+(e.g. ``seed = 1.5``) raises its TypeError / ValueError prefixed with the entry.
 
 Other pipelines: TOAST takes component objects (``build_sky(...).components`` or the Sky);
 litebird_sim takes pysm3 preset strings only, so it cannot name a plugin class.
@@ -57,13 +58,11 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import healpy as hp
-import numpy as np
 import pysm3
 import pysm3.units as u
 from pysm3 import sky as pysm_sky
 
-from .component import check_nside
+from .checks import check_nside, check_pixel_indices
 
 #: Presets of this package: name -> {"class": dotted path, **keyword arguments}.
 PRESETS: dict[str, dict] = {
@@ -217,7 +216,10 @@ def _build_component(label, entry, nside, map_dist) -> list[pysm3.Model]:
                              f"{sorted(PRESETS)}, pysm3's are {sorted(pysm_sky.PRESET_MODELS)}")
     cls = resolve_class(cls_name, label)
     call = check_keywords(cls, kwargs, label, map_dist)
-    return [cls(nside=nside, **call)]
+    try:
+        return [cls(nside=nside, **call)]
+    except (TypeError, ValueError) as err:  # the class's own argument checks: say which entry
+        raise (TypeError if isinstance(err, TypeError) else ValueError)(f"{label}: {err}") from err
 
 
 def _pysm_preset(label, preset, overrides, nside, map_dist) -> list[pysm3.Model]:
@@ -260,10 +262,7 @@ def build_sky(config, nside=None, output_unit=None, map_dist=None) -> pysm3.Sky:
     if dist_nside is not None and int(dist_nside) != nside:
         raise ValueError(f"map_dist.nside={dist_nside} differs from the sky's nside={nside}")
     if map_dist is not None and getattr(map_dist, "pixel_indices", None) is not None:
-        pix = np.asarray(map_dist.pixel_indices)
-        if pix.size and (pix.min() < 0 or pix.max() >= hp.nside2npix(nside)):
-            raise ValueError(f"map_dist.pixel_indices span {pix.min()}..{pix.max()}, outside the "
-                             f"{hp.nside2npix(nside)} pixels of nside {nside}")
+        check_pixel_indices(map_dist.pixel_indices, nside)
     unit = output_unit if output_unit is not None else cfg.get("output_unit", "uK_RJ")
     try:
         unit = u.Unit(unit)

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
+from .checks import check_bool, check_int, check_real, check_seed
 from .cutouts import PatchGeometry, dihedral, flat_small_scales, log_residual_patches, patch_centres, random_dihedral, region_split
 from .data import NGP_PIXEL_ARCMIN, atomic_write, file_digest, load_dust_map, load_ngp_image, shared_data_dir
 from .model import VAE, VAEConfig
@@ -33,6 +34,9 @@ SPLITS = ("train", "val", "test")
 LEGACY_DEFAULTS = {"split_strata": "none", "marginal_knots": 0}
 #: config keys that may differ when resuming (e.g. continue to more epochs)
 RESUMABLE_CHANGES = ("epochs", "output", "threads", "device")
+#: config keys that must be > 0 (other numbers: ints >= 0, floats finite)
+POSITIVE_KEYS = ("npix", "size_deg", "spacing_deg", "template_fwhm_deg", "region_nside", "latent_dim", "hidden",
+                 "lr", "batch_size", "epochs", "prior_layers", "prior_hidden", "prior_lr")
 
 
 @dataclass
@@ -77,6 +81,23 @@ class TrainConfig:
     checkpoint_dir: str = "runs/default"
     output: str = "runs/default/vaedust.h5"
 
+    def __post_init__(self):
+        """Each key has its default's type (a float key takes an int); ranges as POSITIVE_KEYS."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            like = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            positive = f.name in POSITIVE_KEYS
+            if f.name in ("seed", "split_seed"):
+                check_seed(value, f.name)
+            elif isinstance(like, bool):
+                check_bool(value, f.name)
+            elif isinstance(like, int):
+                check_int(value, f.name, 1 if positive else 0)
+            elif isinstance(like, float):
+                check_real(value, f.name, positive=positive)
+            elif not isinstance(value, type(like)):
+                raise TypeError(f"{f.name}={value!r}: expected a {type(like).__name__} like {like!r}")
+
     @classmethod
     def from_toml(cls, path, overrides: dict | None = None) -> "TrainConfig":
         """Read a TOML file (flat table) and apply overrides; unknown keys raise ValueError."""
@@ -104,6 +125,8 @@ class TrainConfig:
 
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' picks CUDA when available, else CPU; 'cuda' without a GPU raises ValueError."""
+    if not isinstance(name, str):
+        raise TypeError(f"device={name!r}: expected 'auto', 'cpu' or 'cuda[:n]'")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -400,7 +423,7 @@ def main(argv=None) -> int:
                      for key in defaults if getattr(args, key) is not None}
         cfg = TrainConfig.from_toml(args.config, overrides) if args.config else TrainConfig.from_dict(overrides)
         train(cfg, resume=args.resume, progress=not args.quiet)
-    except (ValueError, FileNotFoundError, tomllib.TOMLDecodeError) as err:
+    except (ValueError, TypeError, FileNotFoundError, tomllib.TOMLDecodeError) as err:
         parser.error(str(err))  # one line, exit code 2
     print(f"training took {time.time() - start:.0f} s", file=sys.stderr)
     return 0

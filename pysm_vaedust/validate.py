@@ -35,6 +35,7 @@ import torch
 from . import __version__
 from .cutouts import PatchGeometry, log_residual_patches, patch_centres
 from .component import PRIORS
+from .checks import check_int, check_seed
 from .data import atomic_write, load_dust_map, file_digest
 from .morphology import (COHERENCE_EDGES, RIDGE_THRESHOLD, SIGMA_DERIVATIVE_PX, SIGMA_INTEGRATION_PX,
                          SIGMA_RIDGE_PX, WPH_ORIENTATIONS, WPH_WAVELENGTH_J0_PX, max_wph_scales,
@@ -721,6 +722,12 @@ def main(argv=None) -> int:
         parser.error(f"--n-samples {args.n_samples}: expected >= 16")
     if args.n_recon < 0:
         parser.error(f"--n-recon {args.n_recon}: expected >= 0")
+    try:
+        check_seed(args.seed, "--seed")
+        check_int(args.n_boot, "--n-boot", 1)
+        check_int(args.threads, "--threads", 0)
+    except ValueError as err:
+        parser.error(str(err))
     if args.data_map is not None and not resolve_data_path(args.data_map).is_file():
         parser.error(f"--data-map {args.data_map!r}: no such file")
     if args.threads:
