@@ -99,13 +99,17 @@ def oversampling(nside: int, geometry: PatchGeometry) -> int:
 
 def sample_patches(values: np.ndarray, frame: str, lon_deg, lat_deg, geometry: PatchGeometry,
                    oversample: int = 1) -> np.ndarray:
-    """Patches (N, npix, npix) of a RING map: the mean of oversample^2 bilinear samples in each
-    pixel (a box filter against aliasing when the map is finer than the patch pixel). NaN in
-    the map propagates to the pixels it touches."""
+    """Fine samples (N, npix k, npix k), k = oversample: bilinear samples of a RING map on the
+    patch grid refined k times (NaN in the map propagates to the samples it touches)."""
     fine = PatchGeometry(geometry.npix * oversample, geometry.size_deg)
-    samples = sample_map(values, frame, gnomonic_directions(lon_deg, lat_deg, fine))
-    n, k = geometry.npix, oversample
-    return samples.reshape(len(samples), n, k, n, k).mean(axis=(2, 4))
+    return sample_map(values, frame, gnomonic_directions(lon_deg, lat_deg, fine))
+
+
+def box_average(fine: np.ndarray, oversample: int) -> np.ndarray:
+    """(N, n, n) means of the oversample x oversample blocks of fine samples (N, n k, n k): a box
+    filter against aliasing when the map is finer than the patch pixel."""
+    n = fine.shape[-1] // oversample
+    return fine.reshape(len(fine), n, oversample, n, oversample).mean(axis=(2, 4))
 
 
 def fill_invalid(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -154,34 +158,105 @@ def large_scale_log_map(dust: DustMap, fwhm_deg: float) -> np.ndarray:
     return np.where(valid & (coverage > 0.999), smooth, np.nan)
 
 
-def log_residual_patches(dust: DustMap, lon_deg, lat_deg, geometry: PatchGeometry,
-                         template_fwhm_deg: float, chunk: int = 64) -> np.ndarray:
-    """Small-scale log-intensity patches log I - [log I]_smooth, (N, npix, npix) float32.
+@dataclass(frozen=True)
+class Cutouts:
+    """Patches cut from a dust map.
 
-    Works on any HEALPix dust map (the Planck E(B-V) map, the IRIS mosaic, GNILC): a map finer
-    than the patch pixel is box-averaged (sample_patches). A patch that touches a pixel without
-    data, or lies where the smoothed template would feel one, is NaN throughout: drop it with
-    usable_patches()."""
+    small_scales: (N, n, n) float32 ln I - [ln I]_smooth, NaN throughout for a patch that touches
+    missing data or lies where the smoothed template would feel it; fine_ell (nb,) and fine_cl
+    (N, nb): binned flat-sky power of the intensity sampled at the map's own resolution,
+    (MJy/sr)^2 sr (NaN rows for unusable patches; empty when not asked for); level (N,): mean
+    intensity, MJy/sr."""
+
+    small_scales: np.ndarray
+    fine_ell: np.ndarray
+    fine_cl: np.ndarray
+    level: np.ndarray
+
+    @property
+    def usable(self) -> np.ndarray:
+        """(N,) bool: the patches free of NaN."""
+        return np.isfinite(self.small_scales).all(axis=(1, 2))
+
+
+def cut_patches(dust: DustMap, lon_deg, lat_deg, geometry: PatchGeometry, template_fwhm_deg: float,
+                fine_spectra: bool = False, chunk: int = 32) -> Cutouts:
+    """Small-scale log-intensity patches of any HEALPix dust map (Planck E(B-V), the IRIS mosaic,
+    GNILC). A map finer than the patch pixel is sampled `oversampling` times finer and
+    box-averaged; the smooth template part is sampled at the pixel centres. With `fine_spectra`,
+    the power of the fine samples (for noise_floor_ell) comes from the same pass."""
+    from .statistics import default_ell_edges, flat_power_spectrum
+
+    lon_deg, lat_deg = np.atleast_1d(lon_deg), np.atleast_1d(lat_deg)
     log_map, _ = log_intensity(dust)
     smooth = large_scale_log_map(dust, template_fwhm_deg)
-    oversample = oversampling(dust.nside, geometry)
-    out = np.empty((len(lon_deg), geometry.npix, geometry.npix), dtype=np.float32)
-    for start in range(0, len(lon_deg), chunk):
+    k = oversampling(dust.nside, geometry)
+    fine_pixel_deg = geometry.pixel_size_deg / k
+    edges = default_ell_edges(geometry.npix * k, fine_pixel_deg, nbins=geometry.npix * k // 8)
+    n = len(lon_deg)
+    out = np.empty((n, geometry.npix, geometry.npix), dtype=np.float32)
+    level = np.empty(n)
+    fine_cl = np.full((n, len(edges) - 1) if fine_spectra else (n, 0), np.nan)
+    fine_ell = np.zeros(0)
+    for start in range(0, n, chunk):
         sl = slice(start, start + chunk)
-        out[sl] = (sample_patches(log_map, dust.frame, lon_deg[sl], lat_deg[sl], geometry, oversample)
-                   - sample_patches(smooth, dust.frame, lon_deg[sl], lat_deg[sl], geometry, oversample))
+        fine_log = sample_patches(log_map, dust.frame, lon_deg[sl], lat_deg[sl], geometry, k)
+        out[sl] = box_average(fine_log, k) - sample_patches(smooth, dust.frame, lon_deg[sl], lat_deg[sl], geometry)
+        ok = np.isfinite(fine_log).all(axis=(1, 2))
+        intensity = np.exp(np.where(ok[:, None, None], fine_log, 0.0))
+        level[sl] = np.where(ok, intensity.mean(axis=(1, 2)), np.nan)
+        if fine_spectra:
+            fine_ell, cl = flat_power_spectrum(intensity, fine_pixel_deg, edges)
+            fine_cl[sl] = np.where(ok[:, None], cl, np.nan)
     out[~np.isfinite(out).all(axis=(1, 2))] = np.nan
-    return out
+    return Cutouts(small_scales=out, fine_ell=fine_ell, fine_cl=fine_cl, level=level)
 
 
-def usable_patches(patches: np.ndarray) -> np.ndarray:
-    """(N,) bool: patches (N, n, n) free of NaN (log_residual_patches marks unusable ones NaN)."""
-    return np.isfinite(patches).all(axis=(1, 2))
+#: multipoles where the beam-corrected power of IRIS patches is flat (white noise + CIB shot noise);
+#: beyond ~3600 the pixel windows and aliasing take over
+FLOOR_TAIL_ELL = (2500.0, 3600.0)
+
+
+def noise_floor_ell(cutouts: Cutouts, tail_ell=FLOOR_TAIL_ELL, bright_fraction: float = 0.1,
+                    window_fit_ell=(200.0, 2600.0)) -> dict:
+    """Per patch, the multipole where the data's power falls to twice its noise + CIB floor.
+
+    From the fine spectra of cut_patches(..., fine_spectra=True). The noise is smoothed like the
+    dust (beam, plate and HEALPix pixels, interpolation), so no measured spectrum has a flat
+    tail: the brightest `bright_fraction` of the patches, dust-dominated, give the common
+    effective beam by a fit of their mean log spectrum to c - alpha ln ell - sigma^2 ell^2 in
+    `window_fit_ell`. Divided by that beam, each patch's spectrum R_ell is a falling dust power
+    law plus a flat floor: the floor is the median of R_ell in `tail_ell` (an upper bound: faint
+    dust is in it too) and ell_floor the first bin where R_ell < 2 floor. Returns {"ell_floor":
+    (N,) (NaN for unusable patches), "floor": (N,) (MJy/sr)^2 sr, "beam_fwhm_arcmin", "alpha"}.
+    ValueError when the spectra do not reach `tail_ell` (a map too coarse) or too few patches hold data.
+    """
+    ell, cl = cutouts.fine_ell, cutouts.fine_cl
+    if ell.size == 0 or ell[-1] < tail_ell[1]:
+        top = f"{ell[-1]:.0f}" if ell.size else "none (cut with fine_spectra=False)"
+        raise ValueError(f"no noise floor can be measured: the fine spectra reach ell {top}, below the floor's "
+                         f"tail ell {tail_ell[1]:g} (the map does not resolve it)")
+    usable = np.isfinite(cl).all(axis=1)
+    if usable.sum() < 10:
+        raise ValueError(f"only {int(usable.sum())} patches hold data: need 10 to fit the beam")
+    level = np.where(usable, cutouts.level, np.nan)
+    bright = usable & (level >= np.nanquantile(level, 1 - bright_fraction))
+    log_shape = np.mean(np.log(cl[bright] / cl[bright][:, :1]), axis=0)
+    fit = (ell >= window_fit_ell[0]) & (ell <= window_fit_ell[1])
+    design = np.stack([np.ones(fit.sum()), -np.log(ell[fit]), -ell[fit] ** 2], axis=1)
+    _, alpha, sigma2 = np.linalg.lstsq(design, log_shape[fit], rcond=None)[0]
+    ratio = cl / np.exp(-sigma2 * ell ** 2)
+    tail = (ell >= tail_ell[0]) & (ell <= tail_ell[1])
+    floor = np.median(ratio[:, tail], axis=1)
+    below = ratio < 2 * floor[:, None]
+    ell_floor = np.where(usable, ell[np.argmax(below, axis=1)], np.nan)  # the tail itself is below: always found
+    return {"ell_floor": ell_floor, "floor": floor, "alpha": float(alpha),
+            "beam_fwhm_arcmin": float(np.degrees(np.sqrt(max(sigma2, 0.0))) * 60 * np.sqrt(8 * np.log(2)))}
 
 
 def flat_small_scales(log_image: np.ndarray, pixel_arcmin: float, fwhm_deg: float) -> np.ndarray:
     """A flat log-intensity image minus its Gaussian smoothing of `fwhm_deg` (the flat-sky
-    analogue of log_residual_patches, for the 2.37' north-pole image), (n, n) float64."""
+    analogue of cut_patches, for the 2.37' north-pole image), (n, n) float64."""
     from scipy.ndimage import gaussian_filter
 
     sigma_pix = fwhm_deg * 60 / np.sqrt(8 * np.log(2)) / pixel_arcmin

@@ -22,8 +22,10 @@ from tqdm import tqdm
 
 from . import __version__
 from .checks import check_bool, check_int, check_real, check_seed
-from .cutouts import PatchGeometry, dihedral, flat_small_scales, log_residual_patches, patch_centres, random_dihedral, region_split
-from .data import NGP_PIXEL_ARCMIN, atomic_write, file_digest, load_dust_map, load_ngp_image, shared_data_dir
+from .cutouts import (PatchGeometry, cut_patches, dihedral, flat_small_scales, noise_floor_ell, patch_centres,
+                      random_dihedral, region_split)
+from .data import DustMap, NGP_PIXEL_ARCMIN, atomic_write, file_digest, load_dust_map, load_ngp_image, shared_data_dir
+from .iris import iris_mosaic
 from .model import VAE, VAEConfig
 from .prior import train_prior
 from .statistics import default_ell_edges, flat_power_spectrum
@@ -46,6 +48,8 @@ class TrainConfig:
     data_map: str = "planck_ebv_nside256_ring_icrs.fits.gz"  # path, or a name in $PYSM_VAEDUST_DATA
     map_quantity: str = ""          # "ebv" | "tau353" | "intensity_MJysr"; "" = from FITS header
     map_frame: str = ""             # "G" | "C" | ...; "" = from FITS header
+    mosaic_nside: int = 2048        # nside of the cached IRIS mosaic when data_map is the IRIS plate folder
+    floor_ell_min: float = 0.0      # leave out patches whose power meets 2x the noise + CIB floor below this ell (0 = keep all)
     npix: int = 32                  # patch pixels across (32 x 15' matches the 13.7' source pixels)
     size_deg: float = 8.0           # patch side, degrees
     lat_min_deg: float = 15.0       # patch centres at |b| >= this
@@ -142,13 +146,40 @@ def resolve_data_path(name: str) -> Path:
     return path if path.exists() else shared_data_dir() / name
 
 
+def load_training_map(name: str, quantity: str = "", frame: str = "", mosaic_nside: int = 2048) -> DustMap:
+    """A HEALPix dust map file, or (a folder of IRIS plates, e.g. "iris_100um") the cached IRIS mosaic."""
+    path = resolve_data_path(name)
+    if path.is_dir():
+        return iris_mosaic(mosaic_nside, path)
+    return load_dust_map(path, quantity=quantity or None, frame=frame or None)
+
+
+def select_patches(dust: DustMap, lon, lat, geometry: PatchGeometry, template_fwhm_deg: float,
+                   floor_ell_min: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Small-scale patches at the centres that hold data everywhere (and, with floor_ell_min > 0,
+    whose power stays above twice the noise + CIB floor up to that ell). Returns (lon, lat,
+    patches (M, n, n) float32, a report of what was left out and why)."""
+    cutouts = cut_patches(dust, lon, lat, geometry, template_fwhm_deg, fine_spectra=floor_ell_min > 0)
+    usable = cutouts.usable
+    keep = usable.copy()
+    report = {"candidates": int(len(lon)), "missing_data": int(np.sum(~usable)), "floor_ell_min": floor_ell_min}
+    if floor_ell_min > 0:
+        floor = noise_floor_ell(cutouts)
+        keep &= floor["ell_floor"] >= floor_ell_min
+        report.update({"noise_floor": int(np.sum(usable & ~keep)),
+                       "noise_floor_fraction": float(np.mean(~keep[usable])),
+                       "ell_floor_percentiles_5_16_50_84": np.nanpercentile(floor["ell_floor"][usable],
+                                                                            [5, 16, 50, 84]).tolist(),
+                       "effective_beam_fwhm_arcmin": floor["beam_fwhm_arcmin"]})
+    return lon[keep], lat[keep], cutouts.small_scales[keep], report
+
+
 def build_datasets(cfg: TrainConfig) -> tuple[dict, dict]:
     """Cut, split and normalise patches. Returns ({split: (N, 1, n, n) float32 tensor}, info)."""
-    dust = load_dust_map(resolve_data_path(cfg.data_map), quantity=cfg.map_quantity or None,
-                         frame=cfg.map_frame or None)
+    dust = load_training_map(cfg.data_map, cfg.map_quantity, cfg.map_frame, cfg.mosaic_nside)
     geometry = PatchGeometry(cfg.npix, cfg.size_deg)
-    lon, lat = patch_centres(cfg.lat_min_deg, cfg.spacing_deg)
-    residual = log_residual_patches(dust, lon, lat, geometry, cfg.template_fwhm_deg)
+    lon, lat, residual, selection = select_patches(dust, *patch_centres(cfg.lat_min_deg, cfg.spacing_deg),
+                                                   geometry, cfg.template_fwhm_deg, cfg.floor_ell_min)
     if cfg.split_strata not in ("variance", "none"):
         raise ValueError(f"split_strata={cfg.split_strata!r}: expected 'variance' or 'none'")
     strata = residual.reshape(len(residual), -1).var(1) if cfg.split_strata == "variance" else None
@@ -165,6 +196,7 @@ def build_datasets(cfg: TrainConfig) -> tuple[dict, dict]:
                           "template_fwhm_deg": cfg.template_fwhm_deg,
                           "definition": "x = (ln(I/MJy sr^-1) - smooth_fwhm[ln I] - log_mean) / log_scale"},
         "data": dust.provenance(),
+        "selection": selection,
         "split": {"counts": {name: int(len(sets[name])) for name in SPLITS},
                   "dropped_border_patches": int(np.sum(labels < 0)),
                   "centres_lonlat_deg": {name: np.stack([lon[labels == k], lat[labels == k]], 1).tolist()

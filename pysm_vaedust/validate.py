@@ -33,17 +33,18 @@ import numpy as np
 import torch
 
 from . import __version__
-from .cutouts import PatchGeometry, log_residual_patches, patch_centres
+from .cutouts import PatchGeometry, patch_centres
 from .component import PRIORS
 from .checks import check_int, check_seed
-from .data import atomic_write, load_dust_map, file_digest
+from .data import atomic_write, file_digest
 from .morphology import (COHERENCE_EDGES, RIDGE_THRESHOLD, SIGMA_DERIVATIVE_PX, SIGMA_INTEGRATION_PX,
                          SIGMA_RIDGE_PX, WPH_ORIENTATIONS, WPH_WAVELENGTH_J0_PX, max_wph_scales,
                          ridge_length_edges, ridge_statistics, structure_tensor_statistics, wph_coefficients,
                          wph_labels)
 from .statistics import (apodization_window, bootstrap_band, default_ell_edges, flat_power_spectrum,
                          minkowski_functionals)
-from .train import SPLITS, TrainConfig, build_datasets, resolve_data_path, resolve_device
+from .train import (SPLITS, TrainConfig, build_datasets, load_training_map, resolve_data_path, resolve_device,
+                    select_patches)
 from .weights import Weights, default_weights_path, load_weights
 
 #: MF thresholds, in units of each set's pixel standard deviation about its mean.
@@ -75,14 +76,15 @@ def normalised_patches(data_map, metadata: dict, split: str = "all", quantity: s
     cfg = TrainConfig.of_weights(metadata)
     norm, geo = metadata["normalisation"], metadata["geometry"]
     geometry = PatchGeometry(int(geo["npix"]), float(geo["size_deg"]))
-    dust = load_dust_map(resolve_data_path(str(data_map)), quantity=quantity, frame=frame)
+    dust = load_training_map(str(data_map), quantity or "", frame or "", cfg.mosaic_nside)
     if split == "all":
         lon, lat = patch_centres(cfg.lat_min_deg, cfg.spacing_deg)
     else:
         lon, lat = np.asarray(metadata["split"]["centres_lonlat_deg"][split], dtype=float).reshape(-1, 2).T
-    residual = log_residual_patches(dust, lon, lat, geometry, float(norm["template_fwhm_deg"]))
+    *_, residual, selection = select_patches(dust, lon, lat, geometry, float(norm["template_fwhm_deg"]))
     x = (residual - float(norm["log_mean"])) / float(norm["log_scale"])
-    return torch.from_numpy(x)[:, None], {"data": dust.provenance(), "split": split, "count": int(len(x))}
+    return torch.from_numpy(x)[:, None], {"data": dust.provenance(), "split": split, "count": int(len(x)),
+                                          "selection": selection}
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -728,8 +730,8 @@ def main(argv=None) -> int:
         check_int(args.threads, "--threads", 0)
     except ValueError as err:
         parser.error(str(err))
-    if args.data_map is not None and not resolve_data_path(args.data_map).is_file():
-        parser.error(f"--data-map {args.data_map!r}: no such file")
+    if args.data_map is not None and not resolve_data_path(args.data_map).exists():
+        parser.error(f"--data-map {args.data_map!r}: no such file or IRIS plate folder")
     if args.threads:
         torch.set_num_threads(args.threads)
     log = (lambda *a, **k: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pysm_vaedust.cutouts import (PatchGeometry, dihedral, gnomonic_directions, log_residual_patches, patch_centres,
+from pysm_vaedust.cutouts import (PatchGeometry, dihedral, cut_patches, gnomonic_directions, patch_centres,
                                   random_dihedral, region_split, sample_map, tangent_basis)
 from pysm_vaedust.data import (MJysr_to_uK_RJ, load_dust_map, planck_nu, read_healpix_map,
                                tau353_to_intensity)
@@ -80,7 +80,7 @@ def test_split_stratified_by_variance_spans_bright_and_faint_sky(data_dir):
     differs by up to a factor 1.8 (seed 4); stratifying by variance keeps them within 20 %."""
     geometry = PatchGeometry(32, 8.0)
     lon, lat = patch_centres(15.0, 3.7)
-    residual = log_residual_patches(load_dust_map(data_dir / EBV_MAP), lon, lat, geometry, 2.0)
+    residual = cut_patches(load_dust_map(data_dir / EBV_MAP), lon, lat, geometry, 2.0).small_scales
     variance = residual.reshape(len(residual), -1).var(1)
     labels = region_split(lon, lat, geometry, seed=0, strata=variance)
     split_power = np.array([variance[labels == k].mean() for k in range(3)])
