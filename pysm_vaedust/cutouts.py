@@ -180,12 +180,16 @@ class Cutouts:
 
 
 def cut_patches(dust: DustMap, lon_deg, lat_deg, geometry: PatchGeometry, template_fwhm_deg: float,
-                fine_spectra: bool = False, chunk: int = 32) -> Cutouts:
+                fine_spectra: bool = False, missing: str = "nan", chunk: int = 32) -> Cutouts:
     """Small-scale log-intensity patches of any HEALPix dust map (Planck E(B-V), the IRIS mosaic,
     GNILC). A map finer than the patch pixel is sampled `oversampling` times finer and
     box-averaged; the smooth template part is sampled at the pixel centres. With `fine_spectra`,
-    the power of the fine samples (for noise_floor_ell) comes from the same pass."""
+    the power of the fine samples (for noise_floor_ell) comes from the same pass. A patch on
+    missing data is NaN (missing="nan") or raises ValueError naming its centre (missing="raise")."""
     from .statistics import default_ell_edges, flat_power_spectrum
+
+    if missing not in ("nan", "raise"):
+        raise ValueError(f"missing={missing!r}: expected 'nan' or 'raise'")
 
     lon_deg, lat_deg = np.atleast_1d(lon_deg), np.atleast_1d(lat_deg)
     log_map, _ = log_intensity(dust)
@@ -208,7 +212,13 @@ def cut_patches(dust: DustMap, lon_deg, lat_deg, geometry: PatchGeometry, templa
         if fine_spectra:
             fine_ell, cl = flat_power_spectrum(intensity, fine_pixel_deg, edges)
             fine_cl[sl] = np.where(ok[:, None], cl, np.nan)
-    out[~np.isfinite(out).all(axis=(1, 2))] = np.nan
+    bad = ~np.isfinite(out).all(axis=(1, 2))
+    if missing == "raise" and bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"the patch at Galactic (lon, lat) = ({lon_deg[i]:.2f}, {lat_deg[i]:.2f}) deg ({bad.sum()} of "
+                         f"{n} requested) falls on missing data of {dust.source!r} (NaN or I <= 0 within it or "
+                         f"within the {template_fwhm_deg} deg template beam)")
+    out[bad] = np.nan
     return Cutouts(small_scales=out, fine_ell=fine_ell, fine_cl=fine_cl, level=level)
 
 

@@ -161,6 +161,8 @@ def select_patches(dust: DustMap, lon, lat, geometry: PatchGeometry, template_fw
     patches (M, n, n) float32, a report of what was left out and why)."""
     cutouts = cut_patches(dust, lon, lat, geometry, template_fwhm_deg, fine_spectra=floor_ell_min > 0)
     usable = cutouts.usable
+    if not usable.any():
+        raise ValueError(f"none of the {len(lon)} patches of {dust.source!r} holds data everywhere")
     keep = usable.copy()
     report = {"candidates": int(len(lon)), "missing_data": int(np.sum(~usable)), "floor_ell_min": floor_ell_min}
     if floor_ell_min > 0:

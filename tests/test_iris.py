@@ -13,9 +13,11 @@ import pytest
 from astropy.io import fits
 
 from pysm_vaedust import iris
+from pysm_vaedust.cutouts import PatchGeometry, cut_patches
 from pysm_vaedust.data import shared_data_dir
 from pysm_vaedust.iris import (build_mosaic, clean_plate, diffusion_fill, find_point_sources, iris_directory,
                                iris_mosaic, plate_checksums, read_plate)
+from pysm_vaedust.train import select_patches
 
 IRIS = shared_data_dir() / iris.IRIS_DIR_NAME
 pytestmark = pytest.mark.skipif(not (IRIS / iris.MANIFEST).is_file(), reason=f"no IRIS plates at {IRIS}")
@@ -239,3 +241,18 @@ def test_mosaic_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         iris.main(["--nside", "64", "--plates", str(tmp_path / "missing"), "--cache-dir", str(tmp_path)])
     assert "no IRIS plates" in capsys.readouterr().err
+
+
+def test_cutouts_on_the_mosaic_skip_or_refuse_missing_data(small_mosaic):
+    dust, _ = small_mosaic
+    plate = read_plate(IRIS / "I100B4H0.fits")
+    lon, lat = plate.galactic_lonlat()
+    centres = np.array([[lon[125, 125], lat[125, 125]], [lon[0, 0], lat[0, 0]]])  # inside; on the mosaic's edge
+    geometry = PatchGeometry(16, 2.0)
+    cut = cut_patches(dust, centres[:, 0], centres[:, 1], geometry, 0.5)
+    assert cut.usable.tolist() == [True, False] and np.isnan(cut.small_scales[1]).all()
+    assert np.isfinite(cut.level[0]) and abs(float(cut.small_scales[0].mean())) < 0.05
+    with pytest.raises(ValueError, match=r"\(lon, lat\) = \(.*\) deg .* falls on missing data"):
+        cut_patches(dust, centres[:, 0], centres[:, 1], geometry, 0.5, missing="raise")
+    with pytest.raises(ValueError, match="none of the 1 patches"):
+        select_patches(dust, centres[1:, 0], centres[1:, 1], geometry, 0.5)

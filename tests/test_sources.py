@@ -13,7 +13,7 @@ from pysm_vaedust.sources import Source, fetch, load_registry, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = shared_data_dir()
-BUNDLED = ("planck2013_ebv_nside256", "planck_dust_ngp_500px")
+BUNDLED = ("planck2013_ebv_nside256", "planck_dust_ngp_500px", "iris_100um")
 
 
 def test_registry_loads_and_copies_identical():
