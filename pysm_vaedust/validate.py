@@ -35,7 +35,7 @@ import torch
 from . import __version__
 from .cutouts import PatchGeometry, patch_centres
 from .component import PRIORS
-from .checks import check_int, check_seed
+from .checks import check_int, check_nside, check_seed
 from .data import atomic_write, file_digest
 from .morphology import (COHERENCE_EDGES, RIDGE_THRESHOLD, SIGMA_DERIVATIVE_PX, SIGMA_INTEGRATION_PX,
                          SIGMA_RIDGE_PX, WPH_ORIENTATIONS, WPH_WAVELENGTH_J0_PX, max_wph_scales,
@@ -469,11 +469,13 @@ def _resolve_prior(weights, prior: str) -> tuple[str, object]:
 def validate(weights_path, split: str = "test", out="validation", n_samples: int = 512, n_recon: int = 8,
              seed: int = 0, prior: str = "auto", data_map=None, map_quantity: str | None = None,
              map_frame: str | None = None, n_boot: int = 200, device: str = "cpu",
-             log=print) -> dict:
+             real_sky: str | None = None, real_sky_nside: int = 1024, log=print) -> dict:
     """Run the whole validation, write `out`/metrics.json and the PNGs; returns the metrics dict.
 
     weights_path: a weights file (loaded on `device`) or a loaded `Weights` (used on its own
-    device); the other arguments as the command line's."""
+    device); real_sky: a real map (file or IRIS plate folder) to compare a VAEDust map of nside
+    `real_sky_nside` with at the split's centres (`realsky`, section "real_sky"); the other
+    arguments as the command line's."""
     if split not in SPLITS + ("all",):
         raise ValueError(f"split={split!r}: expected one of {SPLITS + ('all',)}")
     if split == "all" and data_map is None:
@@ -622,6 +624,15 @@ def validate(weights_path, split: str = "test", out="validation", n_samples: int
               "interpolation_ends": xs[[i, j]], "gallery_prior": xp[:16], "gallery_split": xs[gallery]}
     metrics["figures"] = make_figures(out, metrics, images)
     metrics["timing_s"]["figures_s"] = time.time() - tic
+    if real_sky is not None:
+        from .realsky import make_figure, real_sky_validation
+
+        tic = time.time()
+        real, real_images = real_sky_validation(weights, real_sky, split, real_sky_nside, seed, prior_name, n_boot,
+                                                device=device, log=log)
+        metrics["real_sky"] = _jsonable(real)
+        metrics["figures"].append(make_figure(out, metrics["real_sky"], real_images))
+        metrics["timing_s"]["real_sky_s"] = time.time() - tic
     metrics["timing_s"]["total_s"] = time.time() - t_start
     text = json.dumps(metrics, indent=1, allow_nan=False)
     atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
@@ -678,6 +689,11 @@ def summary(m: dict) -> str:
         lines.append(f"{label}: " + ", ".join(f"{k if k != 'split' else split} {pm[k][key]['value']:.2f}"
                                               for k in ("split", "train", "prior", "grf"))
                      + f"  ({split} 68 % band {band[0]:.2f}..{band[1]:.2f})")
+    if "real_sky" in m:
+        from .realsky import table
+
+        lines += [f"real sky {m['real_sky']['real_map']['source']} against {m['real_sky']['sim_map']['source']}:",
+                  table(m["real_sky"])]
     return "\n".join(lines)
 
 
@@ -706,6 +722,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="quantity of --data-map (default: from its QUANT header)")
     parser.add_argument("--map-frame", default=None, help="frame of --data-map (default: from its header)")
     parser.add_argument("--n-boot", type=int, default=200, help="bootstrap resamplings (default 200)")
+    parser.add_argument("--real-sky", default=None,
+                        help="compare a VAEDust map with this real map (HEALPix FITS or IRIS plate folder, e.g. "
+                             "iris_100um) at the split's patch centres, by intensity class")
+    parser.add_argument("--real-sky-nside", type=int, default=1024,
+                        help="nside of the VAEDust map of --real-sky (default 1024: 3.4' pixels, 4x4 per 15' patch pixel)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch default")
     parser.add_argument("--quiet", action="store_true", help="print nothing")
@@ -728,8 +749,12 @@ def main(argv=None) -> int:
         check_seed(args.seed, "--seed")
         check_int(args.n_boot, "--n-boot", 1)
         check_int(args.threads, "--threads", 0)
+        check_nside(args.real_sky_nside, "--real-sky-nside")
     except ValueError as err:
         parser.error(str(err))
+    if args.real_sky is not None and (args.split == "all" or not resolve_data_path(args.real_sky).exists()):
+        parser.error(f"--real-sky {args.real_sky!r} with --split {args.split}: expected an existing map or IRIS "
+                     "plate folder and a stored split (train, val, test)")
     if args.data_map is not None and not resolve_data_path(args.data_map).exists():
         parser.error(f"--data-map {args.data_map!r}: no such file or IRIS plate folder")
     if args.threads:
@@ -742,7 +767,7 @@ def main(argv=None) -> int:
         parser.error(str(err))
     metrics = validate(loaded, args.split, args.out, args.n_samples, args.n_recon, args.seed,
                        args.prior, args.data_map, args.map_quantity, args.map_frame, args.n_boot,
-                       args.device, log=log)
+                       args.device, args.real_sky, args.real_sky_nside, log=log)
     if not args.quiet:
         print(summary(metrics))
         print(f"wrote {Path(args.out) / 'metrics.json'} and {len(metrics['figures'])} figures")
