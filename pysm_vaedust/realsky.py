@@ -238,15 +238,15 @@ def table(m: dict) -> str:
     fraction in RATIO_RANGE per band, and the MF / WPH / coherence inside-band fractions."""
     bands = [f"{lo:.0f}-{hi:.0f}" for lo, hi in m["bands_ell"]]
     lo, hi = m["ratio_range"]
-    head = (["class (patches)", "field"] + [f"C_l ratio median, in {lo:g}-{hi:g}: ell {b}" for b in bands]
-            + ["std ratio", "MF in band", "WPH in band", "coherence in band"])
+    head = (["class (patches)", "field"] + [f"C_l ratio, ell {b}: median (in {lo:g}-{hi:g})" for b in bands]
+            + ["std ratio (median)", "MF in band", "WPH in band", "coherence in band"])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, c in m["classes"].items():
         for model in MODELS:
             s = c[model]
             bp = s["band_power"]
             cells = [f"{name} ({c['count']})", model.replace("_", "-")]
-            cells += [f"{r:.2f}, {f:.2f}" for r, f in zip(bp["median_ratio"], bp["fraction_in_range"])]
+            cells += [f"{r:.2f} ({f:.2f})" for r, f in zip(bp["median_ratio"], bp["fraction_in_range"])]
             inside = s["inside_fraction"]
             cells += [f"{s['std_median_ratio']:.2f}", f"{inside['minkowski']:.2f}", f"{inside['wph']:.2f}",
                       f"{inside['coherence_hist']:.2f}"]
