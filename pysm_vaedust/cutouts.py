@@ -273,6 +273,23 @@ def flat_small_scales(log_image: np.ndarray, pixel_arcmin: float, fwhm_deg: floa
     return log_image - gaussian_filter(log_image, sigma_pix, mode="reflect")
 
 
+#: Galaxies whose own dust is bright and resolved at |b| > 15 deg: (name, Galactic lon, lat, radius),
+#: degrees (centres from NED; radii cover their far-infrared extent). Not Galactic dust: left out.
+EXTRAGALACTIC_DISCS = (("LMC", 280.47, -32.89, 6.0), ("SMC", 302.80, -44.30, 3.0),
+                       ("M31", 121.17, -21.57, 2.0), ("M33", 133.61, -31.33, 1.0))
+
+
+def near_extragalactic(lon_deg, lat_deg, geometry: PatchGeometry) -> np.ndarray:
+    """(N,) bool: patches (centres in degrees) whose footprint may reach an EXTRAGALACTIC_DISCS disc."""
+    vec = hp.ang2vec(np.atleast_1d(lon_deg), np.atleast_1d(lat_deg), lonlat=True)
+    half_diagonal = np.degrees(np.arctan(np.sqrt(2) * np.tan(np.radians(0.5 * geometry.size_deg))))
+    near = np.zeros(len(vec), bool)
+    for _, lon0, lat0, radius in EXTRAGALACTIC_DISCS:
+        distance = np.degrees(np.arccos(np.clip(vec @ hp.ang2vec(lon0, lat0, lonlat=True), -1, 1)))
+        near |= distance < radius + half_diagonal
+    return near
+
+
 def region_split(lon_deg, lat_deg, geometry: PatchGeometry, fractions=(0.7, 0.15, 0.15),
                  seed: int = 0, region_nside: int = 2, strata=None):
     """Deterministic train/val/test split by sky region.

@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from . import __version__
 from .checks import check_bool, check_int, check_real, check_seed
-from .cutouts import (PatchGeometry, cut_patches, dihedral, flat_small_scales, noise_floor_ell, patch_centres,
-                      random_dihedral, region_split)
+from .cutouts import (PatchGeometry, cut_patches, dihedral, flat_small_scales, near_extragalactic, noise_floor_ell,
+                      patch_centres, random_dihedral, region_split)
 from .data import DustMap, NGP_PIXEL_ARCMIN, atomic_write, file_digest, load_dust_map, load_ngp_image, shared_data_dir
 from .iris import iris_mosaic
 from .model import VAE, VAEConfig
@@ -33,7 +33,7 @@ from .weights import save_weights
 
 SPLITS = ("train", "val", "test")
 #: what a stored training config that predates a key meant by its absence (the old behaviour)
-LEGACY_DEFAULTS = {"split_strata": "none", "marginal_knots": 0}
+LEGACY_DEFAULTS = {"split_strata": "none", "marginal_knots": 0, "exclude_extragalactic": False}
 #: config keys that may differ when resuming (e.g. continue to more epochs)
 RESUMABLE_CHANGES = ("epochs", "output", "threads", "device")
 #: config keys that must be > 0 (other numbers: ints >= 0, floats finite)
@@ -50,6 +50,7 @@ class TrainConfig:
     map_frame: str = ""             # "G" | "C" | ...; "" = from FITS header
     mosaic_nside: int = 2048        # nside of the cached IRIS mosaic when data_map is the IRIS plate folder
     floor_ell_min: float = 0.0      # leave out patches whose power meets 2x the noise + CIB floor below this ell (0 = keep all)
+    exclude_extragalactic: bool = True  # leave out patches reaching the LMC, SMC, M31, M33 (cutouts.EXTRAGALACTIC_DISCS)
     npix: int = 32                  # patch pixels across (32 x 15' matches the 13.7' source pixels)
     size_deg: float = 8.0           # patch side, degrees
     lat_min_deg: float = 15.0       # patch centres at |b| >= this
@@ -155,16 +156,24 @@ def load_training_map(name: str, quantity: str = "", frame: str = "", mosaic_nsi
 
 
 def select_patches(dust: DustMap, lon, lat, geometry: PatchGeometry, template_fwhm_deg: float,
-                   floor_ell_min: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """Small-scale patches at the centres that hold data everywhere (and, with floor_ell_min > 0,
-    whose power stays above twice the noise + CIB floor up to that ell). Returns (lon, lat,
-    patches (M, n, n) float32, a report of what was left out and why)."""
+                   floor_ell_min: float = 0.0, exclude_extragalactic: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Small-scale patches at the centres that hold data everywhere (with floor_ell_min > 0: whose
+    power stays above twice the noise + CIB floor up to that ell; with exclude_extragalactic:
+    away from the LMC, SMC, M31 and M33). Returns (lon, lat, patches (M, n, n) float32, a report
+    of what was left out and why)."""
+    if exclude_extragalactic:
+        galactic = ~near_extragalactic(lon, lat, geometry)
+        report = {"candidates": int(len(lon)), "extragalactic": int(np.sum(~galactic))}
+        lon, lat = lon[galactic], lat[galactic]
+    else:
+        report = {"candidates": int(len(lon)), "extragalactic": 0}
     cutouts = cut_patches(dust, lon, lat, geometry, template_fwhm_deg, fine_spectra=floor_ell_min > 0)
     usable = cutouts.usable
     if not usable.any():
         raise ValueError(f"none of the {len(lon)} patches of {dust.source!r} holds data everywhere")
     keep = usable.copy()
-    report = {"candidates": int(len(lon)), "missing_data": int(np.sum(~usable)), "floor_ell_min": floor_ell_min}
+    report.update({"missing_data": int(np.sum(~usable)), "floor_ell_min": floor_ell_min})
     if floor_ell_min > 0:
         floor = noise_floor_ell(cutouts)
         keep &= floor["ell_floor"] >= floor_ell_min
@@ -181,7 +190,8 @@ def build_datasets(cfg: TrainConfig) -> tuple[dict, dict]:
     dust = load_training_map(cfg.data_map, cfg.map_quantity, cfg.map_frame, cfg.mosaic_nside)
     geometry = PatchGeometry(cfg.npix, cfg.size_deg)
     lon, lat, residual, selection = select_patches(dust, *patch_centres(cfg.lat_min_deg, cfg.spacing_deg),
-                                                   geometry, cfg.template_fwhm_deg, cfg.floor_ell_min)
+                                                   geometry, cfg.template_fwhm_deg, cfg.floor_ell_min,
+                                                   cfg.exclude_extragalactic)
     if cfg.split_strata not in ("variance", "none"):
         raise ValueError(f"split_strata={cfg.split_strata!r}: expected 'variance' or 'none'")
     strata = residual.reshape(len(residual), -1).var(1) if cfg.split_strata == "variance" else None

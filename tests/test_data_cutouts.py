@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pysm_vaedust.cutouts import (PatchGeometry, dihedral, cut_patches, gnomonic_directions, patch_centres,
-                                  random_dihedral, region_split, sample_map, tangent_basis)
+from pysm_vaedust.cutouts import (PatchGeometry, dihedral, cut_patches, gnomonic_directions, near_extragalactic,
+                                  patch_centres, random_dihedral, region_split, sample_map, tangent_basis)
 from pysm_vaedust.data import (MJysr_to_uK_RJ, load_dust_map, planck_nu, read_healpix_map,
                                tau353_to_intensity)
 
@@ -149,3 +149,11 @@ def test_nested_map_is_reordered(tmp_path):
     hp.write_map(path, hp.reorder(ring, r2n=True), nest=True, coord="G")
     values, frame, _ = read_healpix_map(path)
     assert frame == "G" and np.allclose(values, ring)
+
+
+def test_patches_reaching_nearby_galaxies_are_found():
+    geometry = PatchGeometry(32, 8.0)
+    lon = np.array([280.47, 280.47, 121.17 + 7.0, 0.0])
+    lat = np.array([-32.89, -32.89 + 14.0, -21.57, 60.0])
+    # on the LMC; 14 deg away (beyond its 6 deg disc + the 5.7 deg half-diagonal); M31 within 2 + 5.7; far away
+    assert near_extragalactic(lon, lat, geometry).tolist() == [True, False, True, False]
