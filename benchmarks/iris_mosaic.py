@@ -3,8 +3,7 @@
     python benchmarks/iris_mosaic.py [--nside 2048] [--rebuild]
 
 Loads (or, with --rebuild or no valid cache, builds and times) the cached IRIS mosaic; measures
-the seam statistic over every plate border (median neighbour jump |m - mean of the 8 HEALPix
-neighbours| / m within 2 plate pixels of a plate edge, over that of all other covered pixels);
+the seam statistic (pysm_vaedust.iris.seam_statistic) over every plate border;
 cuts the IRIS recipe's patches (training/iris.toml) and reports what is left out (missing data,
 noise floor) with the ell_floor distribution. Writes benchmarks/iris_mosaic.json and
 docs/figures/iris_mosaic.png (the mosaic, two zooms, one plate before and after source cleaning).
@@ -25,38 +24,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tqdm import tqdm
 
-from pysm_vaedust.cutouts import PatchGeometry, cut_patches, noise_floor_ell, patch_centres
-from pysm_vaedust.iris import clean_plate, iris_directory, iris_mosaic, plate_checksums, read_plate
+from pysm_vaedust.cutouts import PatchGeometry, cut_patches, near_extragalactic, noise_floor_ell, patch_centres
+from pysm_vaedust.iris import clean_plate, iris_directory, iris_mosaic, plate_checksums, read_plate, seam_statistic
 from pysm_vaedust.train import TrainConfig
 
 HERE = Path(__file__).resolve().parent
-EDGE_PIX = 2.0
-
-
-def seam_ratio(dust, directory) -> dict:
-    """Median neighbour jump at plate borders over that elsewhere (1 = no seams)."""
-    m, nside = dust.intensity, dust.nside
-    covered = np.flatnonzero(np.isfinite(m))
-    neighbours = hp.get_all_neighbours(nside, covered)
-    values = np.where(neighbours >= 0, m[np.maximum(neighbours, 0)], np.nan)
-    complete = np.isfinite(values).all(0)
-    jump = np.abs(m[covered] - values.mean(0)) / m[covered]
-    border = np.zeros(covered.size, bool)
-    lon, lat = hp.pix2ang(nside, covered, lonlat=True)
-    vec = hp.ang2vec(lon, lat, lonlat=True)
-    for name in tqdm(sorted(plate_checksums(directory)), desc="plate borders", unit="plate"):
-        plate = read_plate(directory / name)
-        centre = plate.galactic_lonlat()
-        c = hp.ang2vec(centre[0][125, 125], centre[1][125, 125], lonlat=True)
-        near = np.flatnonzero(vec @ c > np.cos(np.radians(9.5)))
-        col, row = plate.pixel_of(lon[near], lat[near])
-        ny, nx = plate.values.shape
-        edge = np.minimum.reduce([col + 0.5, nx - 0.5 - col, row + 0.5, ny - 0.5 - row])
-        border[near[np.abs(edge) < EDGE_PIX]] = True
-    return {"median_jump_border": float(np.median(jump[border & complete])),
-            "median_jump_elsewhere": float(np.median(jump[~border & complete])),
-            "ratio": float(np.median(jump[border & complete]) / np.median(jump[~border & complete])),
-            "border_pixels": int(np.sum(border & complete))}
 
 
 def figure(dust, directory, ell_floor: np.ndarray, floor_ell_min: float, path: Path) -> None:
@@ -66,7 +38,7 @@ def figure(dust, directory, ell_floor: np.ndarray, floor_ell_min: float, path: P
                 title="IRIS 100 um mosaic, log10(I / MJy sr^-1) (grey: withheld)", unit="")
     for k, (lon, lat) in enumerate([(228.0, -50.0), (90.0, 60.0)]):
         hp.gnomview(log_map, rot=[lon, lat], reso=1.5, xsize=500, fig=fig.number, sub=(2, 3, 2 + k),
-                    cmap="inferno", title=f"zoom ({lon:.0f}, {lat:.0f}), 12.5 deg", notext=True)
+                    cmap="inferno", title=f"zoom ({lon:.0f}, {lat:.0f}), 12.5 deg", notext=True, cbar=False)
     plate = read_plate(directory / "I100B4H0.fits")
     cleaned, found = clean_plate(plate)
     lo, hi = np.nanpercentile(plate.values, [1, 99.5])
@@ -98,9 +70,12 @@ def main() -> None:
     dust = iris_mosaic(args.nside, rebuild=args.rebuild)
     load_s = time.time() - tic
     result = {"nside": args.nside, "load_or_build_s": load_s, "mosaic": dust.extra["mosaic"]}
-    result["seams"] = seam_ratio(dust, directory)
+    plates = [read_plate(directory / name) for name in tqdm(sorted(plate_checksums(directory)), desc="plates")]
+    result["seams"] = seam_statistic(dust.intensity, plates)
     cfg = TrainConfig.from_toml(HERE.parent / "training" / "iris.toml")
     lon, lat = patch_centres(cfg.lat_min_deg, cfg.spacing_deg)
+    galactic = ~near_extragalactic(lon, lat, PatchGeometry(cfg.npix, cfg.size_deg))
+    lon, lat = lon[galactic], lat[galactic]
     tic = time.time()
     cutouts = cut_patches(dust, lon, lat, PatchGeometry(cfg.npix, cfg.size_deg), cfg.template_fwhm_deg,
                           fine_spectra=True)
@@ -108,7 +83,7 @@ def main() -> None:
     usable = cutouts.usable
     ell_floor = floor["ell_floor"][usable]
     result["cutouts"] = {
-        "candidates": int(len(lon)), "missing_data": int(np.sum(~usable)), "cut_s": time.time() - tic,
+        "candidates": int(len(galactic)), "extragalactic": int(np.sum(~galactic)), "missing_data": int(np.sum(~usable)), "cut_s": time.time() - tic,
         "effective_beam_fwhm_arcmin": floor["beam_fwhm_arcmin"], "dust_slope_alpha_linear_I": floor["alpha"],
         "ell_floor_percentiles_5_16_50_84": np.percentile(ell_floor, [5, 16, 50, 84]).tolist(),
         "fraction_ell_floor_below": {str(e): float(np.mean(ell_floor < e)) for e in (600, 1000, 1200, 1440, 2000)}}

@@ -246,7 +246,7 @@ def noise_floor_ell(cutouts: Cutouts, tail_ell=FLOOR_TAIL_ELL, bright_fraction: 
         top = f"{ell[-1]:.0f}" if ell.size else "none (cut with fine_spectra=False)"
         raise ValueError(f"no noise floor can be measured: the fine spectra reach ell {top}, below the floor's "
                          f"tail ell {tail_ell[1]:g} (the map does not resolve it)")
-    usable = np.isfinite(cl).all(axis=1)
+    usable = cutouts.usable & np.isfinite(cl).all(axis=1)
     if usable.sum() < 10:
         raise ValueError(f"only {int(usable.sum())} patches hold data: need 10 to fit the beam")
     level = np.where(usable, cutouts.level, np.nan)
@@ -255,13 +255,14 @@ def noise_floor_ell(cutouts: Cutouts, tail_ell=FLOOR_TAIL_ELL, bright_fraction: 
     fit = (ell >= window_fit_ell[0]) & (ell <= window_fit_ell[1])
     design = np.stack([np.ones(fit.sum()), -np.log(ell[fit]), -ell[fit] ** 2], axis=1)
     _, alpha, sigma2 = np.linalg.lstsq(design, log_shape[fit], rcond=None)[0]
+    sigma2 = max(sigma2, 0.0)  # a beam, never a sharpening
     ratio = cl / np.exp(-sigma2 * ell ** 2)
     tail = (ell >= tail_ell[0]) & (ell <= tail_ell[1])
     floor = np.median(ratio[:, tail], axis=1)
     below = ratio < 2 * floor[:, None]
     ell_floor = np.where(usable, ell[np.argmax(below, axis=1)], np.nan)  # the tail itself is below: always found
     return {"ell_floor": ell_floor, "floor": floor, "alpha": float(alpha),
-            "beam_fwhm_arcmin": float(np.degrees(np.sqrt(max(sigma2, 0.0))) * 60 * np.sqrt(8 * np.log(2)))}
+            "beam_fwhm_arcmin": float(np.degrees(np.sqrt(sigma2)) * 60 * np.sqrt(8 * np.log(2)))}
 
 
 def flat_small_scales(log_image: np.ndarray, pixel_arcmin: float, fwhm_deg: float) -> np.ndarray:

@@ -71,9 +71,11 @@ def normalize_frame(frame: str) -> str:
 
 @dataclass(frozen=True)
 class DustMap:
-    """A full-sky dust intensity map at 545 GHz.
+    """A full-sky dust intensity map: at 545 GHz when converted from E(B-V) or tau353, at the
+    map's own frequency otherwise (the IRIS mosaic: 100 um; see provenance()).
 
-    intensity: (12 nside^2,) float64, MJy/sr, RING ordering, in `frame`.
+    intensity: (12 nside^2,) float64, MJy/sr, RING ordering, in `frame`; NaN = no data where the
+    map was loaded with allow_missing.
     """
 
     intensity: np.ndarray
@@ -85,10 +87,12 @@ class DustMap:
     extra: dict = dataclass_field(default_factory=dict)  # JSON-able provenance of derived maps (e.g. the IRIS mosaic)
 
     def provenance(self) -> dict:
-        """JSON-able description of where the map came from."""
+        """JSON-able description of where the map came from (with the modified black body and
+        frequency for maps converted from E(B-V) or tau353)."""
+        converted = {"T_dust_K": T_DUST_K, "beta_dust": BETA_DUST, "freq_GHz": FREQ_REF_GHZ} \
+            if self.quantity in ("ebv", "tau353") else {}
         return {"source": self.source, "sha256": self.sha256, "frame": self.frame,
-                "nside": self.nside, "input_quantity": self.quantity,
-                "T_dust_K": T_DUST_K, "beta_dust": BETA_DUST, "freq_GHz": FREQ_REF_GHZ, **self.extra}
+                "nside": self.nside, "input_quantity": self.quantity, **converted, **self.extra}
 
 
 def read_healpix_map(path, frame: str | None = None, nest: bool | None = None, field: int = 0):
@@ -156,12 +160,18 @@ def MJysr_to_uK_RJ(freq_GHz=FREQ_REF_GHZ) -> float:
 
 
 def load_dust_map(path, quantity: str | None = None, frame: str | None = None,
-                  nest: bool | None = None) -> DustMap:
+                  nest: bool | None = None, allow_missing: bool = False) -> DustMap:
     """Load a dust map and convert it to 545 GHz intensity in MJy/sr.
 
     quantity: 'ebv' (E(B-V), mag), 'tau353' or 'intensity_MJysr'; default from the QUANT header.
+    allow_missing: keep NaN and HEALPix UNSEEN pixels as NaN (the cutout stage leaves out the
+    patches on them) instead of refusing the map; a map with no finite positive pixel is refused.
     """
     values, frame, header = read_healpix_map(path, frame=frame, nest=nest)
+    if allow_missing:
+        values = np.where(values == hp.UNSEEN, np.nan, values)
+        if not np.any(np.isfinite(values) & (values > 0)):
+            raise ValueError(f"dust map {str(path)!r} has no finite positive pixel")
     if quantity is None:
         quant = str(header.get("QUANT", "")).upper().replace(" ", "")
         quantity = {"E(B-V)": "ebv", "EBV": "ebv", "TAU353": "tau353"}.get(quant)
@@ -170,7 +180,8 @@ def load_dust_map(path, quantity: str | None = None, frame: str | None = None,
                              f"pass quantity= one of {_QUANTITIES}")
     if quantity not in _QUANTITIES:
         raise ValueError(f"unknown quantity {quantity!r}; expected one of {_QUANTITIES}")
-    check_positive_finite(values, f"dust map {str(path)!r}")
+    if not allow_missing:
+        check_positive_finite(values, f"dust map {str(path)!r}")
     if quantity == "ebv":
         intensity = tau353_to_intensity(values / EBV_PER_TAU353)
     elif quantity == "tau353":

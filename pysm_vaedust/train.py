@@ -147,12 +147,14 @@ def resolve_data_path(name: str) -> Path:
     return path if path.exists() else shared_data_dir() / name
 
 
-def load_training_map(name: str, quantity: str = "", frame: str = "", mosaic_nside: int = 2048) -> DustMap:
-    """A HEALPix dust map file, or (a folder of IRIS plates, e.g. "iris_100um") the cached IRIS mosaic."""
+def load_training_map(name: str, quantity: str = "", frame: str = "", mosaic_nside: int = 2048,
+                      progress: bool = True) -> DustMap:
+    """A HEALPix dust map file (NaN / UNSEEN pixels kept as missing data), or (a folder of IRIS
+    plates, e.g. "iris_100um") the cached IRIS mosaic."""
     path = resolve_data_path(name)
     if path.is_dir():
-        return iris_mosaic(mosaic_nside, path)
-    return load_dust_map(path, quantity=quantity or None, frame=frame or None)
+        return iris_mosaic(mosaic_nside, path, progress=progress)
+    return load_dust_map(path, quantity=quantity or None, frame=frame or None, allow_missing=True)
 
 
 def select_patches(dust: DustMap, lon, lat, geometry: PatchGeometry, template_fwhm_deg: float,
@@ -185,9 +187,9 @@ def select_patches(dust: DustMap, lon, lat, geometry: PatchGeometry, template_fw
     return lon[keep], lat[keep], cutouts.small_scales[keep], report
 
 
-def build_datasets(cfg: TrainConfig) -> tuple[dict, dict]:
+def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[dict, dict]:
     """Cut, split and normalise patches. Returns ({split: (N, 1, n, n) float32 tensor}, info)."""
-    dust = load_training_map(cfg.data_map, cfg.map_quantity, cfg.map_frame, cfg.mosaic_nside)
+    dust = load_training_map(cfg.data_map, cfg.map_quantity, cfg.map_frame, cfg.mosaic_nside, progress)
     geometry = PatchGeometry(cfg.npix, cfg.size_deg)
     lon, lat, residual, selection = select_patches(dust, *patch_centres(cfg.lat_min_deg, cfg.spacing_deg),
                                                    geometry, cfg.template_fwhm_deg, cfg.floor_ell_min,
@@ -336,7 +338,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    sets, info = build_datasets(cfg)
+    sets, info = build_datasets(cfg, progress)
     augmented = torch.cat([dihedral(sets["train"], k) for k in range(8)]).to(device)  # all 8 symmetries
     torch.manual_seed(cfg.seed)  # parameter initialisation only
     model = VAE(vae_config_of(cfg)).to(device)

@@ -82,7 +82,7 @@ def normalised_patches(data_map, metadata: dict, split: str = "all", quantity: s
     else:
         lon, lat = np.asarray(metadata["split"]["centres_lonlat_deg"][split], dtype=float).reshape(-1, 2).T
     *_, residual, selection = select_patches(dust, lon, lat, geometry, float(norm["template_fwhm_deg"]),
-                                             exclude_extragalactic=cfg.exclude_extragalactic)
+                                             cfg.floor_ell_min, cfg.exclude_extragalactic)
     x = (residual - float(norm["log_mean"])) / float(norm["log_scale"])
     return torch.from_numpy(x)[:, None], {"data": dust.provenance(), "split": split, "count": int(len(x)),
                                           "selection": selection}

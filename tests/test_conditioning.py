@@ -53,7 +53,7 @@ def trained(tmp_path_factory):
                                    checkpoint_dir=str(out / "ckpt"), output=str(out / "w.h5"))
     sets, info = train_module.build_datasets(cfg)
     with pytest.MonkeyPatch.context() as mp:  # reuse the datasets instead of cutting them twice
-        mp.setattr(train_module, "build_datasets", lambda c: (sets, info))
+        mp.setattr(train_module, "build_datasets", lambda c, progress=True: (sets, info))
         path = train_module.train(cfg, progress=False)
     return load_weights(path), sets, path
 

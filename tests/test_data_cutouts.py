@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from pysm_vaedust.cutouts import (PatchGeometry, dihedral, cut_patches, gnomonic_directions, near_extragalactic,
-                                  patch_centres, random_dihedral, region_split, sample_map, tangent_basis)
+from pysm_vaedust.cutouts import (Cutouts, PatchGeometry, dihedral, cut_patches, fill_invalid, gnomonic_directions,
+                                  near_extragalactic, noise_floor_ell, patch_centres, random_dihedral, region_split,
+                                  sample_map, tangent_basis)
 from pysm_vaedust.data import (MJysr_to_uK_RJ, load_dust_map, planck_nu, read_healpix_map,
                                tau353_to_intensity)
 
@@ -157,3 +158,40 @@ def test_patches_reaching_nearby_galaxies_are_found():
     lat = np.array([-32.89, -32.89 + 14.0, -21.57, 60.0])
     # on the LMC; 14 deg away (beyond its 6 deg disc + the 5.7 deg half-diagonal); M31 within 2 + 5.7; far away
     assert near_extragalactic(lon, lat, geometry).tolist() == [True, False, True, False]
+
+
+def test_noise_floor_ell_recovers_the_crossing_and_the_beam():
+    """Spectra D ell^-3 + N, both through a 5' Gaussian beam: the bright patches (N = 0) give the
+    beam; each patch's ell_floor is where D ell^-3 falls to N (R = C / beam < 2 N) when the tail
+    ell 3000-3600 is floor-dominated."""
+    ell = np.linspace(100, 3600, 40)
+    sigma = np.radians(5.0 / 60) / np.sqrt(8 * np.log(2))
+    crossing = np.linspace(600, 2400, 30)  # where dust power equals the floor
+    dust_amp = crossing ** 3  # D with D crossing^-3 = N = 1
+    floor = np.r_[np.ones(27), np.zeros(3)]  # the three brightest patches: no floor
+    level = np.r_[np.linspace(1, 2, 27), [10, 11, 12]]
+    cl = (dust_amp[:, None] * ell ** -3.0 + floor[:, None]) * np.exp(-sigma ** 2 * ell ** 2)
+    cut = Cutouts(small_scales=np.zeros((30, 4, 4), np.float32), fine_ell=ell, fine_cl=cl, level=level)
+    result = noise_floor_ell(cut, tail_ell=(3000, 3600), bright_fraction=0.1, window_fit_ell=(200, 2600))
+    assert abs(result["beam_fwhm_arcmin"] - 5.0) < 0.05 and abs(result["alpha"] - 3.0) < 0.01
+    step = ell[1] - ell[0]
+    found, truth = result["ell_floor"][:27], crossing[:27]
+    # never later than the truth (the floor is an upper bound: dust left in the tail raises it) ...
+    assert np.all(found <= truth + step + 1e-6)
+    # ... and within a bin of it where the tail holds little dust (crossing <= 1500: < 13 % of the floor)
+    faint = truth <= 1500
+    assert faint.sum() > 8 and np.all(found[faint] >= truth[faint] - step - 1e-6)
+    with pytest.raises(ValueError, match="does not resolve"):
+        noise_floor_ell(Cutouts(cut.small_scales, ell[:10], cl[:, :10], level))
+
+
+def test_fill_invalid_keeps_valid_pixels_and_fills_holes_smoothly():
+    nside = 64
+    theta, phi = hp.pix2ang(nside, np.arange(hp.nside2npix(nside)))
+    values = np.cos(theta) + 0.1 * np.sin(phi)  # smooth
+    valid = np.ones(values.size, bool)
+    hole = hp.query_disc(nside, hp.ang2vec(0.3, 45.0, lonlat=True), np.radians(5))
+    valid[hole] = False
+    filled = fill_invalid(np.where(valid, values, np.nan), valid)
+    assert np.array_equal(filled[valid], values[valid])
+    assert np.all(np.isfinite(filled)) and np.max(np.abs(filled[hole] - values[hole])) < 0.1
