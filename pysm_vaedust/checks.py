@@ -127,6 +127,25 @@ def check_bandpass(freqs, weights=None, name: str = "freqs", weights_name: str =
     return freqs, normalised
 
 
+def check_lonlat(lon_deg, lat_deg, names=("lon_deg", "lat_deg")) -> tuple[np.ndarray, np.ndarray]:
+    """Galactic centres as two float64 (N,) arrays: real, finite, of one shape, |lat| <= 90 deg."""
+    arrays = []
+    for value, name in zip((lon_deg, lat_deg), names):
+        try:
+            array = np.atleast_1d(np.asarray(value, dtype=np.float64))
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{name}={_show(value)}: expected real numbers (degrees)") from err
+        if array.ndim != 1 or not np.all(np.isfinite(array)):
+            raise ValueError(f"{name}={_show(value)}: expected a finite number or 1D array (degrees)")
+        arrays.append(array)
+    if arrays[0].shape != arrays[1].shape:
+        raise ValueError(f"{names[0]} and {names[1]} have shapes {arrays[0].shape} and {arrays[1].shape}: "
+                         f"expected one latitude per longitude")
+    if np.any(np.abs(arrays[1]) > 90):
+        raise ValueError(f"{names[1]}={_show(lat_deg)}: expected latitudes in -90..90 deg")
+    return arrays[0], arrays[1]
+
+
 def check_pixel_indices(pixels, nside: int, name: str = "map_dist.pixel_indices") -> np.ndarray:
     """A 1-d integer array of RING pixel indices of `nside`."""
     pixels = np.asarray(pixels)

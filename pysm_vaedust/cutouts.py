@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import healpy as hp
 import numpy as np
 
+from .checks import check_choice, check_lonlat, check_real
 from .data import DustMap
 
 
@@ -188,10 +189,11 @@ def cut_patches(dust: DustMap, lon_deg, lat_deg, geometry: PatchGeometry, templa
     missing data is NaN (missing="nan") or raises ValueError naming its centre (missing="raise")."""
     from .statistics import default_ell_edges, flat_power_spectrum
 
-    if missing not in ("nan", "raise"):
-        raise ValueError(f"missing={missing!r}: expected 'nan' or 'raise'")
-
-    lon_deg, lat_deg = np.atleast_1d(lon_deg), np.atleast_1d(lat_deg)
+    if not isinstance(geometry, PatchGeometry):
+        raise TypeError(f"geometry={geometry!r}: expected a PatchGeometry")
+    check_choice(missing, "missing", ("nan", "raise"))
+    check_real(template_fwhm_deg, "template_fwhm_deg", positive=True)
+    lon_deg, lat_deg = check_lonlat(lon_deg, lat_deg)
     log_map, _ = log_intensity(dust)
     smooth = large_scale_log_map(dust, template_fwhm_deg)
     k = oversampling(dust.nside, geometry)

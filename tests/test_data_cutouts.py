@@ -6,6 +6,8 @@ import healpy as hp
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pysm_vaedust.cutouts import (Cutouts, PatchGeometry, dihedral, cut_patches, fill_invalid, gnomonic_directions,
                                   near_extragalactic, noise_floor_ell, patch_centres, random_dihedral, region_split,
@@ -195,3 +197,34 @@ def test_fill_invalid_keeps_valid_pixels_and_fills_holes_smoothly():
     filled = fill_invalid(np.where(valid, values, np.nan), valid)
     assert np.array_equal(filled[valid], values[valid])
     assert np.all(np.isfinite(filled)) and np.max(np.abs(filled[hole] - values[hole])) < 0.1
+
+
+@pytest.fixture(scope="module")
+def small_map():
+    """An nside-32 dust map with a hole of missing data (NaN) and one non-positive pixel."""
+    nside = 32
+    theta, phi = hp.pix2ang(nside, np.arange(hp.nside2npix(nside)))
+    intensity = np.exp(np.cos(theta) + 0.3 * np.sin(3 * phi))
+    intensity[hp.query_disc(nside, hp.ang2vec(40.0, 50.0, lonlat=True), np.radians(6))] = np.nan
+    intensity[hp.ang2pix(nside, 200.0, -50.0, lonlat=True)] = 0.0
+    from pysm_vaedust.data import DustMap
+    return DustMap(intensity=intensity, frame="G", nside=nside, source="small test map", sha256="", quantity="intensity_MJysr")
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(lon=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.lists(st.floats(-400, 400), max_size=3),
+                     st.text(max_size=3), st.none()),
+       lat=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.lists(st.floats(-100, 100), max_size=3)),
+       fwhm=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2, 3)),
+       missing=st.sampled_from(["nan", "raise", "skip", 3]))
+def test_cut_patches_works_or_names_the_bad_argument(small_map, lon, lat, fwhm, missing):
+    """Any centres, beam and mode: finite patches (or NaN patches on missing data), or one
+    ValueError/TypeError naming the argument or the place (never a traceback from inside numpy)."""
+    try:
+        cut = cut_patches(small_map, lon, lat, PatchGeometry(8, 8.0), fwhm, missing=missing)
+    except (ValueError, TypeError) as err:
+        assert any(word in str(err) for word in ("lon_deg", "lat_deg", "template_fwhm_deg", "missing",
+                                                 "falls on missing data")), str(err)
+        return
+    assert cut.small_scales.shape[1:] == (8, 8)
+    assert np.all(np.isfinite(cut.small_scales[cut.usable])) and np.all(np.isnan(cut.small_scales[~cut.usable]))
