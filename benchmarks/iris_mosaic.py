@@ -35,7 +35,7 @@ def figure(dust, directory, ell_floor: np.ndarray, floor_ell_min: float, path: P
     log_map = np.log10(np.where(dust.intensity > 0, dust.intensity, np.nan))
     fig = plt.figure(figsize=(16, 9))
     hp.mollview(hp.ud_grade(log_map, 256), fig=fig.number, sub=(2, 3, 1), min=-0.2, max=2.5, cmap="inferno",
-                title="IRIS 100 um mosaic, log10(I / MJy sr^-1) (grey: withheld)", unit="")
+                title="IRIS 100 um mosaic, log10(I / MJy sr^-1) -0.2 .. 2.5\n(grey: withheld)", cbar=False)
     for k, (lon, lat) in enumerate([(228.0, -50.0), (90.0, 60.0)]):
         hp.gnomview(log_map, rot=[lon, lat], reso=1.5, xsize=500, fig=fig.number, sub=(2, 3, 2 + k),
                     cmap="inferno", title=f"zoom ({lon:.0f}, {lat:.0f}), 12.5 deg", notext=True, cbar=False)
