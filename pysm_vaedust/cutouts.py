@@ -15,6 +15,7 @@ import numpy as np
 
 from .checks import check_choice, check_lonlat, check_real
 from .data import DustMap
+from .statistics import default_ell_edges, flat_power_spectrum
 
 
 @dataclass(frozen=True)
@@ -187,8 +188,6 @@ def cut_patches(dust: DustMap, lon_deg, lat_deg, geometry: PatchGeometry, templa
     box-averaged; the smooth template part is sampled at the pixel centres. With `fine_spectra`,
     the power of the fine samples (for noise_floor_ell) comes from the same pass. A patch on
     missing data is NaN (missing="nan") or raises ValueError naming its centre (missing="raise")."""
-    from .statistics import default_ell_edges, flat_power_spectrum
-
     if not isinstance(geometry, PatchGeometry):
         raise TypeError(f"geometry={geometry!r}: expected a PatchGeometry")
     check_choice(missing, "missing", ("nan", "raise"))

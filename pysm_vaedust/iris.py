@@ -35,6 +35,7 @@ from astropy.wcs import WCS
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from . import sources
 from .checks import check_nside, check_real
 from .data import DustMap, atomic_write, file_digest, shared_data_dir
 
@@ -369,11 +370,10 @@ def build_mosaic(directory=None, nside: int = 2048, names=None, threshold: float
 
 # ------------------------------------------------------------------------------------- cache
 def default_cache_dir() -> Path:
-    """Cache of derived data: $PYSM_VAEDUST_CACHE, else $XDG_CACHE_HOME/pysm_vaedust (~/.cache)."""
+    """Cache of derived data: $PYSM_VAEDUST_CACHE, else the downloads' cache (sources.default_cache_dir:
+    $XDG_CACHE_HOME/pysm_vaedust, ~/.cache/pysm_vaedust)."""
     env = os.environ.get("PYSM_VAEDUST_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pysm_vaedust"
+    return Path(env) if env else sources.default_cache_dir()
 
 
 def _trusted(fits_path: Path, record_path: Path, key: str) -> dict | None:

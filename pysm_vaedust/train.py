@@ -164,12 +164,9 @@ def select_patches(dust: DustMap, lon, lat, geometry: PatchGeometry, template_fw
     power stays above twice the noise + CIB floor up to that ell; with exclude_extragalactic:
     away from the LMC, SMC, M31 and M33). Returns (lon, lat, patches (M, n, n) float32, a report
     of what was left out and why)."""
-    if exclude_extragalactic:
-        galactic = ~near_extragalactic(lon, lat, geometry)
-        report = {"candidates": int(len(lon)), "extragalactic": int(np.sum(~galactic))}
-        lon, lat = lon[galactic], lat[galactic]
-    else:
-        report = {"candidates": int(len(lon)), "extragalactic": 0}
+    galactic = ~near_extragalactic(lon, lat, geometry) if exclude_extragalactic else np.ones(len(lon), bool)
+    report = {"candidates": int(len(lon)), "extragalactic": int(np.sum(~galactic))}
+    lon, lat = lon[galactic], lat[galactic]
     cutouts = cut_patches(dust, lon, lat, geometry, template_fwhm_deg, fine_spectra=floor_ell_min > 0)
     usable = cutouts.usable
     if not usable.any():
