@@ -1,17 +1,21 @@
-"""Stages 6-7 — the PySM component: VAE small scales on a large-scale template, any frequency.
+"""Stages 6-7 — the PySM component: conditional VAE small scales on a large-scale template.
 
-    I_nu(p) = T(p) exp(s delta(p) - s^2 V / 2) * MBB(nu) / MBB(nu_ref)
+    ln I_nu_ref(p) = ln T(p) + R(p) + delta(p),     I_nu = I_nu_ref * MBB(nu) / MBB(nu_ref)
 
-T: large-scale template (uK_RJ at nu_ref), log-smoothed to the weights' template FWHM;
-delta: blended decoded patches of the cascade levels (normalised units, variance V);
-s: the weights' log_scale. The -s^2 V/2 term keeps E[I] = T (exactly for a Gaussian delta; with
-the marginal transform of the shipped weights delta is skewed and the mean is kept to 0.06 %:
-log E[exp(s x)] = 0.0088 against s^2 V / 2 = 0.0082 for 1024 prior-sample patches). MBB: modified black body
-(mbb_index beta_d, mbb_temperature T_d), bandpass-integrated with pysm3's own utilities.
+T: the template (uK_RJ at nu_ref), smoothed in log to the weights' conditioning FWHM F (30');
+the cascade's levels k = 0..K (pixels and patches 4^k finer, self-similar): level k's patches
+are decoded *given* their coarse part, the field so far sampled on the patch's condition grid,
+and supply every scale finer than F / f_k, f_k its scale factor. R: what levels < K added, seen
+at level K's conditioning resolution (in-patch Gaussian of FWHM F / f_K, blended like the
+patches); delta: level K's blended patches. Without the cascade R = 0 and delta = level 0.
+T is exp of a log-smoothed map (as the bundled template): the added scales have zero mean in
+ln I, as in the data. MBB: modified black body (mbb_index beta_d, mbb_temperature T_d),
+bandpass-integrated with pysm3's own utilities.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,22 +30,19 @@ from pysm3.models.dust import blackbody_ratio
 from pysm3.models.template import Model
 from tqdm import tqdm
 
-from .checks import (check_bandpass, check_bool, check_choice, check_frequency, check_int, check_nside,
-                     check_path, check_pixel_indices, check_seed)
-from .cutouts import PatchGeometry
-from .data import BETA_DUST, T_DUST_K, check_positive_finite
+from .checks import (check_bandpass, check_bool, check_frequency, check_int, check_nside, check_path,
+                     check_pixel_indices, check_seed)
+from .cutouts import PatchGeometry, condition_input, sample_patches
+from .data import BETA_DUST, T_DUST_K, check_positive_finite, log_offset_to_100um
 from .template import default_template_path, read_template, smooth_log_map
-from .tiling import CascadeLevel, PatchSet, band_filter, cascade_levels, patch_normals
+from .tiling import CascadeLevel, PatchSet, cascade_levels, gaussian_multiplier, patch_normals, tile_centres
 from .train import resolve_device
 from .weights import Weights, load_weights
 
-#: nside of the working copy of the (smoothed) log template.
-TEMPLATE_WORK_NSIDE = 128
-PRIORS = ("auto", "flow", "standard")
-#: see SmallScaleGenerator.convolutional_fraction
-FINE_LEVEL_LINEAR_THRESHOLD = 1e-2
-#: seed of the fixed draws that measure properties of the model (level variances, conv fraction)
-MODEL_PROPERTY_SEED = 12345
+#: nside of the working copy of the (smoothed) log template (13.7' pixels for a 30' beam)
+TEMPLATE_WORK_NSIDE = 256
+#: beam of the PySM GNILC dust template (deg)
+GNILC_FWHM_DEG = 21.8 / 60
 #: output pixels interpolated per chunk (bounds the temporary theta/phi/weight arrays)
 PIXEL_CHUNK = 1 << 22
 
@@ -104,76 +105,63 @@ def _scalar_frequency(value, name: str) -> float:
 
 
 class SmallScaleGenerator:
-    """Decodes the patches of the cascade levels and blends them onto HEALPix pixels.
+    """Decodes the patches of the cascade levels given their coarse parts and blends them onto
+    HEALPix pixels. weights: loaded conditional VAE; log_offset: ln of the factor that turns the
+    template's unit into 100 um MJy/sr (the unit of the condition's brightness)."""
 
-    weights: loaded VAE (+ optional latent prior); prior: 'flow' or 'standard'.
-    """
-
-    def __init__(self, weights: Weights, prior: str = "standard", batch_size: int = 1024,
+    def __init__(self, weights: Weights, log_offset: float = 0.0, batch_size: int = 1024,
                  fixed_latents: dict | None = None, fixed_noise: dict | None = None):
         self.weights = weights
-        self.vae = weights.vae
-        d, n = self.vae.config.latent_dim, self.vae.config.npix
+        self.vae = weights.vae.to(memory_format=torch.channels_last)  # ~1.7x faster CPU convolutions
+        d, n = self.vae.latent_dim, self.vae.config.npix
         self.fixed_latents = _fixed_table(fixed_latents, (d,), "fixed_latents")
         self.fixed_noise = _fixed_table(fixed_noise, (n, n), "fixed_noise")
-        self.prior = weights.prior if prior == "flow" else None
         self.batch_size = check_int(batch_size, "batch_size", minimum=1)
+        self.log_offset = float(log_offset)
         meta = weights.metadata
+        self.normalisation = meta["normalisation"]
         self.base = PatchGeometry(meta["geometry"]["npix"], meta["geometry"]["size_deg"])
         self.slope = float(meta["spectral_slope"]["slope"])
-        self.conv_fraction = self.convolutional_fraction()
-
-    @torch.no_grad()
-    def convolutional_fraction(self, n_samples: int = 512) -> float:
-        """rms of the decoder's convolutional branch over that of its linear branch, for prior
-        draws (fixed seed). Below FINE_LEVEL_LINEAR_THRESHOLD the cascade levels >= 1 (~98 % of
-        the patches at nside 2048) decode with the linear branch alone: a relative change of the
-        decoded mean below that threshold, for a ~10x faster decoder."""
-        normals = torch.from_numpy(patch_normals(MODEL_PROPERTY_SEED, 0, np.arange(n_samples),
-                                                 self.vae.config.latent_dim))
-        z = self.latents(normals.to(self.vae.device))
-        linear = self.vae.decode_linear(z)
-        return float((self.vae.decode(z) - linear).std() / linear.std())
 
     def levels(self, nside: int, cascade: bool = True) -> list[CascadeLevel]:
         return cascade_levels(nside if cascade else 1, self.base, self.slope)
 
-    def latents(self, normals: torch.Tensor) -> torch.Tensor:
-        """Latents z (B, D) from standard normals (B, D): identity or the learned prior's map."""
-        return normals if self.prior is None else self.prior.sample_from_normals(normals)
-
-    def decode(self, level: CascadeLevel, normals: np.ndarray, ids: np.ndarray | None = None) -> torch.Tensor:
-        """Band-filtered, amplitude-scaled patches (B, n, n) from per-patch normals (B, D + n^2);
-        tiles `ids` listed in `fixed_latents[level]` use their fixed z instead of a prior draw, and
-        those in `fixed_noise[level]` their fixed (modulated) noise patch. On the fast path (fine
-        levels, linear decoder mean) the noise modulation a(z) is computed from that mean. Noise
-        (fixed or drawn) is added in the model's Gaussian space, then mapped to data space."""
-        d, n = self.vae.config.latent_dim, self.vae.config.npix
-        eps = torch.from_numpy(normals).to(self.vae.device)
-        with torch.no_grad():
-            z = self.latents(eps[:, :d])
-            _replace_rows(z, self.fixed_latents.get(level.index), ids)
-            fast = level.index > 0 and self.conv_fraction < FINE_LEVEL_LINEAR_THRESHOLD
-            x = self.vae.decode_linear(z) if fast else self.vae.decode(z)
-            noise = self.vae.noise_given(z, x, white=eps[:, d:].reshape(-1, 1, n, n))
-            _replace_rows(noise[:, 0], self.fixed_noise.get(level.index), ids)
-            x = self.vae.to_data(x + noise)
-            filt = torch.from_numpy(band_filter(level)).to(x)
-            x = torch.fft.ifft2(torch.fft.fft2(x[:, 0]) * filt).real
-        return x * level.amplitude
-
-    def level_variance(self, level: CascadeLevel, n_samples: int = 512) -> float:
-        """Variance of one level's patches (fixed seed: a property of the model, not the sky)."""
-        normals = patch_normals(MODEL_PROPERTY_SEED, level.index, np.arange(n_samples), self.normals_size)
-        return float(self.decode(level, normals).var())
-
     @property
     def normals_size(self) -> int:
-        return self.vae.config.latent_dim + self.vae.config.npix**2
+        return self.vae.latent_dim + self.vae.config.npix**2
+
+    def conditions(self, level: CascadeLevel, coarse_map: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """The model's conditions (B, 2, n/2, n/2) of tiles `ids`: the coarse field (ln I in the
+        template's unit, RING, any nside) sampled on their condition grids."""
+        lon, lat = tile_centres(level, ids)
+        coarse = sample_patches(coarse_map, "G", lon, lat, level.geometry.halved())
+        return condition_input(coarse, self.normalisation, level.amplitude, self.log_offset)
+
+    def decode(self, level: CascadeLevel, conditions: np.ndarray, normals: np.ndarray,
+               ids: np.ndarray | None = None) -> torch.Tensor:
+        """Small scales (B, n, n) in ln I of tiles given their conditions (B, 2, n/2, n/2) and
+        per-patch normals (B, D + n^2): whitened latents, then the decoder noise's white normals.
+        Tiles `ids` listed in `fixed_latents[level]` / `fixed_noise[level]` use their fixed
+        latents / noise patch (normalised units) instead."""
+        d, n = self.vae.latent_dim, self.vae.config.npix
+        eps = torch.from_numpy(normals).to(self.vae.device)
+        c = torch.from_numpy(conditions).to(self.vae.device).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            z = eps[:, :d].clone()
+            _replace_rows(z, self.fixed_latents.get(level.index), ids)
+            mean = self.vae.decode(z, c).contiguous()
+            noise = self.vae.decoder_noise(eps[:, d:].reshape(-1, 1, n, n))
+            _replace_rows(noise[:, 0], self.fixed_noise.get(level.index), ids)
+            x = (mean + noise)[:, 0]
+        norm = self.normalisation
+        return level.amplitude * (norm["log_scale"] * x + norm["log_mean"])
 
     def level_field(self, level: CascadeLevel, nside: int, seed: int, pixels: np.ndarray | None,
-                    bar=None) -> np.ndarray:
-        """One level's blended field sum(w v) / sqrt(sum w^2) at `pixels` of `nside` (None = all).
+                    coarse_map: np.ndarray, smooth_fwhm_deg: float | None = None, bar=None):
+        """One level's blended small scales sum(w v) / sqrt(sum w^2) at `pixels` of `nside`
+        (None = all), float32, conditioned on `coarse_map`; with `smooth_fwhm_deg` also the
+        blended in-patch Gaussian smoothing of the same patches (the next level's view of them),
+        else None.
 
         Decoding of the next batch overlaps with the (GIL-free) reprojection of the previous one;
         a single worker keeps the accumulation order, so results are bit-reproducible."""
@@ -182,21 +170,35 @@ class SmallScaleGenerator:
         if pixels is not None:
             lookup = np.full(hp.nside2npix(nside), -1, dtype=np.int64)
             lookup[pixels] = np.arange(len(pixels))
-        num = np.zeros(n_out, dtype=np.float32)
+        fields = [np.zeros(n_out, dtype=np.float32) for _ in range(1 if smooth_fwhm_deg is None else 2)]
         den = np.zeros(n_out, dtype=np.float32)
         n = self.vae.config.npix
+        smoother = None if smooth_fwhm_deg is None else torch.from_numpy(
+            gaussian_multiplier(n, level.geometry.pixel_size_deg, smooth_fwhm_deg))
+
+        def accumulate(patches, values, smoothed):
+            patches.accumulate(values, fields[0], den)
+            if smoothed is not None:
+                patches.accumulate(smoothed, fields[1], np.zeros_like(den))
+
         with ThreadPoolExecutor(max_workers=1) as worker:
             pending = None
             for start in range(0, level.n_tiles, self.batch_size):
                 ids = np.arange(start, min(start + self.batch_size, level.n_tiles))
                 patches = PatchSet(nside, level, ids, lookup)
                 if len(patches.used):
+                    used = ids[patches.used]
+                    decoded = self.decode(level, self.conditions(level, coarse_map, used),
+                                          patch_normals(seed, level.index, used, self.normals_size), used)
                     values = np.zeros((len(ids), n, n), dtype=np.float32)
-                    normals = patch_normals(seed, level.index, ids[patches.used], self.normals_size)
-                    values[patches.used] = self.decode(level, normals, ids[patches.used]).cpu().numpy()
+                    values[patches.used] = decoded.cpu().numpy()
+                    smoothed = None
+                    if smoother is not None:
+                        smoothed = np.zeros_like(values)
+                        smoothed[patches.used] = torch.fft.ifft2(torch.fft.fft2(decoded) * smoother).real.numpy()
                     if pending is not None:
                         pending.result()
-                    pending = worker.submit(patches.accumulate, values, num, den)
+                    pending = worker.submit(accumulate, patches, values, smoothed)
                 if bar is not None:
                     bar.update(len(ids))
             if pending is not None:
@@ -204,41 +206,50 @@ class SmallScaleGenerator:
         if np.any(den <= 0):
             raise RuntimeError(f"cascade level {level.index}: {int(np.sum(den <= 0))} pixels "
                                "not covered by any patch (tiling bug)")
-        return num / np.sqrt(den)
+        scale = 1 / np.sqrt(den)
+        return fields[0] * scale, (fields[1] * scale if len(fields) > 1 else None)
 
-    def field(self, nside: int, seed: int, pixels: np.ndarray | None, cascade: bool = True,
-              progress: bool = False) -> tuple[np.ndarray, float]:
-        """delta at `pixels` (RING; None = full sky), float32, and its model variance V.
-
-        A level whose pixels are much coarser than the output's is computed at a lower working
-        nside (pixel <= half the level's pixel) and bilinearly interpolated to the output pixels."""
+    def field(self, nside: int, seed: int, pixels: np.ndarray | None, log_template: np.ndarray,
+              cascade: bool = True, progress: bool = False) -> np.ndarray:
+        """R + delta (see the module doc) at `pixels` (RING; None = full sky), float32, for the
+        log template `log_template` (RING, any nside). Levels before the last are computed on the
+        whole sky at their working nside (every MPI rank the same), the last on `pixels` only
+        (at a lower working nside and bilinearly interpolated when the output pixel is much finer
+        than the level's)."""
         pixels_out = np.arange(hp.nside2npix(nside)) if pixels is None else pixels
-        delta = np.zeros(len(pixels_out), dtype=np.float32)
-        variance = 0.0
         levels = self.levels(nside, cascade)
+        fwhm0 = float(self.normalisation["template_fwhm_deg"])
+        coarse_map, residual = log_template, None   # the field so far; R at the next level's resolution
         with tqdm(total=sum(lv.n_tiles for lv in levels), desc=f"VAEDust nside {nside}", unit="patch",
                   disable=not progress) as bar:
-            for level in levels:
-                work_nside = working_nside(level, nside)
-                if work_nside == nside:
-                    delta += self.level_field(level, nside, seed, pixels, bar)
-                else:
-                    delta += self.interpolated_level_field(level, work_nside, nside, seed, pixels_out, bar)
-                variance += self.level_variance(level)
-        return delta, variance
+            for level, following in zip(levels[:-1], levels[1:]):
+                work = working_nside(level, nside)
+                _, smoothed = self.level_field(level, work, seed, None, coarse_map, fwhm0 / following.factor, bar)
+                residual = smoothed if residual is None else (
+                    interpolate_at_pixels(residual, work, None).astype(np.float32) + smoothed)
+                coarse_map = interpolate_at_pixels(log_template, work, None) + residual
+            last = levels[-1]
+            work = working_nside(last, nside)
+            if work == nside:
+                delta, _ = self.level_field(last, nside, seed, pixels, coarse_map, None, bar)
+            else:
+                delta = self.interpolated_level_field(last, work, nside, seed, pixels_out, coarse_map, bar)
+        if residual is not None:
+            delta += interpolate_at_pixels(residual, nside, pixels).astype(np.float32)
+        return delta
 
-    def interpolated_level_field(self, level, work_nside, nside, seed, pixels_out, bar):
+    def interpolated_level_field(self, level, work_nside, nside, seed, pixels_out, coarse_map, bar):
         """A level computed at `work_nside` on the pixels bilinear interpolation needs, then
         interpolated to `pixels_out` of `nside` (float32)."""
         full = np.zeros(hp.nside2npix(work_nside), dtype=np.float32)
         if len(pixels_out) == hp.nside2npix(nside):
-            full[:] = self.level_field(level, work_nside, seed, None, bar)
+            full[:] = self.level_field(level, work_nside, seed, None, coarse_map, None, bar)[0]
         else:
             needed = np.zeros(len(full), dtype=bool)
             for start in range(0, len(pixels_out), PIXEL_CHUNK):
                 pix = pixels_out[start:start + PIXEL_CHUNK]
                 needed[hp.get_interp_weights(work_nside, *hp.pix2ang(nside, pix))[0].ravel()] = True
-            full[needed] = self.level_field(level, work_nside, seed, np.flatnonzero(needed), bar)
+            full[needed] = self.level_field(level, work_nside, seed, np.flatnonzero(needed), coarse_map, None, bar)[0]
         return interpolate_at_pixels(full, nside, pixels_out).astype(np.float32)
 
 
@@ -267,22 +278,22 @@ class VAEDust(Model):
     Parameters
     ----------
     nside : int, power of two <= max_nside. seed : int in 0..2**32-1, seeds every patch's latents.
-    template : None (bundled 545 GHz Planck-derived template), "pysm_gnilc" (PySM GNILC template
-        via pysm3's data loader), a FITS path, or an array/Quantity (RING, Galactic, uK_RJ).
+    template : None (bundled 545 GHz Planck-derived template at the conditioning resolution),
+        "pysm_gnilc" (PySM GNILC template via pysm3's data loader), a FITS path, or an
+        array/Quantity (RING, Galactic, uK_RJ); smoothed in log to the weights' conditioning FWHM.
     template_freq : reference frequency of an array template (Quantity or "353 GHz").
     mbb_temperature, mbb_index : T_d (K) and beta_d: scalars, arrays (RING) or FITS paths.
-    weights : path of a weights file (default: shipped weights). prior : 'auto' | 'flow' | 'standard'.
+    weights : path of a weights file (default: shipped weights).
     device : 'auto' | 'cpu' | 'cuda'. cascade : add the finer levels needed by nside.
-    fixed_latents : {level: {tile id: z (latent_dim,)}} latents replacing the prior draws of those
-        tiles (constrained realizations, see pysm_vaedust.conditioning).
+    fixed_latents : {level: {tile id: eps (latent_dim,)}} whitened latents replacing the prior
+        draws of those tiles (constrained realizations, see pysm_vaedust.conditioning).
     fixed_noise : {level: {tile id: (npix, npix)}} decoder-noise patches replacing the draws of
-        those tiles (normalised units, before band filtering).
+        those tiles (normalised units).
     max_nside, map_dist : as every pysm3 Model.
     """
 
     def __init__(self, nside=2048, seed=0, template=None, template_freq=None,
-                 mbb_temperature=T_DUST_K, mbb_index=BETA_DUST, weights=None, prior="auto",
-                 device="auto", cascade=True, batch_size=1024, progress=False, fixed_latents=None,
+                 mbb_temperature=T_DUST_K, mbb_index=BETA_DUST, weights=None, device="auto", cascade=True, batch_size=1024, progress=False, fixed_latents=None,
                  fixed_noise=None, max_nside=8192, map_dist=None):
         nside = check_nside(nside)
         max_nside = check_int(max_nside, "max_nside", minimum=1)
@@ -297,23 +308,19 @@ class VAEDust(Model):
             if map_dist.pixel_indices is not None:
                 pixel_indices = check_pixel_indices(map_dist.pixel_indices, nside)
         super().__init__(nside=nside, max_nside=max_nside, map_dist=map_dist)
-        check_choice(prior, "prior", PRIORS)
         self.seed = check_seed(seed)
         self.cascade = check_bool(cascade, "cascade")
         self.progress = check_bool(progress, "progress")
         self.weights = load_weights(check_path(weights, "weights"), device=resolve_device(device))
-        if prior == "flow" and self.weights.prior is None:
-            raise ValueError(f"prior='flow' but {self.weights.path!r} holds no learned prior")
-        if prior == "auto":
-            learned = self.weights.prior is not None and self.weights.metadata["prior"].get("default", False)
-            prior = "flow" if learned else "standard"
-        self.prior = prior
-        self.generator = SmallScaleGenerator(self.weights, prior, batch_size, fixed_latents, fixed_noise)
-        self._check_fixed_tiles()
         self.pixel_indices = pixel_indices
         self.freq_ref, self.log_template = self._load_template(template, template_freq)
         self.mbb_temperature = self._spectral_parameter(mbb_temperature, "mbb_temperature", u.K)
         self.mbb_index = self._spectral_parameter(mbb_index, "mbb_index", u.dimensionless_unscaled)
+        # the condition's brightness is in 100 um MJy/sr: converted with the mean SED parameters
+        log_offset = log_offset_to_100um(self.freq_ref, float(np.mean(self.mbb_temperature)),
+                                         float(np.mean(self.mbb_index)))
+        self.generator = SmallScaleGenerator(self.weights, log_offset, batch_size, fixed_latents, fixed_noise)
+        self._check_fixed_tiles()
         self._i_ref = None
 
     def _check_fixed_tiles(self) -> None:
@@ -334,19 +341,20 @@ class VAEDust(Model):
         return hp.nside2npix(self.nside) if self.pixel_indices is None else len(self.pixel_indices)
 
     def _load_template(self, template, template_freq):
-        """(reference frequency GHz, smoothed log template at TEMPLATE_WORK_NSIDE, Galactic RING)."""
+        """(reference frequency GHz, log template at the conditioning resolution, Galactic RING at
+        TEMPLATE_WORK_NSIDE). A map of known beam b (FWHMDEG card; GNILC's 21.8') is smoothed by
+        sqrt(F^2 - b^2), F the conditioning FWHM; a map without one by F."""
         fwhm = float(self.weights.metadata["normalisation"]["template_fwhm_deg"])
-        pre_smoothed = False
+        beam = 0.0
         if template is None:
-            values, freq, file_fwhm = read_template(default_template_path())
-            pre_smoothed = file_fwhm is not None and np.isclose(float(file_fwhm), fwhm)
+            values, freq, beam = read_template(default_template_path())
         elif isinstance(template, str) and template == "pysm_gnilc":
             from .sources import fetch
 
             values = hp.read_map(fetch("pysm_gnilc_dust_template"), field=0, dtype=np.float64)
-            freq = 353.0
+            freq, beam = 353.0, GNILC_FWHM_DEG
         elif isinstance(template, (str, Path)):
-            values, freq, _ = read_template(template)
+            values, freq, beam = read_template(template)
             if freq is None and template_freq is None:
                 raise ValueError(f"template {str(template)!r} has no FREQREF header: pass template_freq=")
         else:
@@ -367,10 +375,14 @@ class VAEDust(Model):
         if template_freq is not None:
             freq = _scalar_frequency(template_freq, "template_freq")
         log_values = np.log(values)
-        nside_t = hp.npix2nside(values.size)
-        if pre_smoothed and nside_t == TEMPLATE_WORK_NSIDE:
+        beam = float(beam or 0.0)
+        if beam > 1.05 * fwhm:
+            warnings.warn(f"the template's beam ({60 * beam:.1f}') is coarser than the conditioning resolution "
+                          f"({60 * fwhm:.1f}'): the scales between them are missing from the condition and the map",
+                          stacklevel=3)
+        if beam >= 0.99 * fwhm and hp.npix2nside(values.size) == TEMPLATE_WORK_NSIDE:
             return float(freq), log_values
-        return float(freq), smooth_log_map(log_values, fwhm, TEMPLATE_WORK_NSIDE)
+        return float(freq), smooth_log_map(log_values, np.sqrt(max(fwhm**2 - beam**2, 0.0)), TEMPLATE_WORK_NSIDE)
 
     def _spectral_parameter(self, value, name, unit):
         """A scalar or a map at this component's pixels (float64) of T_d (K, > 0) or beta_d, from a
@@ -409,11 +421,10 @@ class VAEDust(Model):
     def reference_map(self) -> np.ndarray:
         """Intensity at the reference frequency (uK_RJ, float64, own pixels); computed once, cached."""
         if self._i_ref is None:
-            delta, variance = self.generator.field(self.nside, self.seed, self.pixel_indices,
-                                                   self.cascade, self.progress)
-            s = self.weights.log_scale
+            delta = self.generator.field(self.nside, self.seed, self.pixel_indices, self.log_template,
+                                         self.cascade, self.progress)
             log_i = self.template_at_pixels()
-            log_i += s * delta.astype(np.float64) - 0.5 * s * s * variance
+            log_i += delta
             self._i_ref = np.exp(log_i, out=log_i)
         return self._i_ref
 

@@ -39,6 +39,10 @@ class PatchGeometry:
         """(npix,) tangent-plane pixel-centre offsets in radians."""
         return np.radians((np.arange(self.npix) + 0.5 - self.npix / 2) * self.pixel_size_deg)
 
+    def halved(self) -> "PatchGeometry":
+        """Same patch, half the pixels across (the grid of the model's condition)."""
+        return PatchGeometry(self.npix // 2, self.size_deg)
+
     def scaled(self, factor: float) -> "PatchGeometry":
         """Same pixel count, `factor` times smaller angular size (cascade levels)."""
         return PatchGeometry(self.npix, self.size_deg / factor)
@@ -165,12 +169,15 @@ class Cutouts:
     """Patches cut from a dust map.
 
     small_scales: (N, n, n) float32 ln I - [ln I]_smooth, NaN throughout for a patch that touches
-    missing data or lies where the smoothed template would feel it; fine_ell (nb,) and fine_cl
+    missing data or lies where the smoothed template would feel it; coarse: (N, n/2, n/2) float32
+    [ln I]_smooth on the grid of half the patch's pixels (the part a template at that resolution
+    holds: the model's condition); fine_ell (nb,) and fine_cl
     (N, nb): binned flat-sky power of the intensity sampled at the map's own resolution,
     (MJy/sr)^2 sr (NaN rows for unusable patches; empty when not asked for); level (N,): mean
     intensity, MJy/sr."""
 
     small_scales: np.ndarray
+    coarse: np.ndarray
     fine_ell: np.ndarray
     fine_cl: np.ndarray
     level: np.ndarray
@@ -200,12 +207,14 @@ def cut_patches(dust: DustMap, lon_deg, lat_deg, geometry: PatchGeometry, templa
     edges = default_ell_edges(geometry.npix * k, fine_pixel_deg, nbins=geometry.npix * k // 8)
     n = len(lon_deg)
     out = np.empty((n, geometry.npix, geometry.npix), dtype=np.float32)
+    coarse = np.empty((n, geometry.npix // 2, geometry.npix // 2), dtype=np.float32)
     level = np.empty(n)
     fine_cl = np.full((n, len(edges) - 1) if fine_spectra else (n, 0), np.nan)
     fine_ell = np.zeros(0)
     for start in range(0, n, chunk):
         sl = slice(start, start + chunk)
         fine_log = sample_patches(log_map, dust.frame, lon_deg[sl], lat_deg[sl], geometry, k)
+        coarse[sl] = sample_patches(smooth, dust.frame, lon_deg[sl], lat_deg[sl], geometry.halved())
         out[sl] = box_average(fine_log, k) - sample_patches(smooth, dust.frame, lon_deg[sl], lat_deg[sl], geometry)
         ok = np.isfinite(fine_log).all(axis=(1, 2))
         intensity = np.exp(np.where(ok[:, None, None], fine_log, 0.0))
@@ -220,7 +229,8 @@ def cut_patches(dust: DustMap, lon_deg, lat_deg, geometry: PatchGeometry, templa
                          f"{n} requested) falls on missing data of {dust.source!r} (NaN or I <= 0 within it or "
                          f"within the {template_fwhm_deg} deg template beam)")
     out[bad] = np.nan
-    return Cutouts(small_scales=out, fine_ell=fine_ell, fine_cl=fine_cl, level=level)
+    coarse[bad] = np.nan
+    return Cutouts(small_scales=out, coarse=coarse, fine_ell=fine_ell, fine_cl=fine_cl, level=level)
 
 
 #: multipoles where the beam-corrected power of IRIS patches is flat (white noise + CIB shot noise);
@@ -264,6 +274,22 @@ def noise_floor_ell(cutouts: Cutouts, tail_ell=FLOOR_TAIL_ELL, bright_fraction: 
     ell_floor = np.where(usable, ell[np.argmax(below, axis=1)], np.nan)  # the tail itself is below: always found
     return {"ell_floor": ell_floor, "floor": floor, "alpha": float(alpha),
             "beam_fwhm_arcmin": float(np.degrees(np.sqrt(sigma2)) * 60 * np.sqrt(8 * np.log(2)))}
+
+
+def condition_input(coarse: np.ndarray, normalisation: dict, amplitude: float = 1.0,
+                    log_offset: float = 0.0) -> np.ndarray:
+    """The model's condition (B, 2, m, m) float32 from coarse parts (B, m, m) of ln I on the
+    condition grid (m = n/2): [coarse minus its patch mean] / (coarse_scale * amplitude) and a
+    constant plane of the patch-mean (ln I + log_offset - level_mean) / level_scale.
+
+    normalisation: the weights' (coarse_scale, level_mean, level_scale; ln of 100 um MJy/sr);
+    amplitude: a cascade level's amplitude factor (1 at the trained level); log_offset: ln of the
+    factor that turns the map's intensity unit into 100 um MJy/sr (0 for IRIS itself)."""
+    coarse = np.asarray(coarse, dtype=np.float64)
+    mean = coarse.mean(axis=(1, 2), keepdims=True)
+    structure = (coarse - mean) / (normalisation["coarse_scale"] * amplitude)
+    level = (mean + log_offset - normalisation["level_mean"]) / normalisation["level_scale"]
+    return np.stack([structure, np.broadcast_to(level, structure.shape)], 1).astype(np.float32)
 
 
 def flat_small_scales(log_image: np.ndarray, pixel_arcmin: float, fwhm_deg: float) -> np.ndarray:
@@ -366,9 +392,10 @@ def dihedral(images, k: int):
     return out[..., ::-1] if k >= 4 else out
 
 
-def random_dihedral(batch, generator):
-    """Apply an independent random dihedral transform to each image of a torch batch (B, 1, n, n)."""
+def random_dihedral(batches: tuple, generator) -> tuple:
+    """An independent random dihedral transform per row, the same for every torch batch of
+    `batches` (each (B, C, n_i, n_i)): e.g. a patch and its condition."""
     import torch
 
-    ks = torch.randint(0, 8, (batch.shape[0],), generator=generator)
-    return torch.stack([dihedral(img, int(k)) for img, k in zip(batch, ks)])
+    ks = torch.randint(0, 8, (batches[0].shape[0],), generator=generator)
+    return tuple(torch.stack([dihedral(img, int(k)) for img, k in zip(batch, ks)]) for batch in batches)

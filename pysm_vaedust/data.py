@@ -154,6 +154,18 @@ def tau353_to_intensity(tau353, freq_GHz=FREQ_REF_GHZ, T_K=T_DUST_K, beta=BETA_D
     return np.asarray(tau353) * planck_nu(freq_GHz, T_K) * (np.asarray(freq_GHz) / 353.0) ** beta
 
 
+#: IRIS / IRAS 100 um band centre, GHz (the intensity unit the conditional model learned)
+IRIS_FREQ_GHZ = 2997.92
+
+
+def log_offset_to_100um(freq_GHz: float, T_K: float = T_DUST_K, beta: float = BETA_DUST) -> float:
+    """ln of the factor turning dust intensity in uK_RJ at `freq_GHz` into MJy/sr at 100 um
+    (modified black body of T_K, beta: an approximation, used only for the condition's
+    patch-mean brightness)."""
+    sed = (IRIS_FREQ_GHZ / freq_GHz) ** beta * planck_nu(IRIS_FREQ_GHZ, T_K) / planck_nu(freq_GHz, T_K)
+    return float(np.log(sed / MJysr_to_uK_RJ(freq_GHz)))
+
+
 def MJysr_to_uK_RJ(freq_GHz=FREQ_REF_GHZ) -> float:
     """Factor converting MJy/sr to uK_RJ at `freq_GHz`."""
     return float((1 * u.MJy / u.sr).to_value(u.uK, equivalencies=u.brightness_temperature(freq_GHz * u.GHz)))

@@ -1,8 +1,9 @@
 """The large-scale template: a smoothed 545 GHz dust intensity map in Galactic coordinates.
 
 The bundled template is derived by `build_template` from the Planck 2013 E(B-V) map in
-../shared/data (ICRS): log-intensity, rotated to Galactic in harmonic space, smoothed by a
-Gaussian of the weights' template FWHM (2 deg), stored as uK_RJ at 545 GHz, nside 128, RING.
+../shared/data (ICRS, 13.7' beam): log-intensity, rotated to Galactic in harmonic space,
+smoothed by a Gaussian of sqrt(30'^2 - 13.7'^2) so that it has the weights' conditioning
+resolution (30' FWHM), stored as uK_RJ at 545 GHz, nside 256, RING.
 Rebuild it with ``python -m pysm_vaedust.template``.
 """
 
@@ -21,8 +22,12 @@ from . import __version__
 from .data import (FREQ_REF_GHZ, MJysr_to_uK_RJ, atomic_write, check_positive_finite, load_dust_map,
                    shared_data_dir)
 
-DEFAULT_TEMPLATE_NAME = "template_545GHz_fwhm2deg_nside128.fits"
-TEMPLATE_NSIDE = 128
+DEFAULT_TEMPLATE_NAME = "template_545GHz_fwhm30arcmin_nside256.fits"
+TEMPLATE_NSIDE = 256
+#: resolution of the bundled template (the conditioning FWHM of the shipped weights), deg
+TEMPLATE_FWHM_DEG = 0.5
+#: beam of the Planck 2013 E(B-V) map (Planck 2013 XI), deg
+PLANCK_EBV_FWHM_DEG = 13.7 / 60
 
 
 def default_template_path() -> Path:
@@ -41,13 +46,18 @@ def smooth_log_map(log_map: np.ndarray, fwhm_deg: float, nside_out: int, coord: 
     return hp.alm2map(alm, nside_out, lmax=lmax)
 
 
-def build_template(dust_path, fwhm_deg: float = 2.0, nside_out: int = TEMPLATE_NSIDE) -> tuple[np.ndarray, dict]:
-    """Large-scale template from a dust map: (uK_RJ at 545 GHz, Galactic RING (12 nside_out^2,)),
-    provenance dict."""
+def build_template(dust_path, fwhm_deg: float = TEMPLATE_FWHM_DEG, nside_out: int = TEMPLATE_NSIDE,
+                   input_fwhm_deg: float = PLANCK_EBV_FWHM_DEG) -> tuple[np.ndarray, dict]:
+    """Large-scale template at resolution `fwhm_deg` from a dust map of beam `input_fwhm_deg`:
+    (uK_RJ at 545 GHz, Galactic RING (12 nside_out^2,)), provenance dict."""
+    if not 0 <= input_fwhm_deg < fwhm_deg:
+        raise ValueError(f"input_fwhm_deg={input_fwhm_deg}: expected 0 <= input beam < fwhm_deg={fwhm_deg}")
     dust = load_dust_map(dust_path)
-    log_smooth = smooth_log_map(np.log(dust.intensity), fwhm_deg, nside_out, coord=(dust.frame, "G"))
+    kernel = float(np.sqrt(fwhm_deg**2 - input_fwhm_deg**2))
+    log_smooth = smooth_log_map(np.log(dust.intensity), kernel, nside_out, coord=(dust.frame, "G"))
     template = np.exp(log_smooth) * MJysr_to_uK_RJ(FREQ_REF_GHZ)
-    provenance = {**dust.provenance(), "fwhm_deg": fwhm_deg, "nside": nside_out, "frame": "G",
+    provenance = {**dust.provenance(), "fwhm_deg": fwhm_deg, "input_fwhm_deg": input_fwhm_deg,
+                  "smoothing_kernel_fwhm_deg": kernel, "nside": nside_out, "frame": "G",
                   "unit": "uK_RJ", "freq_GHz": FREQ_REF_GHZ, "package_version": __version__,
                   "smoothing": "Gaussian in log intensity, harmonic-space rotation to Galactic",
                   "command": "python -m pysm_vaedust.template"}
@@ -88,11 +98,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pysm_vaedust.template",
                                      description="Rebuild the bundled large-scale template from a dust map.")
     parser.add_argument("--input", default=str(shared_data_dir() / "planck_ebv_nside256_ring_icrs.fits.gz"))
-    parser.add_argument("--fwhm_deg", type=float, default=2.0)
+    parser.add_argument("--fwhm_deg", type=float, default=TEMPLATE_FWHM_DEG)
+    parser.add_argument("--input_fwhm_deg", type=float, default=PLANCK_EBV_FWHM_DEG)
     parser.add_argument("--nside", type=int, default=TEMPLATE_NSIDE)
     parser.add_argument("--output", default=str(default_template_path()))
     args = parser.parse_args(argv)
-    template, provenance = build_template(args.input, args.fwhm_deg, args.nside)
+    template, provenance = build_template(args.input, args.fwhm_deg, args.nside, args.input_fwhm_deg)
     print(f"wrote {write_template(args.output, template, provenance)}")
     return 0
 

@@ -30,17 +30,14 @@ BASE_TILE_NSIDE = 16
 class CascadeLevel:
     """One level of the self-similar cascade.
 
-    factor: pixel scale = base pixel / factor; geometry: patch of this level;
-    ell_lo / ell_hi: multipole band this level supplies (ell_hi = inf for the last level);
-    amplitude: relative amplitude factor**(-(slope - 2) / 2) of a C_ell ~ ell^-slope field.
-    """
+    factor: pixel scale = base pixel / factor; geometry: patch of this level; tile_nside: its
+    tiling; amplitude: relative amplitude factor**(-(slope - 2) / 2) of a C_ell ~ ell^-slope
+    field (the level's small scales and condition structure are in these units)."""
 
     index: int
     factor: int
     geometry: PatchGeometry
     tile_nside: int
-    ell_lo: float
-    ell_hi: float
     amplitude: float
 
     @property
@@ -63,43 +60,18 @@ def cascade_factors(base_pixel_arcmin: float, nside: int) -> list[int]:
     return factors
 
 
-def cascade_levels(nside: int, base: PatchGeometry, slope: float, ell_cut_fraction: float = 2 / 3):
-    """The cascade for an output `nside`: levels with their bands and amplitudes.
-
-    Level n supplies ell in [ell_hi(n-1), ell_hi(n)], ell_hi(n) = ell_cut_fraction * Nyquist(n).
-    """
-    levels, ell_lo = [], 0.0
-    factors = cascade_factors(60 * base.pixel_size_deg, nside)
-    for n, f in enumerate(factors):
-        geometry = base.scaled(f)
-        nyquist = 180.0 / geometry.pixel_size_deg
-        ell_hi = ell_cut_fraction * nyquist if n < len(factors) - 1 else np.inf
-        levels.append(CascadeLevel(n, f, geometry, BASE_TILE_NSIDE * f, ell_lo, ell_hi,
-                                   float(f ** (-(slope - 2) / 2))))
-        ell_lo = ell_hi
-    return levels
+def cascade_levels(nside: int, base: PatchGeometry, slope: float) -> list[CascadeLevel]:
+    """The cascade for an output `nside`: its levels with their geometry, tiling and amplitude."""
+    return [CascadeLevel(n, f, base.scaled(f), BASE_TILE_NSIDE * f, float(f ** (-(slope - 2) / 2)))
+            for n, f in enumerate(cascade_factors(60 * base.pixel_size_deg, nside))]
 
 
-def high_pass_edge(x):
-    """0 for x <= 2/3, 1 for x >= 3/2, sin(pi t / 2) in t = log-position between: with the
-    matching low pass cos(pi t / 2), the squared filters sum to 1, so independent levels add up
-    to the full power across a band edge."""
-    t = np.clip((np.log(np.asarray(x, dtype=np.float64)) - np.log(2 / 3)) / (np.log(1.5) - np.log(2 / 3)), 0, 1)
-    return np.sin(0.5 * np.pi * t)
-
-
-def band_filter(level: CascadeLevel) -> np.ndarray:
-    """Fourier multiplier (npix, npix) selecting the level's band (smooth edges), for np.fft.fft2."""
-    g = level.geometry
-    k = np.fft.fftfreq(g.npix, d=1.0 / g.npix)
-    ell = 2 * np.pi * np.hypot(*np.meshgrid(k, k, indexing="ij")) / np.radians(g.size_deg)
-    ell = np.maximum(ell, 1e-3)
-    keep = np.ones_like(ell)
-    if np.isfinite(level.ell_hi):
-        keep *= np.sqrt(1 - high_pass_edge(ell / level.ell_hi) ** 2)
-    if level.ell_lo > 0:
-        keep *= high_pass_edge(ell / level.ell_lo)
-    return keep
+def gaussian_multiplier(npix: int, pixel_size_deg: float, fwhm_deg: float) -> np.ndarray:
+    """Fourier multiplier (npix, npix) of a Gaussian beam of `fwhm_deg` on a periodic patch of
+    `pixel_size_deg` pixels, for numpy / torch fft2."""
+    k = 2 * np.pi * np.fft.fftfreq(npix, d=np.radians(pixel_size_deg))  # rad^-1
+    sigma = np.radians(fwhm_deg) / np.sqrt(8 * np.log(2))
+    return np.exp(-0.5 * sigma**2 * (k[:, None] ** 2 + k[None, :] ** 2))
 
 
 def tile_centres(level: CascadeLevel, ids: np.ndarray):

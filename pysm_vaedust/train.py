@@ -22,40 +22,37 @@ from tqdm import tqdm
 
 from . import __version__
 from .checks import check_bool, check_int, check_real, check_seed
-from .cutouts import (PatchGeometry, cut_patches, dihedral, flat_small_scales, near_extragalactic, noise_floor_ell,
-                      patch_centres, random_dihedral, region_split)
+from .cutouts import (PatchGeometry, condition_input, cut_patches, flat_small_scales, near_extragalactic,
+                      noise_floor_ell, patch_centres, random_dihedral, region_split)
 from .data import DustMap, NGP_PIXEL_ARCMIN, atomic_write, file_digest, load_dust_map, load_ngp_image, shared_data_dir
 from .iris import iris_mosaic
-from .model import VAE, VAEConfig
-from .prior import train_prior
+from .model import ConditionalVAE, VAEConfig
 from .statistics import default_ell_edges, flat_power_spectrum
 from .weights import save_weights
 
 SPLITS = ("train", "val", "test")
-#: what a stored training config that predates a key meant by its absence (the old behaviour)
-LEGACY_DEFAULTS = {"split_strata": "none", "marginal_knots": 0, "exclude_extragalactic": False}
 #: config keys that may differ when resuming (e.g. continue to more epochs)
 RESUMABLE_CHANGES = ("epochs", "output", "threads", "device")
 #: config keys that must be > 0 (other numbers: ints >= 0, floats finite)
-POSITIVE_KEYS = ("npix", "size_deg", "spacing_deg", "template_fwhm_deg", "region_nside", "latent_dim", "hidden",
-                 "lr", "batch_size", "epochs", "prior_layers", "prior_hidden", "prior_lr")
+POSITIVE_KEYS = ("npix", "size_deg", "spacing_deg", "template_fwhm_deg", "region_nside", "lr", "batch_size",
+                 "epochs")
 
 
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (stored in the weights file)."""
 
-    data_map: str = "planck_ebv_nside256_ring_icrs.fits.gz"  # path, or a name in $PYSM_VAEDUST_DATA
+    data_map: str = "iris_100um"    # path of a HEALPix map, a name in $PYSM_VAEDUST_DATA, or the IRIS plate folder
     map_quantity: str = ""          # "ebv" | "tau353" | "intensity_MJysr"; "" = from FITS header
     map_frame: str = ""             # "G" | "C" | ...; "" = from FITS header
     mosaic_nside: int = 2048        # nside of the cached IRIS mosaic when data_map is the IRIS plate folder
     floor_ell_min: float = 0.0      # leave out patches whose power meets 2x the noise + CIB floor below this ell (0 = keep all)
     exclude_extragalactic: bool = True  # leave out patches reaching the LMC, SMC, M31, M33 (cutouts.EXTRAGALACTIC_DISCS)
-    npix: int = 32                  # patch pixels across (32 x 15' matches the 13.7' source pixels)
+    npix: int = 64                  # patch pixels across
     size_deg: float = 8.0           # patch side, degrees
     lat_min_deg: float = 15.0       # patch centres at |b| >= this
     spacing_deg: float = 3.7        # centre spacing (~2250 patches, ~50 % overlap)
-    template_fwhm_deg: float = 2.0  # resolution of the large-scale template the VAE complements
+    template_fwhm_deg: float = 0.5  # conditioning resolution: the coarse part c is ln I smoothed by this Gaussian
     slope_source: str = "ngp"       # cascade power-law slope from "ngp" (2.37' image) or "train"
     slope_data: str = "planck_dust_ngp_500px.npy"
     slope_ell_range: list = field(default_factory=lambda: [300.0, 1500.0])
@@ -63,26 +60,19 @@ class TrainConfig:
     split_fractions: list = field(default_factory=lambda: [0.7, 0.15, 0.15])
     region_nside: int = 2           # HEALPix regions assigned whole to one split
     split_strata: str = "variance"  # "variance": regions stratified by small-scale variance; "none": random
-    latent_dim: int = 256
-    channels: list = field(default_factory=lambda: [16, 32, 64])
-    hidden: int = 256
-    decoder_variance: str = "fourier"
+    widths: list = field(default_factory=lambda: [8, 16, 32, 64])   # channels at n, n/2, n/4, n/8
+    latent_channels: list = field(default_factory=lambda: [2, 4, 8])  # latent groups at n/2, n/4, n/8
     decoder_logvar_init: float = -2.0
-    noise_modulation: int = 8       # g x g grid of the z-dependent decoder-noise log-amplitude (0 = stationary)
-    marginal_knots: int = 161       # knots of the data <-> Gaussian one-point transform (0 = none)
-    pca_init: bool = True           # start from the probabilistic-PCA solution (linear branches)
     beta: float = 1.0               # KL weight of the ELBO
-    kl_warmup_epochs: int = 0       # beta ramps linearly, beta * (epoch + 1) / warmup, over these epochs
-    lr: float = 1e-3
-    batch_size: int = 64
+    free_bits: float = 0.05         # nats per latent dimension each group may use for free
+    kl_warmup_epochs: int = 5       # beta ramps linearly, beta * (epoch + 1) / warmup, over these epochs
+    lr: float = 1e-3                # Adam, cosine-decayed to lr / 20 over the epochs
+    grad_clip: float = 100.0        # gradient-norm clip (0 = none)
+    batch_size: int = 32
     epochs: int = 30
     seed: int = 0
-    prior_epochs: int = 30          # epochs of the latent flow prior (0 = no learned prior)
-    prior_layers: int = 6
-    prior_hidden: int = 128
-    prior_lr: float = 2e-4
     device: str = "auto"            # "auto" | "cpu" | "cuda"
-    threads: int = 1                # torch CPU threads (0 = torch default; 2 oversubscribes busy cores)
+    threads: int = 2                # torch CPU threads (0 = torch default)
     checkpoint_dir: str = "runs/default"
     output: str = "runs/default/vaedust.h5"
 
@@ -120,9 +110,8 @@ class TrainConfig:
 
     @classmethod
     def of_weights(cls, metadata: dict) -> "TrainConfig":
-        """The training config stored in a weights file's metadata; keys it predates take their
-        old behaviour (LEGACY_DEFAULTS), so older weights rebuild their own split."""
-        return cls.from_dict({**LEGACY_DEFAULTS, **metadata["training_config"]}, source="weights metadata")
+        """The training config stored in a weights file's metadata."""
+        return cls.from_dict(metadata["training_config"], source="weights metadata")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -159,11 +148,11 @@ def load_training_map(name: str, quantity: str = "", frame: str = "", mosaic_nsi
 
 def select_patches(dust: DustMap, lon, lat, geometry: PatchGeometry, template_fwhm_deg: float,
                    floor_ell_min: float = 0.0, exclude_extragalactic: bool = False
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """Small-scale patches at the centres that hold data everywhere (with floor_ell_min > 0: whose
-    power stays above twice the noise + CIB floor up to that ell; with exclude_extragalactic:
-    away from the LMC, SMC, M31 and M33). Returns (lon, lat, patches (M, n, n) float32, a report
-    of what was left out and why)."""
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Patches at the centres that hold data everywhere (with floor_ell_min > 0: whose power stays
+    above twice the noise + CIB floor up to that ell; with exclude_extragalactic: away from the
+    LMC, SMC, M31 and M33). Returns (lon, lat, small scales (M, n, n) float32, coarse parts
+    (M, n, n) float32, a report of what was left out and why)."""
     galactic = ~near_extragalactic(lon, lat, geometry) if exclude_extragalactic else np.ones(len(lon), bool)
     report = {"candidates": int(len(lon)), "extragalactic": int(np.sum(~galactic))}
     lon, lat = lon[galactic], lat[galactic]
@@ -181,34 +170,44 @@ def select_patches(dust: DustMap, lon, lat, geometry: PatchGeometry, template_fw
                        "ell_floor_percentiles_5_16_50_84": np.nanpercentile(floor["ell_floor"][usable],
                                                                             [5, 16, 50, 84]).tolist(),
                        "effective_beam_fwhm_arcmin": floor["beam_fwhm_arcmin"]})
-    return lon[keep], lat[keep], cutouts.small_scales[keep], report
+    return lon[keep], lat[keep], cutouts.small_scales[keep], cutouts.coarse[keep], report
+
+
+def patch_normalisation(small_scales: np.ndarray, coarse: np.ndarray, template_fwhm_deg: float) -> dict:
+    """Scales of the training split that make x and c of order one (see condition_input)."""
+    means = coarse.mean(axis=(1, 2))
+    return {"log_mean": float(small_scales.mean()), "log_scale": float(small_scales.std()),
+            "coarse_scale": float((coarse - means[:, None, None]).std()),
+            "level_mean": float(means.mean()), "level_scale": float(means.std()),
+            "template_fwhm_deg": template_fwhm_deg,
+            "definition": "x = (ln I - [ln I]_fwhm - log_mean) / log_scale; c = condition_input([ln I]_fwhm), "
+                          "I in MJy/sr at 100 um"}
 
 
 def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[dict, dict]:
-    """Cut, split and normalise patches. Returns ({split: (N, 1, n, n) float32 tensor}, info)."""
+    """Cut, split and normalise patches. Returns ({split: (x (N, 1, n, n), c (N, 2, n/2, n/2))
+    float32 tensors}, info)."""
     dust = load_training_map(cfg.data_map, cfg.map_quantity, cfg.map_frame, cfg.mosaic_nside, progress)
     geometry = PatchGeometry(cfg.npix, cfg.size_deg)
-    lon, lat, residual, selection = select_patches(dust, *patch_centres(cfg.lat_min_deg, cfg.spacing_deg),
-                                                   geometry, cfg.template_fwhm_deg, cfg.floor_ell_min,
-                                                   cfg.exclude_extragalactic)
+    lon, lat, residual, coarse, selection = select_patches(
+        dust, *patch_centres(cfg.lat_min_deg, cfg.spacing_deg), geometry, cfg.template_fwhm_deg,
+        cfg.floor_ell_min, cfg.exclude_extragalactic)
     if cfg.split_strata not in ("variance", "none"):
         raise ValueError(f"split_strata={cfg.split_strata!r}: expected 'variance' or 'none'")
     strata = residual.reshape(len(residual), -1).var(1) if cfg.split_strata == "variance" else None
     labels = region_split(lon, lat, geometry, cfg.split_fractions, cfg.split_seed, cfg.region_nside, strata)
-    train = residual[labels == 0]
-    log_mean, log_scale = float(train.mean()), float(train.std())
-    sets = {name: torch.from_numpy((residual[labels == k] - log_mean) / log_scale)[:, None]
+    norm = patch_normalisation(residual[labels == 0], coarse[labels == 0], cfg.template_fwhm_deg)
+    sets = {name: (torch.from_numpy((residual[labels == k] - norm["log_mean"]) / norm["log_scale"])[:, None],
+                   torch.from_numpy(condition_input(coarse[labels == k], norm)))
             for k, name in enumerate(SPLITS)}
     info = {
-        "spectral_slope": cascade_slope(cfg, train, geometry),
+        "spectral_slope": cascade_slope(cfg, residual[labels == 0], geometry),
         "geometry": {"npix": cfg.npix, "size_deg": cfg.size_deg,
                      "pixel_size_arcmin": 60 * geometry.pixel_size_deg, "projection": "gnomonic"},
-        "normalisation": {"log_mean": log_mean, "log_scale": log_scale,
-                          "template_fwhm_deg": cfg.template_fwhm_deg,
-                          "definition": "x = (ln(I/MJy sr^-1) - smooth_fwhm[ln I] - log_mean) / log_scale"},
+        "normalisation": norm,
         "data": dust.provenance(),
         "selection": selection,
-        "split": {"counts": {name: int(len(sets[name])) for name in SPLITS},
+        "split": {"counts": {name: int(len(sets[name][0])) for name in SPLITS},
                   "dropped_border_patches": int(np.sum(labels < 0)),
                   "centres_lonlat_deg": {name: np.stack([lon[labels == k], lat[labels == k]], 1).tolist()
                                          for k, name in enumerate(SPLITS)}},
@@ -228,7 +227,7 @@ def spectral_slope(small_scales: np.ndarray, pixel_size_deg: float, ell_range) -
 
 def cascade_slope(cfg: "TrainConfig", train_patches: np.ndarray, geometry: PatchGeometry) -> dict:
     """Power-law slope that sets the cascade amplitudes: from the 2.37' north-pole image (the only
-    real data resolving ell > 600 here) or from the training patches (`cfg.slope_source`)."""
+    real data resolving ell > 2000 here) or from the training patches (`cfg.slope_source`)."""
     if cfg.slope_source == "ngp":
         path = resolve_data_path(cfg.slope_data)
         image = flat_small_scales(np.log(load_ngp_image(path)), NGP_PIXEL_ARCMIN, cfg.template_fwhm_deg)
@@ -239,88 +238,53 @@ def cascade_slope(cfg: "TrainConfig", train_patches: np.ndarray, geometry: Patch
     raise ValueError(f"slope_source={cfg.slope_source!r}: expected 'ngp' or 'train'")
 
 
-@torch.no_grad()
-def calibrate_decoder_noise(model: VAE, latents: torch.Tensor, data: torch.Tensor, iterations: int = 3) -> dict:
-    """Moment-match the decoder noise to the data: per radial Fourier bin, noise power = data
-    power - power of the decoded prior latents (floored at 1 % of the data power), so prior
-    samples mu(z) + exp(a(z)/2) e have the data's mean 2D power spectrum. With a noise modulation
-    the power of the modulated noise is measured on fixed draws and the stationary spectrum
-    rescaled per bin (`iterations` fixed-point steps); with a marginal transform, the same steps
-    then match the data-space samples f(mu + e) to the data-space power.
-
-    latents: (M, D) draws of the prior in use; data: training images (N, 1, n, n) in data space
-    (matched in the model's Gaussian space; the radial-bin power is the same for the dihedral
-    augmentations, so the unaugmented set suffices)."""
-    if model.config.decoder_variance != "fourier":
-        return {"calibrated": False}
-    bins = model.noise_bin.flatten()
-
-    def per_bin(images):
-        power = torch.cat([torch.fft.fft2(images[i:i + 1024], norm="ortho").abs().square().flatten(1)
-                           for i in range(0, len(images), 1024)]).mean(0)
-        return (torch.zeros(len(model.decoder_logvar), device=power.device).index_add(0, bins, power)
-                / torch.bincount(bins))
-
-    data_power = per_bin(model.marginal.to_gaussian(data))
-    means = torch.cat([model.decode(latents[i:i + 1024]) for i in range(0, len(latents), 1024)])
-    mean_power = per_bin(means)
-
-    def fixed_white(seed):  # standard normals shaped like `means`, the same at every call with `seed`
-        return torch.randn(means.shape, generator=torch.Generator(device=model.device).manual_seed(seed),
-                           device=model.device)
-
-    target = torch.maximum(data_power - mean_power, 0.01 * data_power)
-    before = model.decoder_logvar.exp().clone()
-    model.decoder_logvar.copy_(target.log())
-    log_amplitude = model.noise_log_amplitude(latents, means)
-    if log_amplitude is not None:
-        white = fixed_white(0)
-        for _ in range(int(iterations)):
-            modulated = per_bin(model.decoder_noise(len(white), white=white, log_amplitude=log_amplitude))
-            model.decoder_logvar.add_((target / modulated).log())
-    report = {}
-    if model.marginal.active:
-        # the marginal transform reshapes the spectrum: match the data-space power of the samples
-        # f(mu + e) to the data's, rescaling the noise per bin (fixed point; bins where the decoded
-        # mean dominates hardly move)
-        white = fixed_white(2)
-
-        def data_space_power():
-            return per_bin(model.to_data(means + model.decoder_noise(len(white), white=white,
-                                                                     log_amplitude=log_amplitude)))
-
-        data_space_target = per_bin(data)
-        for _ in range(int(iterations)):
-            model.decoder_logvar.add_((data_space_target / data_space_power()).log().clamp(-1.0, 1.0))
-        report = {"data_space_power_per_bin": data_space_target.tolist(),
-                  "reached_data_space_power_per_bin": data_space_power().tolist()}
-    reached = per_bin(model.decoder_noise(len(means), white=fixed_white(1), log_amplitude=log_amplitude))  # final noise
-    return {"calibrated": True, "n_latents": len(latents), **report,
-            "noise_power_per_bin_before": before.tolist(), "noise_power_per_bin": model.decoder_logvar.exp().tolist(),
-            "target_noise_power_per_bin": target.tolist(), "reached_noise_power_per_bin": reached.tolist(),
-            "data_power_per_bin": data_power.tolist(), "decoded_prior_power_per_bin": mean_power.tolist()}
-
-
 def vae_config_of(cfg: TrainConfig) -> VAEConfig:
-    return VAEConfig(npix=cfg.npix, latent_dim=cfg.latent_dim, channels=tuple(cfg.channels),
-                     hidden=cfg.hidden, decoder_variance=cfg.decoder_variance,
-                     decoder_logvar_init=cfg.decoder_logvar_init, noise_modulation=cfg.noise_modulation,
-                     marginal_knots=cfg.marginal_knots)
+    return VAEConfig(npix=cfg.npix, widths=tuple(cfg.widths), latent_channels=tuple(cfg.latent_channels),
+                     decoder_logvar_init=cfg.decoder_logvar_init)
+
+
+def batches(data: tuple, batch_size: int, device):
+    """(x, c) of consecutive batches of a split, on `device`."""
+    x, c = data
+    for start in range(0, len(x), batch_size):
+        yield x[start:start + batch_size].to(device), c[start:start + batch_size].to(device)
 
 
 @torch.no_grad()
-def evaluate(model: VAE, data: torch.Tensor, beta: float, seed: int, batch_size: int = 256) -> dict:
-    """Mean negative-ELBO terms over a split (fixed noise seed, eval mode)."""
+def evaluate(model: ConditionalVAE, data: tuple, beta: float, seed: int, batch_size: int = 256) -> dict:
+    """Mean negative-ELBO terms (nats per patch) over a split (x, c): fixed seed, eval mode."""
     model.eval()
     gen = torch.Generator(device=model.device).manual_seed(seed)
     totals, count = {}, 0
-    for start in range(0, len(data), batch_size):
-        batch = data[start:start + batch_size].to(model.device)
-        terms = model.elbo_terms(batch, beta, gen)
+    for x, c in batches(data, batch_size, model.device):
+        terms = model.elbo_terms(x, c, beta, 0.0, gen)
         for key, value in terms.items():
-            totals[key] = totals.get(key, 0.0) + float(value) * len(batch)
-        count += len(batch)
+            if key != "kl_per_group":
+                totals[key] = totals.get(key, 0.0) + float(value) * len(x)
+        count += len(x)
     return {key: value / count for key, value in totals.items()}
+
+
+@torch.no_grad()
+def power_shares(model: ConditionalVAE, data: tuple, seed: int, n_draws: int = 8, batch_size: int = 128) -> dict:
+    """Where the power of conditional samples comes from, over a split: per pixel variance of the
+    conditional mean E[mu | c] (the condition), of mu around it (the latents), and of the decoder
+    noise, as fractions of the sample variance (normalised units; `n_draws` latents per c)."""
+    model.eval()
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    cond, latent, total = 0.0, 0.0, 0.0
+    for x, c in batches(data, batch_size, model.device):
+        means = torch.stack([model.decode(torch.randn((len(c), model.latent_dim), generator=gen,
+                                                       device=c.device), c) for _ in range(n_draws)])
+        centre = means.mean(0)
+        cond += float(centre.var(dim=(-2, -1)).sum())
+        latent += float(means.var(0).mean(dim=(-2, -1)).sum())
+    n = len(data[0])
+    noise = float(model.noise_logvar().exp().mean())
+    cond, latent = cond / n, latent / n
+    total = cond + latent + noise
+    return {"condition": cond / total, "latents": latent / total, "decoder_noise": noise / total,
+            "sample_variance": total, "data_variance": float(data[0].var()), "n_draws": n_draws}
 
 
 def _epoch_generator(seed: int, epoch: int, device) -> tuple[torch.Generator, torch.Generator]:
@@ -330,19 +294,23 @@ def _epoch_generator(seed: int, epoch: int, device) -> tuple[torch.Generator, to
     return cpu, noise
 
 
+def learning_rate(cfg: TrainConfig, epoch: int, step: float) -> float:
+    """Cosine decay from lr to lr / 20 over the epochs; step in [0, 1) within the epoch."""
+    t = (epoch + step) / cfg.epochs
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) training and write the weights file; returns its path."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    start_time = time.time()
     sets, info = build_datasets(cfg, progress)
-    augmented = torch.cat([dihedral(sets["train"], k) for k in range(8)]).to(device)  # all 8 symmetries
+    data_seconds = time.time() - start_time
     torch.manual_seed(cfg.seed)  # parameter initialisation only
-    model = VAE(vae_config_of(cfg)).to(device)
-    model.marginal.fit(sets["train"])
-    if cfg.pca_init:
-        model.init_from_pca(augmented)
-    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    model = ConditionalVAE(vae_config_of(cfg)).to(device)
+    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     ckpt_dir = Path(cfg.checkpoint_dir)
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     start_epoch, best_val, history = 0, math.inf, []
@@ -357,34 +325,39 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         start_epoch, best_val, history = state["epoch"], state["best_val"], state["history"]
-    train_set = sets["train"]
-    n_batches = math.ceil(len(train_set) / cfg.batch_size)
+    x_train, c_train = sets["train"]
+    n_batches = math.ceil(len(x_train) / cfg.batch_size)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         cpu_gen, noise_gen = _epoch_generator(cfg.seed, epoch, device)
-        order = torch.randperm(len(train_set), generator=cpu_gen)
+        order = torch.randperm(len(x_train), generator=cpu_gen)
         bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                    leave=False, file=sys.stderr)
         running = {}
         beta = cfg.beta * min(1.0, (epoch + 1) / max(cfg.kl_warmup_epochs, 1))
         for b in bar:
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            batch = random_dihedral(train_set[idx], cpu_gen).to(device)
-            terms = model.elbo_terms(batch, beta, noise_gen)
+            x, c = (t.to(device) for t in random_dihedral((x_train[idx], c_train[idx]), cpu_gen))
+            for group in optimiser.param_groups:
+                group["lr"] = learning_rate(cfg, epoch, b / n_batches)
+            terms = model.elbo_terms(x, c, beta, cfg.free_bits, noise_gen)
             optimiser.zero_grad()
             terms["loss"].backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimiser.step()
-            for key, value in terms.items():
-                value = value.item()
+            for key in ("loss", "recon", "kl"):
+                value = terms[key].item()
                 running[key] = 0.9 * running.get(key, value) + 0.1 * value
             bar.set_postfix(elbo=f"{-running['loss']:.1f}", recon=f"{running['recon']:.1f}",
                             kl=f"{running['kl']:.1f}")
         val = evaluate(model, sets["val"], cfg.beta, seed=cfg.seed)
-        history.append({"epoch": epoch + 1, "train_loss": running["loss"], **{f"val_{k}": v for k, v in val.items()}})
+        history.append({"epoch": epoch + 1, "train_loss": running["loss"], "seconds": time.time() - start_time,
+                        "kl_per_group": terms["kl_per_group"].tolist(), **{f"val_{k}": v for k, v in val.items()}})
         if progress:
-            print(f"epoch {epoch + 1}/{cfg.epochs}: train -ELBO {running['loss']:.2f}  val -ELBO "
-                  f"{val['loss']:.2f} (recon {val['recon']:.2f}, KL {val['kl']:.2f}, mse {val['mse']:.4f})",
-                  file=sys.stderr)
+            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {running['loss']:.1f}  val -ELBO "
+                  f"{val['loss']:.1f} (recon {val['recon']:.1f}, KL {val['kl']:.1f}, mse {val['mse']:.4f}; KL per "
+                  f"group {[round(v) for v in terms['kl_per_group'].tolist()]})", file=sys.stderr)
         if val["loss"] < best_val:
             best_val = val["loss"]
             atomic_write(best_path, lambda tmp: torch.save({"model": model.state_dict(), "epoch": epoch + 1}, tmp))
@@ -393,21 +366,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         atomic_write(last_path, lambda tmp: torch.save(state, tmp))
     best = torch.load(best_path, map_location=device, weights_only=False)
     model.load_state_dict(best["model"])
-    test = evaluate(model, sets["test"], cfg.beta, seed=cfg.seed)
-    modules = {"vae": model}
-    prior_report = None
     model.eval().requires_grad_(False)
-    if cfg.prior_epochs > 0:
-        flow, prior_report = train_prior(model, augmented, sets["val"], cfg.prior_epochs, cfg.seed,
-                                         cfg.prior_layers, cfg.prior_hidden, cfg.prior_lr, progress=progress)
-        modules["prior"] = flow
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    normals = torch.randn((8192, cfg.latent_dim), generator=gen, device=device)
-    use_flow = prior_report is not None and prior_report["default"]
-    with torch.no_grad():
-        latents = modules["prior"].sample_from_normals(normals) if use_flow else normals
-    noise_report = calibrate_decoder_noise(model, latents, sets["train"].to(device))
-    test_calibrated = evaluate(model, sets["test"], cfg.beta, seed=cfg.seed)
+    test = evaluate(model, sets["test"], cfg.beta, seed=cfg.seed)
     metadata = {
         "package_version": __version__,
         "architecture": model.config.to_dict(),
@@ -415,13 +375,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         "training_config": cfg.to_dict(),
         "metrics": {"best_epoch": best["epoch"], "best_val_loss": best_val,
                     **{f"test_{k}": v for k, v in test.items()},
-                    **{f"test_calibrated_{k}": v for k, v in test_calibrated.items()}},
-        "decoder_noise": noise_report,
+                    "test_power_shares": power_shares(model, sets["test"], cfg.seed),
+                    "data_seconds": data_seconds, "train_seconds": time.time() - start_time - data_seconds},
         "history": history,
     }
-    if prior_report is not None:
-        metadata["prior"] = prior_report
-    out = save_weights(cfg.output, {k: m.cpu() for k, m in modules.items()}, metadata)
+    out = save_weights(cfg.output, {"vae": model.cpu()}, metadata)
     if progress:
         print(f"wrote {out} (best epoch {best['epoch']}, test -ELBO {test['loss']:.2f})", file=sys.stderr)
     return out

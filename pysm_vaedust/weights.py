@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from .data import atomic_write
-from .model import VAE, VAEConfig
+from .model import ConditionalVAE, VAEConfig
 
-FORMAT_VERSION = 2
+#: 3: the conditional VAE (2: the unconditional VAE + latent flow of pysm_vaedust <= 0.1, refused)
+FORMAT_VERSION = 3
 DEFAULT_WEIGHTS_NAME = "vaedust_default.h5"
 
 
@@ -44,7 +45,7 @@ def state_tensors(modules: dict[str, torch.nn.Module]) -> dict[str, np.ndarray]:
 
 
 def save_weights(path, modules: dict[str, torch.nn.Module], metadata: dict) -> Path:
-    """Write modules (e.g. {'vae': model, 'prior': flow}) and metadata atomically; returns path."""
+    """Write modules (e.g. {'vae': model}) and metadata atomically; returns path."""
     metadata = dict(metadata, format_version=FORMAT_VERSION)
     text = json.dumps(metadata, sort_keys=True)
     tensors = state_tensors(modules)
@@ -76,8 +77,10 @@ def read_weights_file(path) -> tuple[dict, dict[str, np.ndarray]]:
     except (OSError, KeyError) as err:
         raise ValueError(f"{str(path)!r} is not a pysm_vaedust weights file: {err}") from err
     if version != FORMAT_VERSION:
-        raise ValueError(f"{str(path)!r} has weights format version {version}; this pysm_vaedust "
-                         f"reads version {FORMAT_VERSION}: retrain with pysm_vaedust-train")
+        what = (" (the unconditional VAE of earlier pysm_vaedust versions, whose small scales ignore the large "
+                "scales)" if version < FORMAT_VERSION else "")
+        raise ValueError(f"{str(path)!r} has weights format version {version}{what}; this pysm_vaedust "
+                         f"reads version {FORMAT_VERSION} (the conditional VAE): retrain with pysm_vaedust-train")
     actual = _digest(text, tensors)
     if actual != stored:
         raise ValueError(f"{str(path)!r} fails its checksum (stored {stored[:16]}..., computed "
@@ -94,16 +97,15 @@ def module_state(tensors: dict[str, np.ndarray], key: str) -> dict[str, torch.Te
 
 @dataclass
 class Weights:
-    """A loaded, verified weights file: the VAE (eval mode), optional latent prior, metadata."""
+    """A loaded, verified weights file: the conditional VAE (eval mode) and its metadata."""
 
-    vae: VAE
+    vae: ConditionalVAE
     metadata: dict
-    prior: torch.nn.Module | None = None
     path: str = ""
 
     @property
     def log_scale(self) -> float:
-        """Global scale of the normalised patches (std of log-intensity residuals)."""
+        """Global scale of the normalised small scales (std of ln I - [ln I]_fwhm, train split)."""
         return float(self.metadata["normalisation"]["log_scale"])
 
 
@@ -111,14 +113,7 @@ def load_weights(path=None, device="cpu") -> Weights:
     """Load and verify a weights file (default: the shipped weights) onto `device`."""
     path = Path(path) if path is not None else default_weights_path()
     metadata, tensors = read_weights_file(path)
-    vae = VAE(VAEConfig(**metadata["architecture"]))
+    vae = ConditionalVAE(VAEConfig(**metadata["architecture"]))
     vae.load_state_dict(module_state(tensors, "vae"))
     vae.eval().requires_grad_(False).to(device)
-    prior = None
-    if "prior" in metadata and any(n.startswith("prior/") for n in tensors):
-        from .prior import LatentFlow  # local import: prior.py depends on this module's users only
-
-        prior = LatentFlow(**metadata["prior"]["architecture"])
-        prior.load_state_dict(module_state(tensors, "prior"))
-        prior.eval().requires_grad_(False).to(device)
-    return Weights(vae=vae, metadata=metadata, prior=prior, path=str(path))
+    return Weights(vae=vae, metadata=metadata, path=str(path))

@@ -15,8 +15,8 @@ def data_dir():
     return path
 
 
-TINY = dict(epochs=2, channels=[8, 16, 32], hidden=32, latent_dim=16, batch_size=64,
-            prior_epochs=3, prior_layers=2, prior_hidden=16, threads=1)
+TINY = dict(data_map=EBV_MAP, npix=32, epochs=2, widths=[4, 8, 8, 8], latent_channels=[1, 1, 2], batch_size=64,
+            threads=1)
 
 
 @pytest.fixture(scope="session")
