@@ -29,12 +29,10 @@ working directory, not to the TOML file).
 Presets of this package (`PRESETS`; names never collide with pysm3's)::
 
     name            class                   keyword arguments    what
-    vd1             pysm_vaedust.VAEDust    (defaults)           shipped weights, prior 'auto'
-                                                                 (the flow when the weights say
-                                                                 so), cascade to the nside
-    vd1_flow        pysm_vaedust.VAEDust    prior = "flow"       force the learned latent prior
-                                                                 (error if the weights have none)
-    vd1_standard    pysm_vaedust.VAEDust    prior = "standard"   N(0, I) latents
+    vd1             pysm_vaedust.VAEDust    (defaults)           shipped weights, bundled template,
+                                                                 cascade to the nside
+    vd1_gnilc       pysm_vaedust.VAEDust    template =           on the PySM GNILC template
+                                            "pysm_gnilc"         (fetched through pysm3's loader)
     vd1_nocascade   pysm_vaedust.VAEDust    cascade = false      base level only (scales of the
                                                                  training data, no extrapolation)
 
@@ -67,8 +65,7 @@ from .checks import check_nside, check_pixel_indices
 #: Presets of this package: name -> {"class": dotted path, **keyword arguments}.
 PRESETS: dict[str, dict] = {
     "vd1": {"class": "pysm_vaedust.VAEDust"},
-    "vd1_flow": {"class": "pysm_vaedust.VAEDust", "prior": "flow"},
-    "vd1_standard": {"class": "pysm_vaedust.VAEDust", "prior": "standard"},
+    "vd1_gnilc": {"class": "pysm_vaedust.VAEDust", "template": "pysm_gnilc"},
     "vd1_nocascade": {"class": "pysm_vaedust.VAEDust", "cascade": False},
 }
 

@@ -38,7 +38,7 @@ class VAEConfig:
 
     npix: patch pixels across; widths: feature channels at n, n/2, n/4, ... (one per scale);
     latent_channels: channels of the latent groups at n/2, n/4, ... (finest first, one per
-    scale below n); decoder_logvar_init: initial log noise variance per Fourier mode."""
+    scale below n; 0: no group at that scale); decoder_logvar_init: initial log noise variance per Fourier mode."""
 
     npix: int = 64
     widths: tuple = (8, 16, 32, 64)
@@ -50,21 +50,24 @@ class VAEConfig:
         self.latent_channels = tuple(int(c) for c in self.latent_channels)
         if len(self.widths) < 3 or min(self.widths) < 1:
             raise ValueError(f"widths={self.widths}: expected at least 3 positive channel counts")
-        if len(self.latent_channels) != len(self.widths) - 1 or min(self.latent_channels) < 1:
-            raise ValueError(f"latent_channels={self.latent_channels}: expected {len(self.widths) - 1} "
-                             f"positive counts (one per scale n/2 ... n/{2 ** (len(self.widths) - 1)})")
+        if (len(self.latent_channels) != len(self.widths) - 1 or min(self.latent_channels) < 0
+                or max(self.latent_channels) < 1):
+            raise ValueError(f"latent_channels={self.latent_channels}: expected {len(self.widths) - 1} counts >= 0, "
+                             f"not all 0 (one per scale n/2 ... n/{2 ** (len(self.widths) - 1)}; 0 = no group)")
         down = 2 ** (len(self.widths) - 1)
         if self.npix % down or self.npix < 2 * down:
             raise ValueError(f"npix={self.npix} must be a multiple of 2**(len(widths)-1)={down}, at least {2 * down}")
 
     @property
     def latent_shapes(self) -> list[tuple[int, int, int]]:
-        """(channels, side, side) of each latent group, finest first."""
-        return [(c, self.npix // 2 ** (k + 1), self.npix // 2 ** (k + 1)) for k, c in enumerate(self.latent_channels)]
+        """{group index k: (channels, side, side)} of the latent groups (k = scale index - 1),
+        finest first."""
+        return {k: (c, self.npix // 2 ** (k + 1), self.npix // 2 ** (k + 1))
+                for k, c in enumerate(self.latent_channels) if c}
 
     @property
     def latent_dim(self) -> int:
-        return sum(c * s * s for c, s, _ in self.latent_shapes)
+        return sum(c * s * s for c, s, _ in self.latent_shapes.values())
 
     @property
     def condition_npix(self) -> int:
@@ -105,6 +108,46 @@ def radial_bins(npix: int) -> torch.Tensor:
     return torch.sqrt(k[:, None] ** 2 + k[None, :] ** 2).round().long()
 
 
+def wavelet_filters(npix: int, n_scales: int = 4, n_angles: int = 4) -> torch.Tensor:
+    """(J L, n, n) Fourier-space Morlet-like (Gaussian, one-sided) band-pass filters: centre
+    frequency 0.375 cycles/px / 2^j along angle pi l / L, relative width 0.5 (for fft2 images)."""
+    k = torch.fft.fftfreq(npix)
+    ky, kx = torch.meshgrid(k, k, indexing="ij")
+    out = []
+    for j in range(n_scales):
+        centre, width = 0.375 / 2**j, 0.5 * 0.375 / 2**j
+        for a in range(n_angles):
+            theta = math.pi * a / n_angles
+            out.append(torch.exp(-((kx - centre * math.cos(theta)) ** 2 + (ky - centre * math.sin(theta)) ** 2)
+                                 / (2 * width**2)))
+    return torch.stack(out)
+
+
+#: images of a batch whose statistics enter the training loss (the term costs ~ a decoder pass each)
+STATS_BATCH = 8
+
+
+def texture_pairs(n_scales: int = 4, n_angles: int = 4) -> torch.Tensor:
+    """(P, 2) filter-index pairs (k1, k2) of the second-order statistics: k2 at a coarser scale
+    than k1, parallel or perpendicular to it (filter index = scale * n_angles + angle)."""
+    pairs = [(j1 * n_angles + a, j2 * n_angles + (a + da) % n_angles)
+             for j1 in range(n_scales) for j2 in range(j1 + 1, n_scales) for a in range(n_angles)
+             for da in (0, n_angles // 2)]
+    return torch.tensor(pairs)
+
+
+def texture_statistics(x: torch.Tensor, filters: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """Scattering-type statistics per image (B, K + P), log: first order log <|x * psi_k|> (power
+    per scale and orientation) and second order log <|psi_k2 * |x * psi_k1||> / <|x * psi_k1|>
+    for the `pairs` (k1, k2) (how the envelope of one band is organised at a coarser scale: what
+    tells filaments from Gaussian fields of the same spectrum). x (B, 1, n, n)."""
+    first = torch.fft.ifft2(torch.fft.fft2(x) * filters).abs()             # (B, K, n, n)
+    s1 = first.mean(dim=(-2, -1)).clamp_min(1e-6)
+    envelope = torch.fft.fft2(first[:, pairs[:, 0]]) * filters[pairs[:, 1]]  # (B, P, n, n)
+    s2 = torch.fft.ifft2(envelope).abs().mean(dim=(-2, -1))
+    return torch.cat([s1.log(), (s2 / s1[:, pairs[:, 0]]).clamp_min(1e-6).log()], 1)
+
+
 def gaussian_kl(mean_q, logvar_q, mean_p, logvar_p) -> torch.Tensor:
     """Elementwise KL(N(mean_q, e^logvar_q) || N(mean_p, e^logvar_p)), nats."""
     return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mean_q - mean_p) ** 2) * (-logvar_p).exp() - 1)
@@ -126,18 +169,23 @@ class ConditionalVAE(nn.Module):
         self.enc_down = nn.ModuleList([nn.Sequential(ResBlock(w[s]), down(w[s], w[s + 1]))
                                        for s in range(1, n_scales - 1)])
         # top-down decoder: one latent group per scale n/2 ... (index k = scale s - 1)
-        self.groups = list(range(len(cfg.latent_channels)))
-        self.prior_head = nn.ModuleList([conv(w[k + 1], 2 * c) for k, c in enumerate(cfg.latent_channels)])
-        self.post_head = nn.ModuleList([conv(2 * w[k + 1], 2 * c) for k, c in enumerate(cfg.latent_channels)])
-        self.latent_in = nn.ModuleList([conv(c, w[k + 1]) for k, c in enumerate(cfg.latent_channels)])
+        def per_group(make):
+            return nn.ModuleList([make(w[k + 1], c) if c else nn.Identity() for k, c in enumerate(cfg.latent_channels)])
+
+        self.prior_head = per_group(lambda width, c: conv(width, 2 * c))
+        self.post_head = per_group(lambda width, c: conv(2 * width, 2 * c))
+        self.latent_in = per_group(lambda width, c: conv(c, width))
         # residual blocks at n/2 and coarser only: at n they would cost a third of the decoding time
         self.dec_block = nn.ModuleList([ResBlock(w[s]) for s in range(1, n_scales)])
         self.dec_up = nn.ModuleList([conv(w[s + 1], w[s]) for s in range(n_scales - 1)])
         self.out = conv(w[0], 1)
-        for head in list(self.prior_head) + list(self.post_head):  # start at the N(0, I) prior
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
+        for k in self.config.latent_shapes:  # start at the N(0, I) prior
+            for head in (self.prior_head[k], self.post_head[k]):
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
         self.register_buffer("noise_bin", radial_bins(cfg.npix), persistent=False)
+        self.register_buffer("filters", wavelet_filters(cfg.npix), persistent=False)
+        self.register_buffer("pairs", texture_pairs(), persistent=False)
         self.decoder_logvar = nn.Parameter(torch.full((int(self.noise_bin.max()) + 1,), float(cfg.decoder_logvar_init)))
 
     @property
@@ -164,12 +212,12 @@ class ConditionalVAE(nn.Module):
             feats.append(layer(feats[-1]))
         return feats
 
-    def split(self, eps: torch.Tensor) -> list[torch.Tensor]:
-        """Flat whitened latents (B, latent_dim) -> groups [(B, c_k, s_k, s_k)], finest first."""
-        out, start = [], 0
-        for shape in self.config.latent_shapes:
+    def split(self, eps: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Flat whitened latents (B, latent_dim) -> {k: (B, c_k, s_k, s_k)}, finest first."""
+        out, start = {}, 0
+        for k, shape in self.config.latent_shapes.items():
             size = math.prod(shape)
-            out.append(eps[:, start:start + size].reshape(-1, *shape))
+            out[k] = eps[:, start:start + size].reshape(-1, *shape)
             start += size
         return out
 
@@ -181,12 +229,12 @@ class ConditionalVAE(nn.Module):
         None, whitened eps (B, latent_dim))."""
         cond = self.condition_features(c)
         groups = None if eps is None else self.split(eps)
-        stats, whitened = [], [None] * len(self.groups)
+        stats, whitened = [], {}
         n_scales = len(self.config.widths)
         h = cond[-1]
         for s in range(n_scales - 1, -1, -1):
             k = s - 1
-            if k >= 0:
+            if k in self.config.latent_shapes:
                 mean_p, logvar_p = self.prior_head[k](h).chunk(2, 1)
                 logvar_p = logvar_p.clamp(-10.0, 4.0)
                 if enc is None:
@@ -206,7 +254,7 @@ class ConditionalVAE(nn.Module):
                 h = F.silu(self.dec_up[s - 1](up(h)))
                 if cond[s - 1] is not None:
                     h = h + cond[s - 1]
-        eps_out = torch.cat([g.flatten(1) for g in whitened], 1)
+        eps_out = torch.cat([whitened[k].flatten(1) for k in sorted(whitened)], 1)
         return self.out(h), (stats if enc is not None else None), eps_out
 
     # --- public API -------------------------------------------------------------------------
@@ -250,11 +298,14 @@ class ConditionalVAE(nn.Module):
         return 0.5 * (power * torch.exp(-logvar) + logvar + math.log(2 * math.pi)).sum(1)
 
     def elbo_terms(self, x: torch.Tensor, c: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0,
-                   generator: torch.Generator | None = None) -> dict:
-        """Per-image means of the negative ELBO and its parts (nats): dict(loss, recon, kl,
-        kl_per_group, mse). `free_bits` (nats per latent dimension): each group's batch-mean KL
-        per dimension below it costs free_bits instead (guards against posterior collapse); the
-        reported kl is the true one."""
+                   stats_weight: float = 0.0, generator: torch.Generator | None = None) -> dict:
+        """Per-image means of the training loss and its parts (nats): dict(loss, recon, kl,
+        kl_per_group (coarsest group first), mse, stats). `free_bits` (nats per latent dimension):
+        each group's batch-mean KL per dimension below it costs free_bits instead (guards against
+        posterior collapse); the reported kl is the true one. `stats_weight`: weight of the
+        sample-statistics term, the squared difference of `texture_statistics` between one
+        conditional sample (prior latents, decoder noise) and the real x of each c, summed over
+        the statistics, for the first STATS_BATCH images (0: the plain negative ELBO)."""
         mean, stats, _ = self._top_down(c, enc=self.encoder_features(x, c), generator=generator)
         recon = self.neg_log_likelihood(x, mean)
         kl_groups = [gaussian_kl(*s).flatten(1).sum(1) for s in stats]
@@ -264,6 +315,12 @@ class ConditionalVAE(nn.Module):
             dims = mq[0].numel()
             penalised = penalised + torch.clamp(kl_k.mean(), min=free_bits * dims)
         loss = recon.mean() + beta * penalised
+        mismatch = torch.zeros((), device=x.device)
+        if stats_weight > 0:
+            sample = self.sample(c[:STATS_BATCH], generator)
+            mismatch = (texture_statistics(sample, self.filters, self.pairs)
+                        - texture_statistics(x[:STATS_BATCH], self.filters, self.pairs)).square().sum(1).mean()
+            loss = loss + stats_weight * mismatch
         return {"loss": loss, "recon": recon.mean(), "kl": kl.mean(),
                 "kl_per_group": torch.stack([k.mean() for k in kl_groups]).detach(),
-                "mse": (x - mean).square().mean()}
+                "mse": (x - mean).square().mean(), "stats": mismatch}

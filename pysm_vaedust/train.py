@@ -65,6 +65,7 @@ class TrainConfig:
     decoder_logvar_init: float = -2.0
     beta: float = 1.0               # KL weight of the ELBO
     free_bits: float = 0.05         # nats per latent dimension each group may use for free
+    stats_weight: float = 0.0       # weight of the sample-statistics term (model.texture_statistics; 0 = plain ELBO)
     kl_warmup_epochs: int = 5       # beta ramps linearly, beta * (epoch + 1) / warmup, over these epochs
     lr: float = 1e-3                # Adam, cosine-decayed to lr / 20 over the epochs
     grad_clip: float = 100.0        # gradient-norm clip (0 = none)
@@ -251,13 +252,14 @@ def batches(data: tuple, batch_size: int, device):
 
 
 @torch.no_grad()
-def evaluate(model: ConditionalVAE, data: tuple, beta: float, seed: int, batch_size: int = 256) -> dict:
-    """Mean negative-ELBO terms (nats per patch) over a split (x, c): fixed seed, eval mode."""
+def evaluate(model: ConditionalVAE, data: tuple, beta: float, stats_weight: float, seed: int,
+             batch_size: int = 256) -> dict:
+    """Mean loss terms (nats per patch; free bits off) over a split (x, c): fixed seed, eval mode."""
     model.eval()
     gen = torch.Generator(device=model.device).manual_seed(seed)
     totals, count = {}, 0
     for x, c in batches(data, batch_size, model.device):
-        terms = model.elbo_terms(x, c, beta, 0.0, gen)
+        terms = model.elbo_terms(x, c, beta, 0.0, stats_weight, gen)
         for key, value in terms.items():
             if key != "kl_per_group":
                 totals[key] = totals.get(key, 0.0) + float(value) * len(x)
@@ -340,23 +342,23 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             x, c = (t.to(device) for t in random_dihedral((x_train[idx], c_train[idx]), cpu_gen))
             for group in optimiser.param_groups:
                 group["lr"] = learning_rate(cfg, epoch, b / n_batches)
-            terms = model.elbo_terms(x, c, beta, cfg.free_bits, noise_gen)
+            terms = model.elbo_terms(x, c, beta, cfg.free_bits, cfg.stats_weight, noise_gen)
             optimiser.zero_grad()
             terms["loss"].backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimiser.step()
-            for key in ("loss", "recon", "kl"):
+            for key in ("loss", "recon", "kl", "stats"):
                 value = terms[key].item()
                 running[key] = 0.9 * running.get(key, value) + 0.1 * value
             bar.set_postfix(elbo=f"{-running['loss']:.1f}", recon=f"{running['recon']:.1f}",
                             kl=f"{running['kl']:.1f}")
-        val = evaluate(model, sets["val"], cfg.beta, seed=cfg.seed)
+        val = evaluate(model, sets["val"], cfg.beta, cfg.stats_weight, seed=cfg.seed)
         history.append({"epoch": epoch + 1, "train_loss": running["loss"], "seconds": time.time() - start_time,
                         "kl_per_group": terms["kl_per_group"].tolist(), **{f"val_{k}": v for k, v in val.items()}})
         if progress:
-            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {running['loss']:.1f}  val -ELBO "
-                  f"{val['loss']:.1f} (recon {val['recon']:.1f}, KL {val['kl']:.1f}, mse {val['mse']:.4f}; KL per "
+            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {running['loss']:.1f} (stats {running['stats']:.2f})  "
+                  f"val -ELBO {val['recon'] + val['kl']:.1f} (stats {val['stats']:.2f}, recon {val['recon']:.1f}, KL {val['kl']:.1f}, mse {val['mse']:.4f}; KL per "
                   f"group {[round(v) for v in terms['kl_per_group'].tolist()]})", file=sys.stderr)
         if val["loss"] < best_val:
             best_val = val["loss"]
@@ -367,7 +369,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     best = torch.load(best_path, map_location=device, weights_only=False)
     model.load_state_dict(best["model"])
     model.eval().requires_grad_(False)
-    test = evaluate(model, sets["test"], cfg.beta, seed=cfg.seed)
+    test = evaluate(model, sets["test"], cfg.beta, cfg.stats_weight, seed=cfg.seed)
     metadata = {
         "package_version": __version__,
         "architecture": model.config.to_dict(),

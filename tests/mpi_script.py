@@ -20,30 +20,24 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMB
     os.environ.setdefault(_var, "1")
 
 
-def write_test_weights(path, seed: int = 0, prior: bool = False):
-    """Write a tiny random-init VAE weights file (16x16-pixel 8-deg patches, 8-d latent) to `path`;
-    prior=True adds a random-init latent flow marked as the default prior."""
+def write_test_weights(path, seed: int = 0):
+    """Write a tiny random-init conditional VAE weights file (16x16-pixel 8-deg patches) to `path`."""
     import torch
 
-    from pysm_vaedust.model import VAE, VAEConfig
+    from pysm_vaedust.model import ConditionalVAE, VAEConfig
     from pysm_vaedust.weights import save_weights
 
     torch.manual_seed(seed)
-    config = VAEConfig(npix=16, latent_dim=8, channels=(4, 8), hidden=16)
+    config = VAEConfig(npix=16, widths=(4, 4, 4), latent_channels=(1, 1))
     metadata = {
         "architecture": config.to_dict(),
         "geometry": {"npix": 16, "size_deg": 8.0, "pixel_size_arcmin": 30.0, "projection": "gnomonic"},
         "spectral_slope": {"slope": 2.5, "ell_range": [50.0, 200.0], "n_bins": 4},
-        "normalisation": {"log_mean": 0.0, "log_scale": 0.1, "template_fwhm_deg": 2.0},
+        "normalisation": {"log_mean": 0.0, "log_scale": 0.1, "coarse_scale": 0.2, "level_mean": 1.0,
+                          "level_scale": 0.5, "template_fwhm_deg": 0.5},
         "data": {"source": "random initialisation (tests/mpi_script.py)"},
     }
-    modules = {"vae": VAE(config)}
-    if prior:
-        from pysm_vaedust.prior import LatentFlow
-
-        modules["prior"] = LatentFlow(dim=config.latent_dim, n_layers=2, hidden=8)
-        metadata["prior"] = {"architecture": modules["prior"].architecture(), "default": True}
-    return save_weights(path, modules, metadata)
+    return save_weights(path, {"vae": ConditionalVAE(config)}, metadata)
 
 
 def _parse(argv):

@@ -119,7 +119,6 @@ def test_spectral_parameter_maps_and_templates(dust, tmp_path):
     ({"nside": 64, "template": -np.ones(hp.nside2npix(4)), "template_freq": "545 GHz"}, ValueError, "non-positive"),
     ({"nside": 64, "template": np.ones(hp.nside2npix(4))}, ValueError, "template_freq"),
     ({"nside": 64, "weights": "/nonexistent/w.h5"}, FileNotFoundError, "does not exist"),
-    ({"nside": 64, "prior": "magic"}, ValueError, "prior"),
     ({"nside": 64, "mbb_temperature": -3}, ValueError, "mbb_temperature"),
 ])
 def test_bad_constructor_input(kwargs, error, match):

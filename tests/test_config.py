@@ -162,15 +162,12 @@ def test_nside_from_map_dist(default_weights):
     assert sky.get_emission(100 * u.GHz).shape == (3, len(pixels))
 
 
-def test_flow_and_standard_presets(tmp_path):
-    """vd1 ('auto') and vd1_flow use the weights' flow prior, vd1_standard N(0, I)."""
-    weights = str(write_test_weights(tmp_path / "with_prior.h5", prior=True))
-    auto, flow, standard = build_sky([{"preset": name, "weights": weights}
-                                      for name in ("vd1", "vd1_flow", "vd1_standard")], nside=8).components
-    assert (auto.prior, flow.prior, standard.prior) == ("flow", "flow", "standard")
-    assert flow.generator.prior is not None and standard.generator.prior is None
+def test_presets_pass_their_keywords(random_weights):
+    """vd1_nocascade turns the cascade off; vd1_gnilc names the GNILC template (fetched, so only
+    its keyword is checked here: the loader is tested in test_sources)."""
+    assert PRESETS["vd1_gnilc"]["template"] == "pysm_gnilc"
+    default, base = build_sky([{"preset": name, "weights": str(random_weights)}
+                               for name in ("vd1", "vd1_nocascade")], nside=8).components
+    assert default.cascade and not base.cascade
 
 
-def test_flow_preset_needs_a_prior(random_weights):
-    with pytest.raises(ValueError, match="holds no learned prior"):
-        build_sky([{"preset": "vd1_flow", "weights": str(random_weights)}], nside=8)

@@ -172,7 +172,6 @@ CONSTRUCTOR = {
     "batch_size": st.integers(1, 4096),
     "max_nside": st.sampled_from([16, 8192]),
     "cascade": st.booleans(),
-    "prior": st.sampled_from(["auto", "standard"]),
     "device": st.just("cpu"),
     "template_freq": st.just("545 GHz"),
 }

@@ -1,4 +1,5 @@
-"""Stages 3-5 on real data: ELBO training, resume, weights file integrity, config errors."""
+"""Stages 3-5: the conditional VAE's pieces, ELBO training on real data, resume, weights file
+integrity, config errors."""
 
 import math
 
@@ -7,54 +8,45 @@ import numpy as np
 import pytest
 import torch
 
-from pysm_vaedust.model import VAE, VAEConfig
-from pysm_vaedust.train import TrainConfig, build_datasets, evaluate, main, train
+from pysm_vaedust.cutouts import condition_input, random_dihedral
+from pysm_vaedust.model import (ConditionalVAE, VAEConfig, gaussian_kl, texture_pairs, texture_statistics,
+                                wavelet_filters)
+from pysm_vaedust.train import TrainConfig, build_datasets, evaluate, main, train, vae_config_of
 from pysm_vaedust.weights import load_weights, read_weights_file
 
 from conftest import TINY
 
 
 def tiny_config(tmp_path, **changes):
-    values = dict(TINY, prior_epochs=0, checkpoint_dir=str(tmp_path / "ckpt"), output=str(tmp_path / "w.h5"))
+    values = dict(TINY, checkpoint_dir=str(tmp_path / "ckpt"), output=str(tmp_path / "w.h5"))
     values.update(changes)
     return TrainConfig(**values)
 
 
-def test_training_lowers_the_negative_elbo(tmp_path, data_dir):
-    cfg = tiny_config(tmp_path, pca_init=False, epochs=3, lr=2e-3)
-    sets, _ = build_datasets(cfg)
-    torch.manual_seed(cfg.seed)
-    from pysm_vaedust.train import vae_config_of
+def small_model(seed=0, **changes) -> ConditionalVAE:
+    torch.manual_seed(seed)
+    model = ConditionalVAE(VAEConfig(**{"npix": 16, "widths": (4, 6, 8), "latent_channels": (2, 3), **changes}))
+    for p in model.parameters():  # move the zero-initialised heads away from the identity start
+        p.data.add_(0.05 * torch.randn_like(p))
+    return model.double()
 
-    untrained = evaluate(VAE(vae_config_of(cfg)), sets["val"], cfg.beta, seed=0)["loss"]
+
+def test_training_lowers_the_loss_and_conditions_the_samples(tmp_path, data_dir):
+    cfg = tiny_config(tmp_path, epochs=3, lr=2e-3)
+    sets, info = build_datasets(cfg)
+    x, c = sets["train"]
+    assert x.shape[1:] == (1, 32, 32) and c.shape[1:] == (2, 16, 16)
+    assert abs(float(x.mean())) < 1e-3 and float(x.std()) == pytest.approx(1.0, rel=1e-3)
+    torch.manual_seed(cfg.seed)
+    untrained = evaluate(ConditionalVAE(vae_config_of(cfg)), sets["val"], cfg.beta, 0.0, seed=0)["loss"]
     weights = load_weights(train(cfg, progress=False))
     history = [h["val_loss"] for h in weights.metadata["history"]]
     assert history[-1] < history[0] < untrained
-    assert weights.metadata["metrics"]["test_loss"] < untrained
-
-
-def test_pca_initialisation_is_the_probabilistic_pca_solution(data_dir, tmp_path):
-    sets, _ = build_datasets(tiny_config(tmp_path))
-    data = sets["train"]
-    vae = VAE(VAEConfig(npix=32, latent_dim=16, channels=(8, 16, 32), hidden=32))
-    vae.init_from_pca(data)
-    with torch.no_grad():
-        mean, _ = vae.encode(data)
-        recon = vae.decode(mean).flatten(1).double()
-        flat = data.flatten(1).double()
-        centred = flat - flat.mean(0)
-        _, s, vt = torch.linalg.svd(centred, full_matrices=False)
-        eigen = s**2 / (len(flat) - 1)
-        projection = centred @ vt[:16].T @ vt[:16] + flat.mean(0)
-        w = vae.decoder_linear.weight.double()
-    # W = V_16 (Lambda_16 - sigma^2)^(1/2): orthogonal columns with those norms (Tipping & Bishop)
-    gram = w.T @ w
-    assert torch.allclose(gram, torch.diag(torch.diagonal(gram)), atol=1e-3 * float(gram.max()))
-    assert torch.allclose(torch.diagonal(gram), eigen[:16] - eigen[16:].mean(), rtol=1e-3)
-    # the posterior-mean reconstruction is the PCA projection shrunk toward the mean
-    err_ppca = (recon - flat).square().mean()
-    err_pca = (projection - flat).square().mean()
-    assert err_pca <= err_ppca < 1.2 * err_pca
+    metrics = weights.metadata["metrics"]
+    assert metrics["test_loss"] < untrained
+    shares = metrics["test_power_shares"]
+    assert sum(shares[k] for k in ("condition", "latents", "decoder_noise")) == pytest.approx(1.0)
+    assert shares["condition"] > 0  # the conditional mean changes with c
 
 
 def test_resume_after_interruption_gives_identical_weights(tmp_path, data_dir):
@@ -75,21 +67,22 @@ def test_weights_round_trip_and_tampering_is_refused(tiny_weights, tmp_path):
     weights = load_weights(tiny_weights)
     meta = weights.metadata
     assert meta["data"]["sha256"] and meta["geometry"]["pixel_size_arcmin"] == pytest.approx(15.0)
-    assert meta["normalisation"]["log_scale"] > 0 and 2 < meta["spectral_slope"]["slope"] < 4
-    assert weights.prior is not None and "val_nll_per_dim_flow" in meta["prior"]
-    z = torch.randn(3, weights.vae.config.latent_dim, generator=torch.Generator().manual_seed(0))
+    assert meta["normalisation"]["log_scale"] > 0 and meta["normalisation"]["template_fwhm_deg"] == 0.5
+    gen = torch.Generator().manual_seed(0)
+    eps = torch.randn(3, weights.vae.latent_dim, generator=gen)
+    c = torch.randn(3, 2, 16, 16, generator=gen)
     again = load_weights(tiny_weights)
-    assert torch.equal(weights.vae.decode(z), again.vae.decode(z))
+    assert torch.equal(weights.vae.decode(eps, c), again.vae.decode(eps, c))
     tampered = tmp_path / "tampered.h5"
     tampered.write_bytes(tiny_weights.read_bytes())
     with h5py.File(tampered, "r+") as f:
-        name = "tensors/vae/decoder_linear.bias"
+        name = "tensors/vae/out.bias"
         f[name][0] = f[name][0] + 1e-3
     with pytest.raises(ValueError, match="fails its checksum"):
         load_weights(tampered)
     with h5py.File(tampered, "r+") as f:
-        f.attrs["format_version"] = 99
-    with pytest.raises(ValueError, match="format version 99"):
+        f.attrs["format_version"] = 2
+    with pytest.raises(ValueError, match="format version 2 .*unconditional VAE.*retrain"):
         load_weights(tampered)
     with pytest.raises(FileNotFoundError):
         load_weights(tmp_path / "none.h5")
@@ -100,8 +93,12 @@ def test_config_errors_and_cli(tmp_path, data_dir):
     bad.write_text('epochs = 1\nlearning_rate = 3\n')
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['learning_rate'\]"):
         TrainConfig.from_toml(bad)
-    with pytest.raises(ValueError, match="decoder_variance"):
-        VAEConfig(decoder_variance="magic")
+    with pytest.raises(ValueError, match="latent_channels"):
+        VAEConfig(widths=(4, 8, 8), latent_channels=(1,))
+    with pytest.raises(ValueError, match="latent_channels"):
+        VAEConfig(widths=(4, 8, 8), latent_channels=(0, 0))
+    with pytest.raises(ValueError, match="npix"):
+        VAEConfig(npix=18, widths=(4, 8, 8), latent_channels=(1, 1))
     with pytest.raises(ValueError, match="no CUDA GPU|device"):
         train(tiny_config(tmp_path, device="tpu"), progress=False)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
@@ -112,92 +109,102 @@ def test_config_errors_and_cli(tmp_path, data_dir):
         main(["--epochs", "abc"])
 
 
-def test_modulated_decoder_noise_likelihood_and_draws():
-    """-log p(x | mu, a) of the modulated noise equals the dense Gaussian density with covariance
-    C_pq exp((a_p + a_q) / 2) (C circulant from the learned spectrum), and draws have its variances."""
-    from pysm_vaedust.conditioning import decoder_noise_covariance
-
-    torch.manual_seed(0)
-    vae = VAE(VAEConfig(npix=8, latent_dim=4, channels=(4,), hidden=8, noise_modulation=2)).double()
+def test_whitened_latents_round_trip_through_the_hierarchy():
+    """encode gives the whitened posterior means: decoding them reproduces the decoder mean of the
+    posterior-mean pass, and the flat latent has the groups' sizes."""
+    model = small_model()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 1, 16, 16, generator=gen, dtype=torch.float64)
+    c = torch.randn(4, 2, 8, 8, generator=gen, dtype=torch.float64)
+    assert model.latent_dim == 2 * 8 * 8 + 3 * 4 * 4
     with torch.no_grad():
-        vae.decoder_logvar.copy_(torch.linspace(-1.0, -3.0, len(vae.decoder_logvar)))
-        for p in list(vae.modulation_global.parameters()) + list(vae.modulation_local.parameters()):
-            p.normal_(0, 0.3)
-        z = torch.randn(3, 4, dtype=torch.float64)
-        mean = vae.decode(z)
-        a = vae.noise_log_amplitude(z, mean)
-        assert a.shape == (3, 1, 8, 8) and float(a.std()) > 0.05   # varies inside and between patches
-        x = mean + torch.randn_like(mean)
-        for i in range(3):
-            cov = decoder_noise_covariance(vae, a[i], periodic=True)
-            dense = -torch.distributions.MultivariateNormal(mean[i].flatten(), cov).log_prob(x[i].flatten())
-            assert float(vae.neg_log_likelihood(x[i:i + 1], mean[i:i + 1], a[i:i + 1])) == pytest.approx(float(dense), rel=1e-9)
-        draws = vae.decoder_noise(20000, torch.Generator().manual_seed(1), log_amplitude=a[:1].expand(20000, 1, 8, 8))
-        predicted = torch.diagonal(decoder_noise_covariance(vae, a[0], periodic=True))
-        assert torch.allclose(draws.flatten(1).var(0), predicted, rtol=0.05)
-        # aperiodic noise (conditioning): same spectrum, no correlation across the patch edges
-        flat = vae.decoder_noise(20000, torch.Generator().manual_seed(2), periodic=False).flatten(1).double()
-        aperiodic = decoder_noise_covariance(vae, periodic=False)
-        assert torch.allclose(flat.T @ flat / len(flat), aperiodic, atol=0.03 * float(aperiodic.max()))
-        periodic = decoder_noise_covariance(vae, periodic=True)
-        assert float(periodic[0, 7]) > 2 * float(aperiodic[0, 7])   # pixels 0 and 7 of a row: neighbours only with wrap
-        assert float(torch.linalg.eigvalsh(aperiodic).min()) > 0
-    with pytest.raises(ValueError, match="noise_modulation"):
-        VAEConfig(npix=8, channels=(4,), noise_modulation=9)
+        mean, _, eps = model._top_down(c, enc=model.encoder_features(x, c), use_mean=True)
+        assert eps.shape == (4, model.latent_dim)
+        assert torch.allclose(model.decode(eps, c), mean, atol=1e-10)
+        assert torch.allclose(model.reconstruct(x, c), mean, atol=1e-10)
+        other = model.decode(eps, c + 1.0)
+    assert not torch.allclose(other, mean)  # the decoder depends on the condition
 
 
-def test_marginal_transform_round_trip_and_gaussianises():
-    from pysm_vaedust.marginal import MarginalTransform
-
-    gen = torch.Generator().manual_seed(0)
-    data = torch.randn(20000, generator=gen).mul(0.8).exp() - 1.3     # skewed, like log-dust filaments
-    transform = MarginalTransform(81)
-    transform.fit(data)
-    y = transform.to_gaussian(data)
-    assert abs(float(y.mean())) < 0.02 and abs(float(y.std()) - 1) < 0.02
-    assert abs(float(((y - y.mean()) ** 3).mean() / y.std() ** 3)) < 0.05    # skewness removed
-    x = torch.linspace(-3.0, 40.0, 2001)                                    # beyond the end knots too
-    assert torch.allclose(transform.to_data(transform.to_gaussian(x)), x, atol=1e-4)
-    assert bool(torch.all(torch.diff(transform.to_gaussian(x)) > 0))
-    step = 1e-6                                 # f is C1: finite differences match everywhere
-    inner = x[(x > -1.2) & (x < 8)].double()
-    finite = (transform.to_gaussian(inner + step) - transform.to_gaussian(inner - step)) / (2 * step)
-    assert torch.allclose(transform.to_gaussian(inner, log_derivative=True)[1].exp(), finite, rtol=2e-3)
-    identity = MarginalTransform(0)
-    identity.fit(data)
-    assert torch.equal(identity.to_gaussian(data), data) and torch.equal(identity.to_data(data), data)
+def test_no_group_at_a_scale():
+    model = ConditionalVAE(VAEConfig(npix=16, widths=(4, 4, 4), latent_channels=(0, 2)))
+    assert model.latent_dim == 2 * 4 * 4
+    eps = torch.randn(2, model.latent_dim)
+    assert model.decode(eps, torch.zeros(2, 2, 8, 8)).shape == (2, 1, 16, 16)
 
 
-def test_marginal_likelihood_is_the_density_of_the_samples():
-    """With a fitted marginal transform, samples are x = f(mu + e): the histogram of one pixel's
-    draws follows exp(-neg_log_likelihood) as that pixel varies (white noise: pixels independent)."""
-    torch.manual_seed(0)
-    vae = VAE(VAEConfig(npix=4, latent_dim=2, channels=(2,), hidden=4, decoder_variance="learned",
-                        noise_modulation=0, marginal_knots=41)).double()
+def test_elbo_kl_and_free_bits():
+    """The KL of a group is the analytic Gaussian one (checked against torch.distributions); free
+    bits raise the loss to free_bits per dimension when the KL is below it."""
+    gen = torch.Generator().manual_seed(2)
+    mq, mp = torch.randn(5, generator=gen), torch.randn(5, generator=gen)
+    lq, lp = torch.randn(5, generator=gen), torch.randn(5, generator=gen)
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mq, (0.5 * lq).exp()),
+                                            torch.distributions.Normal(mp, (0.5 * lp).exp()))
+    assert torch.allclose(gaussian_kl(mq, lq, mp, lp), ref, atol=1e-6)
+    model = ConditionalVAE(VAEConfig(npix=16, widths=(4, 4, 4), latent_channels=(1, 1)))  # heads at zero: KL = 0
+    x, c = torch.randn(3, 1, 16, 16, generator=gen), torch.randn(3, 2, 8, 8, generator=gen)
+    plain = model.elbo_terms(x, c, free_bits=0.0, generator=torch.Generator().manual_seed(0))
+    floored = model.elbo_terms(x, c, free_bits=0.5, generator=torch.Generator().manual_seed(0))
+    assert float(plain["kl"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(floored["loss"] - plain["loss"]) == pytest.approx(0.5 * model.latent_dim, rel=1e-5)
+
+
+def test_decoder_noise_likelihood_is_the_dense_gaussian_density():
+    """-log p(x | mean) equals the density of N(mean, C), C the circulant covariance of the
+    learned per-bin spectrum, and noise draws have C's pixel variance."""
+    model = small_model(npix=8, widths=(2, 2, 2), latent_channels=(1, 1))
     with torch.no_grad():
-        vae.decoder_logvar.fill_(math.log(0.3))
-        vae.marginal.fit(torch.randn(50000, generator=torch.Generator().manual_seed(1)).exp())
-        z = torch.zeros(1, 2, dtype=torch.float64)
-        draws = vae.sample(200000, torch.Generator().manual_seed(2), z=z.expand(200000, 2))[:, 0, 0, 0]
-        mean = vae.decode(z)
-        edges = torch.quantile(draws.float(), torch.linspace(0.02, 0.98, 13)).double()
-        mass = torch.histogram(draws.float(), edges.float()).hist.double() / len(draws)
-        fine = edges[:-1, None] + torch.diff(edges)[:, None] * (torch.arange(64) + 0.5) / 64   # (12, 64)
-        x = vae.to_data(mean).repeat(fine.numel(), 1, 1, 1)
-        x[:, 0, 0, 0] = fine.flatten()
-        log_p = -vae.neg_log_likelihood(x, mean.expand_as(x))
-    # the pixel's density up to the (free) factor of the other pixels, integrated over each bin
-    predicted = (log_p - log_p.max()).exp().reshape(fine.shape).mean(1) * torch.diff(edges)
-    predicted *= float(mass.sum() / predicted.sum())
-    assert torch.allclose(mass, predicted, rtol=0.03), (mass, predicted)
+        model.decoder_logvar.copy_(torch.linspace(-1.0, 0.5, len(model.decoder_logvar)))
+    n = 8
+    eye = torch.eye(n * n, dtype=torch.float64).reshape(n * n, 1, n, n)
+    spectrum = model.noise_logvar().exp()
+    cov = torch.fft.ifft2(torch.fft.fft2(eye, norm="ortho") * spectrum, norm="ortho").real.reshape(n * n, n * n)
+    gen = torch.Generator().manual_seed(3)
+    x, mean = torch.randn(2, 1, n, n, generator=gen, dtype=torch.float64), torch.randn(2, 1, n, n, generator=gen,
+                                                                                     dtype=torch.float64)
+    dense = torch.distributions.MultivariateNormal(mean.flatten(1), covariance_matrix=cov)
+    assert torch.allclose(model.neg_log_likelihood(x, mean).detach(), -dense.log_prob(x.flatten(1)), rtol=1e-8)
+    white = torch.randn(20000, 1, n, n, generator=gen, dtype=torch.float64)
+    draws = model.decoder_noise(white).detach()
+    assert float(draws.var()) == pytest.approx(float(torch.diagonal(cov).mean()), rel=0.03)
 
 
-def test_older_weights_metadata_keeps_its_split_and_transform():
-    """A training config stored before split_strata / marginal_knots existed means the old
-    behaviour (random region split, no transform), not today's defaults."""
-    old = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("split_strata", "marginal_knots")}
-    cfg = TrainConfig.of_weights({"training_config": old})
-    assert cfg.split_strata == "none" and cfg.marginal_knots == 0
-    assert TrainConfig().split_strata == "variance" and TrainConfig().marginal_knots == 161
-    stored = TrainConfig.of_weights({"training_config": TrainConfig().to_dict()})
-    assert stored == TrainConfig()
+def test_texture_statistics_tell_lines_from_a_gaussian_field():
+    """First-order statistics rotate with the image (90 deg permutes the angles); the second
+    order differs between straight lines and a Gaussian field of similar power."""
+    n = 32
+    filters, pairs = wavelet_filters(n), texture_pairs()
+    gen = torch.Generator().manual_seed(4)
+    field = torch.randn(1, 1, n, n, generator=gen, dtype=torch.float64)
+    stats = texture_statistics(field, filters.double(), pairs)
+    rotated = texture_statistics(field.rot90(1, dims=(-2, -1)), filters.double(), pairs)
+    order = torch.tensor([4 * j + (a + 2) % 4 for j in range(4) for a in range(4)])
+    # scales j >= 1 (the finest scale's diagonal filters meet the grid's one-sided Nyquist row)
+    assert torch.allclose(rotated[0, 4:16], stats[0, order[4:]], atol=1e-6)
+    lines = torch.zeros(1, 1, n, n, dtype=torch.float64)
+    lines[..., 10, 4:28] = 1.0
+    lines[..., 4:28, 20] = 1.0
+    lines -= lines.mean()
+    s_lines = texture_statistics(lines, filters.double(), pairs)
+    for seed in range(3):  # the same Fourier amplitudes with random phases: a Gaussian-like field
+        phases = torch.fft.fft2(torch.randn(1, 1, n, n, generator=gen, dtype=torch.float64))
+        gaussian = torch.fft.ifft2(torch.fft.fft2(lines).abs() * phases / phases.abs()).real
+        s_gauss = texture_statistics(gaussian, filters.double(), pairs)
+        assert float((s_lines[0, 16:] - s_gauss[0, 16:]).mean()) > 0.3  # envelopes organised along the lines
+
+
+def test_condition_input_and_joint_augmentation():
+    norm = {"coarse_scale": 0.2, "level_mean": 1.0, "level_scale": 0.5}
+    coarse = np.random.default_rng(0).normal(2.0, 0.3, (3, 8, 8))
+    c = condition_input(coarse, norm)
+    assert c.shape == (3, 2, 8, 8) and c.dtype == np.float32
+    assert np.allclose(c[:, 0].mean(axis=(1, 2)), 0, atol=1e-6)
+    assert np.allclose(c[:, 1], ((coarse.mean(axis=(1, 2)) - 1.0) / 0.5)[:, None, None])
+    halved = condition_input(coarse, norm, amplitude=2.0, log_offset=math.log(3.0))
+    assert np.allclose(halved[:, 0], c[:, 0] / 2, atol=1e-6)
+    assert np.allclose(halved[:, 1], c[:, 1] + math.log(3.0) / 0.5, atol=1e-5)
+    x = torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(2, 1, 16, 16)
+    cc = torch.nn.functional.avg_pool2d(x, 2).expand(2, 2, 8, 8)
+    xt, ct = random_dihedral((x, cc), torch.Generator().manual_seed(5))
+    assert torch.allclose(torch.nn.functional.avg_pool2d(xt, 2), ct[:, :1])  # same transform on both
