@@ -174,7 +174,7 @@ class SmallScaleGenerator:
         den = np.zeros(n_out, dtype=np.float32)
         n = self.vae.config.npix
         smoother = None if smooth_fwhm_deg is None else torch.from_numpy(
-            gaussian_multiplier(n, level.geometry.pixel_size_deg, smooth_fwhm_deg))
+            gaussian_multiplier(n, level.geometry.pixel_size_deg, smooth_fwhm_deg)).to(self.vae.device)
 
         def accumulate(patches, values, smoothed):
             patches.accumulate(values, fields[0], den)
@@ -195,7 +195,7 @@ class SmallScaleGenerator:
                     smoothed = None
                     if smoother is not None:
                         smoothed = np.zeros_like(values)
-                        smoothed[patches.used] = torch.fft.ifft2(torch.fft.fft2(decoded) * smoother).real.numpy()
+                        smoothed[patches.used] = torch.fft.ifft2(torch.fft.fft2(decoded) * smoother).real.cpu().numpy()
                     if pending is not None:
                         pending.result()
                     pending = worker.submit(accumulate, patches, values, smoothed)
