@@ -1,41 +1,33 @@
-"""Joint CMB + dust inference on real dust patches with the VAE as the dust prior.
+"""Joint CMB + dust inference on real dust patches with the conditional VAE as the dust prior.
 
-    d = s_cmb + g_dust(z) + n        (one 8 deg x 8 deg patch, normalised dust units)
+    d = s_cmb + g_dust(eps, c) + n        (one patch, normalised dust units)
 
-* dust truth: real held-out (test-split) Planck dust patches, in the VAE's normalised units
-  (small-scale log intensity / the global scale);
+* dust truth: real held-out (test-split) dust patches of the weights' training data, in the VAE's
+  normalised units (small-scale log intensity / the global scale), with their conditions c (the
+  large scales, known: in a real analysis they come from the template);
 * CMB: a Gaussian field, periodic on the patch, with the damped power law
   C_ell = A (ell / 100)^-2 exp(-(ell / 600)^2) for ell > 0 (C_0 = 0), A set so that the CMB pixel
   rms is `--cmb_rms` (default 0.5) in the same normalised units — a stand-in with a CMB-like
   shape, not a real CMB spectrum in K;
 * noise: white, rms `--noise` (default 0.05).
 
-Model: g_dust(z) = mu(z) + e, mu(z) the data-space decoder mean (`forward_model`: f(mu(z)) for
-weights with a marginal transform), e the VAE's decoder noise, approximated here as stationary (its
-modulation, and the local slope of the marginal transform, replaced by their mean level at z = 0,
-`prior_mean_noise_level` — an approximation for such weights). The CMB, the decoder noise and the white noise are then all Gaussian and
-diagonal in the patch's orthonormal Fourier basis, so the CMB is marginalised (profiled) exactly: for given z the residual r = d - mu(z) has Fourier
-variance S_k + C_k + N and
+Model: g_dust(eps, c) = mu(eps, c) + e, mu the decoder mean, e the VAE's decoder noise
+(stationary, periodic). The CMB, the decoder noise and the white noise are all Gaussian and
+diagonal in the patch's orthonormal Fourier basis, so the CMB is marginalised exactly: for given
+eps the residual r = d - mu(eps, c) has Fourier variance S_k + C_k + N and
 
-    -2 log p(z | d) = |z|^2 + sum_k |r_k|^2 / (S_k + C_k + N) + const,
+    -2 log p(eps | d, c) = |eps|^2 + sum_k |r_k|^2 / (S_k + C_k + N) + const,
 
-minimised with L-BFGS over z through the public differentiable `forward_model` (with the
-learned latent prior — --prior flow, or auto when the weights make it their default — |z|^2 is
-replaced by the flow's density -2 log p(z), as in pysm_vaedust.conditioning). Then
-s_hat = S / (S + C + N) r (Wiener filter given the dust) and
-dust_hat = mu(z_map) + C / (S + C + N) r. Baseline: the same separation with the dust replaced
-by a stationary Gaussian of the training split's 2D power spectrum (a two-component Wiener filter).
+minimised with L-BFGS over the whitened latents eps (N(0, I) prior, as in
+pysm_vaedust.conditioning). Then s_hat = S / (S + C + N) r (Wiener filter given the dust) and
+dust_hat = mu(eps_map, c) + C / (S + C + N) r. Baseline: the same separation with the dust
+replaced by a stationary Gaussian of the training split's 2D power spectrum (a two-component
+Wiener filter, blind to c).
 
     python examples/joint_cmb_dust.py --weights path/to/vaedust.h5 [--patches 6]
 
-What it shows (shipped weights, 6 test patches, defaults, measured 2026-11-25, 6 s): the joint
-fit runs end to end through the differentiable forward model and separates the components —
-relative rms errors dust 0.52, CMB 0.92 with the flow prior (0.54 / 0.93 with N(0, I)) against
-1.00 for calling all of d dust — but it is **not better** than the two-component Wiener filter
-(0.50 / 0.85): at this resolution the VAE's dust prior adds no usable information beyond the
-power spectrum for separating a Gaussian CMB (as for inpainting, see the README), and the
-stationary approximation of the modulated, transformed decoder noise costs a little. One patch
-of six (index 262) is better with the VAE (dust 0.69 vs 0.76, CMB 0.62 vs 0.68).
+Not yet measured with trained conditional weights (the unconditional VAE was not better than the
+two-component Wiener filter at this: relative dust / CMB errors 0.54 / 0.93 against 0.50 / 0.85).
 """
 
 from __future__ import annotations
@@ -47,7 +39,6 @@ import time
 import numpy as np
 import torch
 
-from pysm_vaedust.conditioning import forward_model, prior_mean_noise_level
 from pysm_vaedust.train import TrainConfig, build_datasets
 from pysm_vaedust.weights import default_weights_path, load_weights
 
@@ -73,39 +64,34 @@ def ifft(x):
     return torch.fft.ifft2(x, norm="ortho").real
 
 
-def fit_dust_latents(vae, d, total_var, prior=None, steps=300):
-    """MAP of -2 log p(z|d) = -2 log p(z) + sum_k |r_k|^2 / total_var_k, r = d - mu(z), with the
-    CMB, decoder noise and white noise marginalised. -2 log p(z) = |z|^2, or the learned flow's
-    density |g(z)|^2 - 2 log|det dg/dz|. Starts from 0 and from the encoder mean of d."""
+def fit_dust_latents(vae, d, c, total_var, steps=300):
+    """MAP whitened latents (1, D) of -2 log p(eps | d, c) = |eps|^2 + sum_k |r_k|^2 / total_var_k,
+    r = d - mu(eps, c), with the CMB, decoder noise and white noise marginalised. d (n, n),
+    c (1, 2, n/2, n/2). Starts from 0 and from the encoder mean of d."""
     best = None
     with torch.no_grad():
-        z_enc = vae.encode(d[None, None])[0]
+        eps_enc = vae.encode(d[None, None], c)
 
-    def objective(z):
-        r = d - forward_model(vae, z)[0, 0]
-        if prior is None:
-            prior_term = z.square().sum().double()
-        else:
-            eps, logdet = prior.to_normals(z)
-            prior_term = eps.square().sum().double() - 2 * logdet.sum().double()
-        return prior_term + (fft(r).abs().square() / total_var).sum()
+    def objective(eps):
+        r = d - vae.decode(eps, c)[0, 0]
+        return eps.square().sum().double() + (fft(r).abs().square() / total_var).sum()
 
-    for z0 in (torch.zeros_like(z_enc), z_enc):
-        z = z0.clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([z], max_iter=steps, line_search_fn="strong_wolfe", tolerance_grad=1e-6,
+    for eps0 in (torch.zeros_like(eps_enc), eps_enc):
+        eps = eps0.clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([eps], max_iter=steps, line_search_fn="strong_wolfe", tolerance_grad=1e-6,
                                 tolerance_change=1e-12, history_size=20)
 
         def closure():
             opt.zero_grad()
-            loss = objective(z)
+            loss = objective(eps)
             loss.backward()
             return loss
 
         opt.step(closure)
         with torch.no_grad():
-            loss = float(objective(z))
+            loss = float(objective(eps))
         if best is None or loss < best[0]:
-            best = (loss, z.detach())
+            best = (loss, eps.detach())
     return best[1]
 
 
@@ -115,8 +101,6 @@ def main(argv=None) -> int:
     parser.add_argument("--patches", type=int, default=6, help="number of test-split patches")
     parser.add_argument("--cmb_rms", type=float, default=0.5, help="CMB pixel rms, normalised dust units")
     parser.add_argument("--noise", type=float, default=0.05, help="white-noise rms, normalised dust units")
-    parser.add_argument("--prior", choices=("auto", "flow", "standard"), default="auto",
-                        help="latent prior: the learned flow, N(0, I), or 'auto' (the weights' default, as VAEDust)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -124,29 +108,22 @@ def main(argv=None) -> int:
     start = time.time()
     weights = load_weights(args.weights)
     vae = weights.vae
-    flow_default = weights.metadata.get("prior", {}).get("default", False)
-    use_flow = args.prior == "flow" or (args.prior == "auto" and flow_default)
-    if use_flow and weights.prior is None:
-        parser.error(f"--prior {args.prior}: {args.weights} holds no learned latent prior")
-    prior = weights.prior if use_flow else None
     sets, _ = build_datasets(TrainConfig.of_weights(weights.metadata))
     n, size = vae.config.npix, float(weights.metadata["geometry"]["size_deg"])
     ell = ell_grid(n, size)
     S = cmb_mode_variance(ell, args.cmb_rms)
-    # stationary approximation of the (modulated) decoder noise: its mean level at z = 0
-    C = vae.noise_logvar().detach().double().exp() * prior_mean_noise_level(vae)
+    C = vae.noise_logvar().detach().double().exp()   # decoder noise per orthonormal Fourier mode
     N = torch.full_like(S, args.noise**2)
     # Gaussian baseline: the training split's mean 2D periodogram (dihedral-symmetrised) as the dust spectrum
-    train = sets["train"][:, 0].double()
+    train = sets["train"][0][:, 0].double()
     P = fft(train - train.mean()).abs().square().mean(0)
     P = sum(torch.rot90(P, k) for k in range(4)) / 4
     P = 0.5 * (P + P.T)
 
     gen = torch.Generator().manual_seed(args.seed)
-    test = sets["test"][:, 0]
+    test, test_c = sets["test"][0][:, 0], sets["test"][1]
     idx = np.linspace(0, len(test) - 1, args.patches).astype(int)
     rows = []
-    print(f"latent prior: {'learned flow' if prior is not None else 'N(0, I)'}")
     print(f"{len(idx)} test patches; CMB rms {args.cmb_rms}, noise rms {args.noise} (normalised dust units; "
           f"dust rms of these patches {float(test[idx].std()):.3f})")
     print(f"{'patch':>5} | {'dust err VAE':>12} {'dust err Gauss':>14} | {'CMB err VAE':>11} {'CMB err Gauss':>13}"
@@ -157,9 +134,10 @@ def main(argv=None) -> int:
         noise = torch.randn((n, n), generator=gen, dtype=torch.float64) * args.noise
         d = (dust + cmb + noise).float()
         # VAE dust prior, CMB profiled out
-        z_map = fit_dust_latents(vae, d, S + C + N, prior)
+        c = test_c[i:i + 1]
+        eps_map = fit_dust_latents(vae, d, c, S + C + N)
         with torch.no_grad():
-            mu = forward_model(vae, z_map)[0, 0].double()
+            mu = vae.decode(eps_map, c)[0, 0].double()
         r_hat = fft(d.double() - mu)
         cmb_vae = ifft(S / (S + C + N) * r_hat)
         dust_vae = mu + ifft(C / (S + C + N) * r_hat)

@@ -1,14 +1,14 @@
 """Stage 8 — conditioning at sky level, and the public entry to all of stage 8.
 
-Sky level: `condition_sky` converts an observed intensity map to the normalised field delta of
-`VAEDust` (I = T exp(s delta - s^2 V / 2), modified black body to the reference frequency),
-fits the latents of every level-0 tile touching an observed pixel **jointly through the blend**
-(`SkyForwardModel`, a sparse matrix of the tiling's bilinear interpolation and blend weights —
-per-patch fits on tangent-plane resamplings would ignore that overlapping patches add up as
-sum(w v) / sqrt(sum w^2)), and draws the decoder noise of those tiles given the residual.
-`FittedLatents` stores the result (HDF5, atomic write); `ConditionedVAEDust` is a `VAEDust` that
-renders it: the observed region follows the data, unobserved tiles stay prior draws of `seed`.
-`forward_model` / `SkyForwardModel`: the differentiable latent -> patch -> sky-pixel map in torch.
+Sky level: `condition_sky` brings an observed intensity map to the reference frequency (the
+model's modified black body), takes y = ln I - ln T (T the template) and fits the whitened
+latents and decoder-noise patches of every level-0 tile touching an observed pixel **jointly
+through the blend** (`SkyForwardModel`: a sparse matrix of the tiling's bilinear interpolation
+and blend weights; overlapping patches add up as sum(w v) / sqrt(sum w^2)). Each tile's condition
+is its coarse part seen in the template (`SmallScaleGenerator.conditions` on `VAEDust.log_template`),
+known and fixed. `FittedLatents` stores the result (HDF5, atomic write, with the sha256 of the
+weights file); `ConditionedVAEDust` is a `VAEDust` that renders it: the observed region follows
+the data, the other tiles stay prior draws of `seed`.
 
 The patch level (MAP fits, posterior samples, the decoder-noise model) lives in `posterior`, the
 Gaussian baseline (`StationaryGaussian`, the Wiener filter) in `wiener`; this module imports
@@ -35,44 +35,46 @@ from .checks import (check_bandpass, check_bool, check_frequency, check_int, che
                      check_seed)
 from .component import VAEDust, _mbb_intensity, interpolate_at_pixels
 from .data import BETA_DUST, T_DUST_K, atomic_write, file_digest
-from .model import VAE
-from .posterior import (MapFit, Posterior, _data_log_amplitude, _data_space_noise, _decoder_is_affine,
-                        _linearisation, _prior_term, conditional_mean, decoder_noise_covariance,
-                        decoder_pixel_variance, fitted_log_amplitude, laplace_precision, latent_jacobian,
-                        map_fit, posterior_samples, prior_mean_noise_level)
-from .tiling import CascadeLevel, Footprints, band_filter, blend_torch, footprints
+from .model import ConditionalVAE
+from .posterior import (MapFit, Posterior, conditional_mean, decoder_noise_covariance, decoder_pixel_variance,
+                        laplace_precision, latent_jacobian, map_fit, posterior_samples)
+from .tiling import CascadeLevel, Footprints, blend_torch, footprints, gaussian_multiplier
+from .weights import default_weights_path
 from .wiener import StationaryGaussian, block_mask
 
-FITTED_FORMAT_VERSION = 1
+#: version 1 held latents of the unconditional VAE
+FITTED_FORMAT_VERSION = 2
+#: tolerance of the check that rendered tiles have the conditions they were fitted under
+CONDITION_ATOL = 1e-4
 
 
 # ----------------------------------------------------------------------------- forward model
 
-def forward_model(vae: VAE, z: torch.Tensor, fp: Footprints | None = None, n_out: int | None = None,
-                  level: CascadeLevel | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Differentiable latents -> patch pixels -> sky pixels (torch; gradients flow to z).
+def forward_model(vae: ConditionalVAE, eps: torch.Tensor, c: torch.Tensor, level: CascadeLevel,
+                  normalisation: dict, noise: torch.Tensor | None = None, smoothing: torch.Tensor | None = None,
+                  fp: Footprints | None = None, n_out: int | None = None) -> torch.Tensor:
+    """Differentiable latents -> patches -> sky pixels of one cascade level (torch; gradients
+    flow to eps and noise).
 
-    z: (P, D) latents. Without `fp`: the patches (P, 1, n, n) = decoder mean (+ `noise`
-    (P, 1, n, n), e.g. decoder noise), normalised units. With `fp`
-    (`tiling.footprints(nside, level, tile_ids, lookup)`, whose patch index k refers to row k of
-    z) and `n_out`: the blended sky field delta (n_out,) of `VAEDust` — the level's band filter
-    and amplitude applied when `level` is given, then bilinear interpolation and the
-    sum(w v) / sqrt(sum w^2) blend (`tiling.blend_torch`). Sky intensity at the reference
-    frequency: T exp(s delta - s^2 V / 2) (SkyForwardModel.log_intensity). With a learned latent
-    prior, pass z = weights.prior.sample_from_normals(eps) to work in its standard normals.
+    eps (P, D) whitened latents, c (P, 2, n/2, n/2) conditions, noise (P, n, n) decoder-noise
+    patches (normalised units) of P tiles of `level`. Patches (P, n, n): the small scales in ln I
+    that `SmallScaleGenerator.decode` renders, a (s (mu(eps, c) + noise) + m) (a the level's
+    amplitude, s / m the normalisation's log_scale / log_mean), times the Fourier multiplier
+    `smoothing` (n, n) if given (`tiling.gaussian_multiplier`: the level as the next level sees
+    it). With `fp` (`tiling.footprints(nside, level, tile_ids, lookup)`, its patch k is row k of
+    eps) and `n_out`: blended onto those pixels, sum(w v) / sqrt(sum w^2) (`tiling.blend_torch`),
+    (n_out,). `SkyForwardModel` computes the same with a sparse blend.
     """
-    x = vae.decode(z)
-    x = vae.to_data(x if noise is None else x + noise)
+    x = vae.decode(eps, c)[:, 0]
+    if noise is not None:
+        x = x + noise
+    x = level.amplitude * (normalisation["log_scale"] * x + normalisation["log_mean"])
+    if smoothing is not None:
+        x = torch.fft.ifft2(torch.fft.fft2(x) * smoothing).real
     if fp is None:
         return x
     if n_out is None:
         raise ValueError("forward_model: n_out (number of output pixels) is required with fp")
-    x = x[:, 0]
-    if level is not None:
-        filt = torch.from_numpy(band_filter(level)).to(x)
-        if not bool(torch.all(filt == 1)):
-            x = torch.fft.ifft2(torch.fft.fft2(x) * filt).real
-        x = x * level.amplitude
     return blend_torch(x, fp, int(n_out))
 
 
@@ -129,106 +131,150 @@ class BlendOperator:
 
 
 class SkyForwardModel:
-    """Differentiable latents -> sky field of the level-0 tiles `tile_ids` at `pixels` of `nside`.
+    """Differentiable latents -> ln I of the level-0 tiles `tile_ids` at `pixels` of the model's
+    nside, as `VAEDust` renders them.
 
-    delta(z, noise) = B[a F(mu(z) + noise)] (normalised units), with B the blend (BlendOperator),
-    F the level's band filter and a its amplitude (both trivial unless finer cascade levels
-    exist at this nside); log_intensity(delta) = log T + s delta - s^2 V / 2 (uK_RJ at the
-    reference frequency) — what `VAEDust` renders for these latents and decoder-noise patches
-    (plus its finer cascade levels, if this nside has any). z (P, D) rows follow `tile_ids`;
-    every tile covering `pixels` must be in `tile_ids` (as for the tiles touching them).
+    One cascade level (the nside needs no finer one, or cascade=False): ln I = ln T + delta,
+    delta = B[a (s (mu(eps, c) + e) + m)] with B the blend (BlendOperator), c the tiles'
+    conditions from the template, e their decoder-noise patches. With finer levels, VAEDust adds
+    level 0 as the next level sees it (smoothed in-patch by a Gaussian of FWHM F / f_1, F the
+    conditioning FWHM, `smoothing`), then draws the finer levels conditioned on the field so far:
+    here they are left out of delta and counted as white noise of variance `fine_variance` (ln
+    I^2: s^2 sum_k a_k^2 over the finer levels, the normalised small scales having unit variance);
+    the component also blends level 0 at its working nside and interpolates, so delta is then
+    exact only to that interpolation. eps (P, D) rows follow `tile_ids`; every tile covering
+    `pixels` must be in `tile_ids`. Decoding runs in chunks of `chunk` tiles.
     """
 
-    def __init__(self, model: VAEDust, tile_ids, pixels, level_index: int = 0):
-        self.model = model
+    def __init__(self, model: VAEDust, tile_ids, pixels, chunk: int = 256):
         self.vae = model.weights.vae
-        self.prior = model.generator.prior
+        self.chunk = check_int(chunk, "chunk", 1)
         nside = model.nside
         levels = model.generator.levels(nside, model.cascade)
-        self.level = levels[level_index]
+        self.level, self.n_levels = levels[0], len(levels)
+        self.normalisation = model.generator.normalisation
+        n = self.vae.config.npix
         self.tile_ids = np.asarray(tile_ids, dtype=np.int64)
         self.pixels = np.asarray(pixels, dtype=np.int64)
+        self.conditions = torch.from_numpy(model.generator.conditions(self.level, model.log_template, self.tile_ids))
         lookup = np.full(hp.nside2npix(nside), -1, dtype=np.int64)
         lookup[self.pixels] = np.arange(len(self.pixels))
         self.footprints = footprints(nside, self.level, self.tile_ids, lookup)
-        self.operator = BlendOperator(self.footprints, len(self.tile_ids), self.vae.config.npix, len(self.pixels))
-        filt = torch.from_numpy(band_filter(self.level)).float()
-        self.filter = None if bool(torch.all(filt == 1)) else filt
-        self.amplitude = float(self.level.amplitude)
-        self.s = model.weights.log_scale
-        self.variance = float(sum(model.generator.level_variance(lv) for lv in levels))
-        self.fine_variance = float(sum(model.generator.level_variance(lv) for lv in levels[level_index + 1:]))
+        self.operator = BlendOperator(self.footprints, len(self.tile_ids), n, len(self.pixels))
+        s = float(self.normalisation["log_scale"])
+        self.scale = self.level.amplitude * s                 # ln I per normalised unit
+        self.smoothing = None
+        if len(levels) > 1:
+            fwhm = float(self.normalisation["template_fwhm_deg"]) / levels[1].factor
+            self.smoothing = torch.from_numpy(gaussian_multiplier(n, self.level.geometry.pixel_size_deg, fwhm)).float()
+        self.fine_variance = s**2 * sum(lv.amplitude**2 for lv in levels[1:])
         self.log_template = torch.from_numpy(interpolate_at_pixels(model.log_template, nside, self.pixels))
+        m = self.level.amplitude * float(self.normalisation["log_mean"])
+        self.offset = self.operator(torch.full((len(self.tile_ids), n, n), m))    # blend of the constant a m
 
-    def band(self, x: torch.Tensor) -> torch.Tensor:
-        """Band filter and amplitude of patches (P, n, n) (self-adjoint)."""
-        if self.filter is not None:
-            x = torch.fft.ifft2(torch.fft.fft2(x) * self.filter).real
-        return x * self.amplitude
+    def _smooth(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.smoothing is None else torch.fft.ifft2(torch.fft.fft2(x) * self.smoothing).real
 
-    def patches(self, z: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Data-space decoder mean f(mu(z)) (f(mu(z) + noise) with Gaussian-space noise patches) of
-        latents z (P, D), band-filtered: (P, n, n)."""
-        x = self.vae.decode(z)[:, 0]
-        return self.band(self.vae.to_data(x if noise is None else x + noise))
+    def blend(self, x: torch.Tensor) -> torch.Tensor:
+        """The linear part of delta: normalised patches x (P, n, n) -> ln I (n_pixels,)."""
+        return self.operator(self._smooth(self.scale * x))
 
-    def delta(self, z: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Sky field (n_pixels,) of latents z (P, D) (+ decoder noise patches (P, n, n))."""
-        return self.operator(self.patches(z, noise))
+    def blend_adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """Adjoint of `blend`: (n_pixels,) -> (P, n, n)."""
+        return self.scale * self._smooth(self.operator.adjoint(y))
 
-    def log_intensity(self, delta: torch.Tensor) -> torch.Tensor:
-        """log(I / uK_RJ) at the reference frequency, float64, from delta (n_pixels,)."""
-        return self.log_template + self.s * delta.double() - 0.5 * self.s ** 2 * self.variance
+    def _chunks(self, eps):
+        for k in range(0, len(eps), self.chunk):
+            yield slice(k, k + self.chunk), self.conditions[k:k + self.chunk]
 
-    def intensity(self, z: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """I (uK_RJ at the reference frequency) at the pixels, differentiable in z."""
-        return self.log_intensity(self.delta(z, noise)).exp()
+    def decode(self, eps: torch.Tensor) -> torch.Tensor:
+        """Decoder means (P, n, n) of latents eps (P, D), normalised units; differentiable."""
+        return torch.cat([self.vae.decode(eps[k], c)[:, 0] for k, c in self._chunks(eps)])
+
+    def jvp(self, eps: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(d mu / d eps) v at eps: (P, D) -> (P, n, n)."""
+        return torch.cat([torch.func.jvp(lambda x: self.vae.decode(x, c)[:, 0], (eps[k],), (v[k],))[1]
+                          for k, c in self._chunks(eps)])
+
+    def vjp(self, eps: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """(d mu / d eps)^T g at eps: (P, n, n) -> (P, D)."""
+        return torch.cat([torch.func.vjp(lambda x: self.vae.decode(x, c)[:, 0], eps[k])[1](g[k])[0]
+                          for k, c in self._chunks(eps)])
+
+    def delta(self, eps: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Small scales in ln I (n_pixels,) of latents eps (P, D) (+ decoder-noise patches (P, n, n))."""
+        x = self.decode(eps)
+        return self.blend(x if noise is None else x + noise) + self.offset
+
+    def log_intensity(self, eps: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """ln(I / uK_RJ) at the reference frequency (n_pixels,), float64."""
+        return self.log_template + self.delta(eps, noise).double()
+
+    def intensity(self, eps: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """I (uK_RJ at the reference frequency) at the pixels, differentiable in eps and noise."""
+        return self.log_intensity(eps, noise).exp()
 
 
-# ----------------------------------------------------------------------------- sky level
+# ----------------------------------------------------------------------------- fitted latents
 
 @dataclass
 class FittedLatents:
-    """Conditioned latents of level-0 tiles: tile_ids (P,), z (P, D), noise (P, n, n) or None
-    (the decoder-noise patches drawn given the data), metadata (JSON-able dict)."""
+    """Conditioned level-0 tiles: tile_ids (P,); eps (P, D) whitened latents; noise (P, n, n)
+    decoder-noise patches or None; conditions (P, 2, n/2, n/2) the conditions they were fitted
+    under, or None; weights_sha256: sha256 of the weights file they were fitted with;
+    metadata: JSON-able dict."""
 
     tile_ids: np.ndarray
-    z: np.ndarray
+    eps: np.ndarray
     noise: np.ndarray | None = None
-    level: int = 0
+    conditions: np.ndarray | None = None
+    weights_sha256: str = ""
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.tile_ids = np.asarray(self.tile_ids, dtype=np.int64)
-        self.z = np.asarray(self.z, dtype=np.float32)
-        if self.z.ndim != 2 or len(self.z) != len(self.tile_ids):
-            raise ValueError(f"z has shape {self.z.shape}; expected ({len(self.tile_ids)}, latent_dim)")
-        if self.noise is not None:
-            self.noise = np.asarray(self.noise, dtype=np.float32)
-            if self.noise.ndim != 3 or len(self.noise) != len(self.tile_ids):
-                raise ValueError(f"noise has shape {self.noise.shape}; expected ({len(self.tile_ids)}, n, n)")
+        p = len(self.tile_ids)
+        self.eps = np.asarray(self.eps, dtype=np.float32)
+        if self.eps.ndim != 2 or len(self.eps) != p:
+            raise ValueError(f"eps has shape {self.eps.shape}; expected ({p}, latent_dim)")
+        for name, ndim in (("noise", 3), ("conditions", 4)):
+            value = getattr(self, name)
+            if value is not None:
+                value = np.asarray(value, dtype=np.float32)
+                if value.ndim != ndim or len(value) != p:
+                    raise ValueError(f"{name} has shape {value.shape}; expected {ndim} dimensions, {p} rows")
+                setattr(self, name, value)
+        self.weights_sha256 = str(self.weights_sha256)
 
     def as_dict(self) -> dict:
-        """{level: {tile id: z}}: the `fixed_latents` argument of VAEDust."""
-        return {self.level: {int(t): z for t, z in zip(self.tile_ids, self.z)}}
+        """{0: {tile id: eps}}: the `fixed_latents` argument of VAEDust."""
+        return {0: {int(t): e for t, e in zip(self.tile_ids, self.eps)}}
 
     def noise_dict(self) -> dict:
-        """{level: {tile id: noise patch (n, n)}} (empty without noise)."""
-        if self.noise is None:
-            return {}
-        return {self.level: {int(t): e for t, e in zip(self.tile_ids, self.noise)}}
+        """{0: {tile id: noise patch (n, n)}} (empty without noise): the `fixed_noise` argument."""
+        return {} if self.noise is None else {0: {int(t): e for t, e in zip(self.tile_ids, self.noise)}}
+
+    def check_weights(self, path) -> None:
+        """ValueError unless the weights file `path` is the one these latents were fitted with."""
+        if not self.weights_sha256:
+            raise ValueError("these fitted latents record no weights_sha256: fit them with condition_sky, or set "
+                             "weights_sha256 to the sha256 of the weights file they belong to")
+        actual = file_digest(path)
+        if actual != self.weights_sha256:
+            raise ValueError(f"the latents were fitted with weights of sha256 {self.weights_sha256[:16]}..., but "
+                             f"{str(path)!r} has {actual[:16]}...: pass weights= the file used by condition_sky")
 
     def save(self, path) -> Path:
-        """Write an HDF5 file atomically (datasets tile_ids, z[, noise]; attrs level, metadata JSON)."""
+        """Write an HDF5 file atomically (datasets tile_ids, eps[, noise, conditions]; attrs)."""
         def write(tmp):
             with h5py.File(tmp, "w") as f:
                 f.create_dataset("tile_ids", data=self.tile_ids)
-                f.create_dataset("z", data=self.z, compression="gzip", shuffle=True)
-                if self.noise is not None:
-                    f.create_dataset("noise", data=self.noise, compression="gzip", shuffle=True)
+                for name in ("eps", "noise", "conditions"):
+                    if getattr(self, name) is not None:
+                        f.create_dataset(name, data=getattr(self, name), compression="gzip", shuffle=True)
                 f.attrs["format_version"] = FITTED_FORMAT_VERSION
                 f.attrs["kind"] = "pysm_vaedust.FittedLatents"
-                f.attrs["level"] = int(self.level)
+                f.attrs["weights_sha256"] = self.weights_sha256
                 f.attrs["metadata"] = json.dumps(self.metadata, sort_keys=True)
 
         return atomic_write(path, write)
@@ -244,13 +290,19 @@ class FittedLatents:
                     raise KeyError("kind attribute is not pysm_vaedust.FittedLatents")
                 version = int(f.attrs["format_version"])
                 if version != FITTED_FORMAT_VERSION:
-                    raise ValueError(f"format version {version}, this code reads {FITTED_FORMAT_VERSION}")
-                return cls(tile_ids=f["tile_ids"][()], z=f["z"][()],
-                           noise=f["noise"][()] if "noise" in f else None, level=int(f.attrs["level"]),
+                    raise ValueError(f"{str(path)!r} has fitted-latents format version {version}; this pysm_vaedust "
+                                     f"reads {FITTED_FORMAT_VERSION} (latents of the conditional VAE): refit with "
+                                     "condition_sky")
+                return cls(tile_ids=f["tile_ids"][()], eps=f["eps"][()],
+                           noise=f["noise"][()] if "noise" in f else None,
+                           conditions=f["conditions"][()] if "conditions" in f else None,
+                           weights_sha256=str(f.attrs["weights_sha256"]),
                            metadata=json.loads(str(f.attrs["metadata"])))
         except (OSError, KeyError) as err:
             raise ValueError(f"{str(path)!r} is not a pysm_vaedust fitted-latents file: {err}") from err
 
+
+# ----------------------------------------------------------------------------- sky level
 
 def _cg(apply_a, b, precond=None, tol: float = 1e-4, max_iter: int = 500):
     """Preconditioned conjugate gradients for a symmetric positive-definite operator; tensors of
@@ -312,43 +364,93 @@ def _map_values(values, name, npix, freq) -> np.ndarray:
     return arr
 
 
+def _fit_tiles(fwd: SkyForwardModel, target, n_var, eps0, e0, steps, cg_tol, cg_max_iter, log):
+    """Minimise Phi = |eps - eps0|^2 + (e - e0)^T C^-1 (e - e0) + |t - L(mu(eps) + e)|^2 / N over
+    latents eps (P, D) and decoder-noise patches e (P, n, n) (L = fwd.blend, C the decoder-noise
+    covariance, N = n_var (n_pixels,), t the target in ln I minus fwd.offset) by Gauss-Newton:
+    at eps_k the linearised problem is solved exactly in data space by conjugate gradients,
+    (L (J J^T + C) L^T + N) a = t - L(mu_k + J (eps0 - eps_k) + e0), then eps = eps0 + J^T L^T a,
+    e = e0 + C L^T a (J the decoder Jacobian at eps_k), with step halving if Phi does not
+    decrease. Returns (eps, e, [{phi, cg_iterations, cg_residual, step, accepted}], the first entry
+    the start)."""
+    spectrum = fwd.vae.noise_logvar().detach().exp()
+
+    def cov(x):
+        return torch.fft.ifft2(torch.fft.fft2(x, norm="ortho") * spectrum, norm="ortho").real
+
+    def phi(eps, e, mu):
+        resid = target - fwd.blend(mu + e)
+        prior_e = (torch.fft.fft2(e - e0, norm="ortho").abs().square() / spectrum).sum()
+        return float((eps - eps0).double().square().sum() + prior_e.double() + (resid.double().square() / n_var).sum())
+
+    smoothed = spectrum if fwd.smoothing is None else spectrum * fwd.smoothing.square()
+    diag = (n_var + fwd.scale**2 * float(smoothed.mean()) * fwd.operator.row_sq_sum).float()
+    n_var_f = n_var.float()
+    eps, e = eps0.clone(), e0.clone()
+    with torch.no_grad():
+        mu = fwd.decode(eps)
+    current = phi(eps, e, mu)
+    history = [{"phi": current}]
+    for step in range(steps):
+        with torch.no_grad():
+            shift = 0.0 if torch.equal(eps, eps0) else fwd.jvp(eps, eps0 - eps)
+            rhs = target - fwd.blend(mu + shift + e0)
+
+            def system(v):
+                g = fwd.blend_adjoint(v)
+                return fwd.blend(cov(g) + fwd.jvp(eps, fwd.vjp(eps, g))) + n_var_f * v
+
+            a, it, res = _cg(system, rhs, precond=lambda v: v / diag, tol=cg_tol, max_iter=cg_max_iter)
+            g = fwd.blend_adjoint(a)
+            eps_new, e_new = eps0 + fwd.vjp(eps, g), e0 + cov(g)
+            for halving in range(6):
+                lam = 0.5 ** halving
+                eps_try, e_try = eps + lam * (eps_new - eps), e + lam * (e_new - e)
+                mu_try = fwd.decode(eps_try)
+                value = phi(eps_try, e_try, mu_try)
+                if value <= current:
+                    break
+        history.append({"phi": value, "cg_iterations": int(it), "cg_residual": res, "step": lam,
+                        "accepted": value <= current})
+        log(f"Gauss-Newton step {step + 1}: Phi {current:.2f} -> {value:.2f} ({it} CG iterations, "
+            f"relative residual {res:.1e}, step {lam:g})")
+        if value > current:
+            break
+        decrease = current - value
+        eps, e, mu, current = eps_try, e_try, mu_try, value
+        if decrease < 1e-2:  # converged: this step changed Phi (-2 log p) by < 0.01
+            break
+    return eps, e, history
+
+
 def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: int = 0, template=None,
-                  template_freq=None, mbb_temperature=T_DUST_K, mbb_index=BETA_DUST, prior: str = "standard",
-                  cascade: bool = True, bandpass_weights=None, sample: bool = True, decoder_noise: bool = True,
-                  steps: int = 10, cg_tol: float = 1e-4, cg_max_iter: int = 1000, chunk: int = 256,
+                  template_freq=None, mbb_temperature=T_DUST_K, mbb_index=BETA_DUST, cascade: bool = True,
+                  bandpass_weights=None, sample: bool = True, decoder_noise: bool = True, steps: int = 5,
+                  cg_tol: float = 1e-4, cg_max_iter: int = 1000, chunk: int = 256,
                   progress: bool = False) -> FittedLatents:
-    """Fit the level-0 latents of `VAEDust` to an observed dust intensity map (CPU).
+    """Fit the level-0 latents (and decoder-noise patches) of `VAEDust` to an observed dust
+    intensity map (CPU).
 
     observed_map: (12 nside^2,) Galactic RING intensity at `freq` (Quantity in a brightness unit,
     or an array in uK_RJ); mask: bool (12 nside^2,), True = observed (other pixels may hold
     anything); noise: per-pixel (or scalar) noise standard deviation, same units. The map is
     brought to the reference frequency with the model's modified black body (`mbb_*`, scalars or
-    maps; `bandpass_weights` as pysm3) and turned into the normalised field
-    delta = (log(I / T) + s^2 V / 2) / s, noise sigma_delta = sigma_I / (I s) (log-space
-    linearisation: keep sigma_I / I small). template / template_freq / mbb_* / weights / prior /
-    cascade: as VAEDust — pass the same ones to ConditionedVAEDust (which takes the fit's prior).
-    prior defaults to 'standard': on test patches the N(0, I) prior inpaints better than the
-    flow and its 68 % intervals cover (benchmarks/conditioning_vs_wiener.py).
+    maps; `bandpass_weights` as pysm3); the data are y = ln I - ln T with noise sigma / I
+    (log-space linearisation: keep sigma / I small). template / template_freq / mbb_* / weights /
+    cascade: as VAEDust — pass the same ones to ConditionedVAEDust (it checks the conditions).
 
     Every level-0 tile touching an observed pixel is fitted jointly through the blend
-    (`SkyForwardModel`): 1) the decoder linearised about z = 0 (one Jacobian shared by all tiles)
-    by conjugate gradients — the global optimum of that quadratic problem, and the exact answer
-    for an affine decoder; 2) `steps` L-BFGS iterations with the full decoder (skipped when the
-    decoder is affine and there is no learned prior; the flow prior enters through its density
-    in z, as in map_fit); 3) the decoder noise of the tiles given the
-    residual, by conjugate gradients (exact coloured covariance). In 1-2 the decoder noise enters
-    in the white approximation (its blended pixel variance added to sigma_delta^2). Where VAEDust
-    adds finer cascade levels at this nside (nside >= 512 for 15' base pixels) only the level-0
-    band (ell below ~2/3 of its Nyquist) follows the data: the finer levels stay stochastic and
-    enter the fit as white noise of their variance. `sample` (default): a constrained realization
-    (randomize-then-optimize: prior mean and data perturbed by draws of `seed` — an exact
-    posterior draw for the linear-Gaussian part), else the MAP and the Wiener mean of the noise.
-    decoder_noise=False fits the decoder mean alone and stores no noise patches: the rendered
-    map then carries fresh decoder noise everywhere and matches the data only to that level.
-    Tiles touching no observed pixel keep their prior draws (a warning says how many).
-    Cost: memory ~ 100 bytes per (observed pixel, covering tile) pair (~0.3 GB at nside 256,
-    |b| > 20 deg); time dominated by step 2 (each iteration decodes every fitted tile twice).
-    Returns FittedLatents; render it with ConditionedVAEDust.
+    (`SkyForwardModel`), its condition taken from the template: Gauss-Newton on
+    -2 log p(eps, e | y) (`steps` iterations at most; the first, from eps = 0, solves the decoder
+    linearised about 0 exactly, by conjugate gradients in data space, with the coloured decoder
+    noise e of every tile). With `sample` (default) a constrained realization (randomize-then-
+    optimize: prior means and data perturbed by draws of `seed`, an exact posterior draw for the
+    linear-Gaussian part), else the MAP. decoder_noise=False stores the latents only: the
+    rendered map then carries fresh decoder noise and matches the data only to that level.
+    Where VAEDust adds finer cascade levels at this nside, the fit models level 0 as they see it
+    and their variance as white noise (SkyForwardModel); the component then draws them
+    conditioned on the fitted level 0. Tiles touching no observed pixel keep their prior draws
+    (a warning says how many). Returns FittedLatents; render it with ConditionedVAEDust.
     """
     start_time = time.time()
     nside = check_nside(nside)
@@ -384,11 +486,9 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
             print(f"[condition_sky {time.time() - start_time:6.1f} s] {msg}", file=sys.stderr)
 
     model = VAEDust(nside=nside, seed=seed, template=template, template_freq=template_freq,
-                    mbb_temperature=mbb_temperature, mbb_index=mbb_index, weights=weights, prior=prior,
-                    device="cpu", cascade=cascade)
-    vae, flow = model.weights.vae, model.generator.prior
-    n, dim = vae.config.npix, vae.config.latent_dim
-    ratio = _mbb_ratio(model, freq, bandpass_weights, obs)
+                    mbb_temperature=mbb_temperature, mbb_index=mbb_index, weights=weights, device="cpu",
+                    cascade=cascade)
+    vae = model.weights.vae
     level = model.generator.levels(nside, cascade)[0]
     lookup = np.full(npix, -1, dtype=np.int64)
     lookup[obs] = np.arange(len(obs))
@@ -396,147 +496,52 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
     if len(touched) < level.n_tiles:
         warnings.warn(f"{level.n_tiles - len(touched)} of {level.n_tiles} level-0 tiles touch no observed "
                       "pixel: they keep their prior latents (stochastic, seeded by VAEDust's seed)", stacklevel=2)
-    fwd = SkyForwardModel(model, touched, obs)
-    op = fwd.operator
-    s = fwd.s
-    i_ref = i_obs[obs] / ratio
-    delta = torch.from_numpy(((np.log(i_ref) - fwd.log_template.numpy()) / s + 0.5 * s * fwd.variance))
-    sigma_delta2 = torch.from_numpy((sig[obs] / (i_obs[obs] * s)) ** 2)
-    # pixel variance of the decoder noise, with the modulation at z = 0
-    sigma_dec2 = decoder_pixel_variance(vae) * prior_mean_noise_level(vae) if decoder_noise else 0.0
-    white = sigma_delta2 + fwd.fine_variance                        # noise of step 3 (delta units^2)
-    n_eff = white + sigma_dec2 * fwd.amplitude ** 2 * op.row_sq_sum  # white approximation (steps 1-2)
-    inv_n = (1.0 / n_eff).float()
-    delta = delta.float()
-    log(f"{len(obs)} observed pixels, {len(touched)} tiles, V={fwd.variance:.3f}, "
-        f"median sigma_delta={float(sigma_delta2.sqrt().median()):.3g}, sigma_dec^2={sigma_dec2:.3g}")
+    fwd = SkyForwardModel(model, touched, obs, chunk)
+    log_i_ref = np.log(i_obs[obs] / _mbb_ratio(model, freq, bandpass_weights, obs))
+    y = torch.from_numpy(log_i_ref - fwd.log_template.numpy()).float() - fwd.offset
+    sigma_ln2 = torch.from_numpy((sig[obs] / i_obs[obs]) ** 2)
+    n_var = sigma_ln2 + fwd.fine_variance
+    log(f"{len(obs)} observed pixels, {len(touched)} tiles, {fwd.n_levels} cascade level(s), "
+        f"median sigma/I={float(sigma_ln2.sqrt().median()):.3g}")
 
     gen = torch.Generator().manual_seed(seed * 7919 + 17)
+    n, dim = vae.config.npix, vae.latent_dim
     p_count = len(touched)
-    centre = torch.randn((p_count, dim), generator=gen) if sample else torch.zeros(p_count, dim)
-    target = delta + (torch.randn(len(obs), generator=gen) * n_eff.sqrt().float() if sample else 0)
-
-    # 1) decoder linearised about z = 0, mu ~ mu0 + J0 z (the linear branch W z + b for an affine
-    #    decoder), N(0, I) prior centred on c (on f(c) for a flow prior: only a starting point then):
-    #    conjugate gradients on (I + J0^T B^T N^-1 B J0) z = c + J0^T B^T N^-1 (t - B mu0)
-    jac0, mu0 = _linearisation(vae)
+    eps0, e0, target = torch.zeros(p_count, dim), torch.zeros(p_count, n, n), y
+    if sample:
+        eps0 = torch.randn((p_count, dim), generator=gen)
+        e0 = vae.decoder_noise(torch.randn((p_count, 1, n, n), generator=gen))[:, 0]
+        target = y + torch.randn(len(obs), generator=gen) * n_var.sqrt().float()
+    eps, e, history = _fit_tiles(fwd, target, n_var, eps0, e0, steps, cg_tol, cg_max_iter, log)
     with torch.no_grad():
-        centre_z = centre if flow is None else flow.sample_from_normals(centre)
-
-    def lin_fwd(v):
-        return op(fwd.band((v @ jac0.T).reshape(-1, n, n)))
-
-    def lin_adj(y):
-        return fwd.band(op.adjoint(y)).reshape(-1, n * n) @ jac0
-
-    with torch.no_grad():
-        offset = op(fwd.band(mu0.reshape(n, n).expand(p_count, n, n)))
-        rhs = centre_z + lin_adj(inv_n * (target - offset))
-        z_lin, it_lin, res_lin = _cg(lambda v: v + lin_adj(inv_n * lin_fwd(v)), rhs, tol=cg_tol,
-                                     max_iter=cg_max_iter)
-    log(f"linearised decoder: {it_lin} CG iterations (relative residual {res_lin:.1e})")
-
-    # 2) full decoder and prior: L-BFGS on -2 log p(z) (centred on c) + |B mu(z) - t|^2_N, the
-    #    decoder's gradients computed in chunks of tiles
-    z_fit = z_lin.clone()
-    n_iter = 0
-    nonlinear = flow is not None or not _decoder_is_affine(vae)
-    if nonlinear and steps > 0:
-        z_fit.requires_grad_(True)
-
-        def closure():
-            with torch.no_grad():
-                patches = torch.cat([fwd.patches(z_fit[k:k + chunk]) for k in range(0, p_count, chunk)])
-                resid = op(patches) - target
-                data = (inv_n * resid.square()).double().sum()
-                cot = fwd.band(op.adjoint(2 * inv_n * resid))          # d data / d decoder mean
-            zd = z_fit.detach().requires_grad_(True)
-            prior_loss = _prior_term(zd, flow, centre).sum()
-            grad, = torch.autograd.grad(prior_loss, zd)
-            for k in range(0, p_count, chunk):
-                zk = zd.detach()[k:k + chunk].requires_grad_(True)
-                g, = torch.autograd.grad(vae.decode_data(zk)[:, 0], zk, cot[k:k + chunk])
-                grad[k:k + chunk] += g
-            z_fit.grad = grad
-            return prior_loss.detach() + data
-
-        opt = torch.optim.LBFGS([z_fit], lr=1.0, max_iter=int(steps), history_size=10, tolerance_change=1e-12,
-                                tolerance_grad=1e-5, line_search_fn="strong_wolfe")
-        opt.step(closure)
-        n_iter = int(opt.state[z_fit]["n_iter"])
-        z_fit = z_fit.detach()
-        log(f"full decoder{' and flow prior' if flow is not None else ''}: {n_iter} L-BFGS iterations")
-    with torch.no_grad():
-        mean_patches = torch.cat([fwd.patches(z_fit[k:k + chunk]) for k in range(0, p_count, chunk)])
-        resid = delta - op(mean_patches)
-
-    # 3) decoder noise of the tiles given the residual: e = e0 + C B'^T (B' C B'^T + N)^-1 (r - B' e0 - n0)
-    noise_patches, it_noise, res_noise = None, 0, 0.0
-    if decoder_noise:
-        spectrum = vae.noise_logvar().detach().exp()
-        with torch.no_grad():  # Gaussian-space mean and modulation, held at the fitted latents
-            mu = torch.cat([vae.decode(z_fit[k:k + chunk]) for k in range(0, p_count, chunk)])
-            a_gauss = (None if not vae.config.noise_modulation else torch.cat(
-                [vae.noise_log_amplitude(z_fit[k:k + chunk], mu[k:k + chunk]) for k in range(0, p_count, chunk)]))
-            log_amp = _data_log_amplitude(vae, mu, a_gauss)
-        amp = 1.0 if log_amp is None else (0.5 * log_amp[:, 0]).exp()
-
-        def cov(x):  # C x for patches (P, n, n)
-            return amp * torch.fft.ifft2(torch.fft.fft2(amp * x, norm="ortho") * spectrum, norm="ortho").real
-
-        def b_c_bt(y):
-            return op(fwd.band(cov(fwd.band(op.adjoint(y)))))
-
-        white_f = white.float()
-        with torch.no_grad():
-            if sample:  # prior draws in data space, f(mu + e) - f(mu)
-                e0 = _data_space_noise(vae, mu, a_gauss, gen, periodic=True)[:, 0]
-                n0 = torch.randn(len(obs), generator=gen) * white_f.sqrt()
-            else:
-                e0, n0 = torch.zeros(p_count, n, n), torch.zeros(len(obs))
-            y = resid - op(fwd.band(e0)) - n0
-            diag = (sigma_dec2 * fwd.amplitude ** 2 * op.row_sq_sum).float() + white_f
-            a, it_noise, res_noise = _cg(lambda v: b_c_bt(v) + white_f * v, y, precond=lambda v: v / diag,
-                                         tol=cg_tol, max_iter=cg_max_iter)
-            noise_patches = e0 + cov(fwd.band(op.adjoint(a)))
-            if vae.marginal.active:  # data-space noise e -> Gaussian-space g(f(mu) + e) - mu
-                mu = mu[:, 0]
-                noise_patches = vae.marginal.to_gaussian(vae.to_data(mu) + noise_patches) - mu
-        log(f"decoder noise: {it_noise} CG iterations (relative residual {res_noise:.1e})")
-    with torch.no_grad():
-        final = op(mean_patches if noise_patches is None
-                   else torch.cat([fwd.patches(z_fit[k:k + chunk], noise_patches[k:k + chunk])
-                                   for k in range(0, p_count, chunk)]))
-        chi2_final = float(((final - delta).double().square() / sigma_delta2).mean())
-        chi2_mean = float((resid.double().square() / sigma_delta2).mean())
+        chi2 = {key: float(((fwd.log_intensity(eps, noise).numpy() - log_i_ref) ** 2 / sigma_ln2.numpy()).mean())
+                for key, noise in (("chi2_per_pixel", e), ("chi2_per_pixel_mean_only", None))}
     weights_path = model.weights.path
     metadata = {
-        "package_version": __version__, "nside": nside, "level": 0, "seed": seed,
+        "package_version": __version__, "nside": nside, "n_levels": fwd.n_levels, "seed": seed,
         "freq_GHz": [float(f) for f in np.atleast_1d(check_frequency(freq, "freq").value)],
-        "freq_ref_GHz": float(model.freq_ref), "prior": model.prior, "cascade": bool(cascade),
-        "sample": bool(sample), "decoder_noise": bool(decoder_noise),
-        "weights_path": str(weights_path), "weights_sha256": file_digest(weights_path),
+        "freq_ref_GHz": float(model.freq_ref), "cascade": bool(cascade), "sample": bool(sample),
+        "decoder_noise": bool(decoder_noise), "weights_path": str(weights_path),
         "template": template if isinstance(template, (str, type(None))) else "array",
         "n_observed_pixels": int(len(obs)), "n_tiles_fitted": int(p_count), "n_tiles": int(level.n_tiles),
-        "log_scale": s, "variance_V": fwd.variance,
-        "cg_iterations_linear": int(it_lin), "cg_residual_linear": res_lin, "lbfgs_iterations": n_iter,
-        "decoder_affine": not nonlinear,
-        "cg_iterations_noise": int(it_noise), "cg_residual_noise": res_noise,
-        "chi2_per_pixel_mean_only": chi2_mean, "chi2_per_pixel": chi2_final,
+        "fine_variance": fwd.fine_variance, "gauss_newton": history, **chi2,
         "wall_time_s": time.time() - start_time,
     }
-    log(f"done: chi2/pixel {chi2_final:.3f} (decoder mean only {chi2_mean:.3f})")
-    return FittedLatents(tile_ids=touched, z=z_fit.numpy(), level=0, metadata=metadata,
-                         noise=None if noise_patches is None else noise_patches.numpy())
+    log(f"done: chi2/pixel {chi2['chi2_per_pixel']:.3f} (decoder mean only {chi2['chi2_per_pixel_mean_only']:.3f})")
+    return FittedLatents(tile_ids=touched, eps=eps.numpy(), noise=e.numpy() if decoder_noise else None,
+                         conditions=fwd.conditions.numpy(), weights_sha256=file_digest(weights_path),
+                         metadata=metadata)
 
 
 class ConditionedVAEDust(VAEDust):
     """A VAEDust whose level-0 tiles listed in `fitted` (FittedLatents or a path) use the fitted
     latents and decoder-noise patches: the map follows the observation where observed (at the
-    observation's resolution) and keeps prior draws of `seed` elsewhere. Other keyword
-    arguments as VAEDust (pass the same template / mbb_* as to condition_sky); `weights`
-    defaults to the file the latents were fitted with, and must be that file (sha256 checked);
-    `prior` defaults to the one of the fit (it sets the variance V of I = T exp(s delta - s^2 V/2)).
+    observation's resolution) and keeps prior draws of `seed` elsewhere. With finer cascade
+    levels (a higher nside than the fit's, or one that needs them) those are drawn conditioned on
+    the fitted level 0, as for any VAEDust. Other keyword arguments as VAEDust: pass the same
+    template / template_freq / mbb_* as to condition_sky (ValueError if the tiles' conditions
+    then differ from the fit's). `weights` defaults to the file the latents were fitted with and
+    must be that file (sha256 checked, ValueError otherwise).
     A config entry: {class = "pysm_vaedust.conditioning.ConditionedVAEDust", fitted = "fit.h5"}."""
 
     def __init__(self, fitted, nside=2048, seed=0, weights=None, **kwargs):
@@ -544,32 +549,27 @@ class ConditionedVAEDust(VAEDust):
             fitted = FittedLatents.load(check_path(fitted, "fitted", optional=False))
         if "fixed_latents" in kwargs or "fixed_noise" in kwargs:
             raise TypeError("ConditionedVAEDust takes its fixed latents and noise from `fitted`")
-        fitted_prior = fitted.metadata.get("prior")
-        if fitted_prior and kwargs.get("prior", "auto") not in ("auto", fitted_prior):
-            warnings.warn(f"prior={kwargs['prior']!r} differs from the fit's {fitted_prior!r}: the observed "
-                          "region will be off by the change of the variance term", stacklevel=2)
-        elif fitted_prior:
-            kwargs["prior"] = fitted_prior
-        for key, value in (("nside", nside), ("cascade", kwargs.get("cascade", True))):
-            if key in fitted.metadata and fitted.metadata[key] != value:
-                warnings.warn(f"{key}={value!r} differs from the fit's {fitted.metadata[key]!r}: the variance "
-                              "term V changes, so the observed region follows the data only approximately",
-                              stacklevel=2)
+        weights = check_path(weights, "weights")
         if weights is None and fitted.metadata.get("weights_path") and Path(fitted.metadata["weights_path"]).is_file():
             weights = fitted.metadata["weights_path"]
+        fitted.check_weights(default_weights_path() if weights is None else weights)
         super().__init__(nside=nside, seed=seed, weights=weights, fixed_latents=fitted.as_dict(),
                          fixed_noise=fitted.noise_dict(), **kwargs)
-        want = fitted.metadata.get("weights_sha256")
-        if want and file_digest(self.weights.path) != want:
-            raise ValueError(f"the latents were fitted with weights sha256 {want[:16]}..., but "
-                             f"{self.weights.path!r} differs: pass weights= the file used by condition_sky")
-        if fitted.z.shape[1] != self.weights.vae.config.latent_dim:
-            raise ValueError(f"fitted latents have dimension {fitted.z.shape[1]}, the weights "
-                             f"{self.weights.vae.config.latent_dim}")
+        levels = self.generator.levels(self.nside, self.cascade)
+        fit_levels = fitted.metadata.get("n_levels")
+        if fit_levels is not None and fit_levels != len(levels):
+            warnings.warn(f"nside={self.nside}, cascade={self.cascade} renders {len(levels)} cascade level(s), the "
+                          f"fit modelled {fit_levels}: the observed region follows the data only approximately",
+                          stacklevel=2)
+        if fitted.conditions is not None:
+            now = self.generator.conditions(levels[0], self.log_template, fitted.tile_ids)
+            if now.shape != fitted.conditions.shape or not np.allclose(now, fitted.conditions, atol=CONDITION_ATOL):
+                raise ValueError("the fitted tiles' conditions differ from this component's (another template, "
+                                 "template_freq or mbb_* than condition_sky's): pass the same ones")
         self.fitted = fitted
 
 
 __all__ = ["map_fit", "MapFit", "conditional_mean", "posterior_samples", "Posterior", "laplace_precision",
            "latent_jacobian", "StationaryGaussian", "forward_model", "BlendOperator", "SkyForwardModel",
            "condition_sky", "FittedLatents", "ConditionedVAEDust", "decoder_pixel_variance",
-           "decoder_noise_covariance", "fitted_log_amplitude", "prior_mean_noise_level", "block_mask"]
+           "decoder_noise_covariance", "block_mask"]

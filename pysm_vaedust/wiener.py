@@ -1,12 +1,12 @@
 """Stage 8 — the Gaussian baseline of patch-level conditioning, and the patch observation check.
 
-* `StationaryGaussian`: the Gaussian patch model (covariance from the 2D power spectrum, i.e. the
+* `StationaryGaussian`: a Gaussian patch model (covariance from the 2D power spectrum, i.e. the
   lag-autocovariance, of training patches) with the Wiener filter as its conditional mean,
-  constrained realizations and per-pixel posterior standard deviations: the baseline the VAE
-  prior must beat.
-* `block_mask`: masks of random 1-degree holes, used by the inpainting tests and benchmark.
+  constrained realizations and per-pixel posterior standard deviations. It ignores the
+  condition: the baseline the conditional VAE must beat.
+* `block_mask`: masks of random square holes, used by the inpainting tests and benchmark.
 * `_check_patch_inputs`: validates a patch observation (d, mask, sigma) for this module and for
-  the VAE fits in `posterior`.
+  the VAE fits in `posterior` (which also validate the condition).
 
 Imports neither `posterior` nor `conditioning` (the public entry, which re-exports these names).
 """
@@ -75,8 +75,8 @@ def _check_patch_inputs(npix: int, d, mask, sigma):
 class StationaryGaussian:
     """Gaussian patch model N(mean, C) with a stationary covariance C[p, q] = acf(q - p): the
     lag-autocovariance (the Fourier pair of the 2D power spectrum, estimated without wrap-around)
-    of a set of patches, symmetrised over the 8 dihedral transforms. The baseline the VAE prior
-    must beat: its conditional mean is the Wiener filter."""
+    of a set of patches, symmetrised over the 8 dihedral transforms; its conditional mean is the
+    Wiener filter."""
 
     def __init__(self, mean: float, acf: np.ndarray):
         self.mean = float(mean)
@@ -169,8 +169,8 @@ class StationaryGaussian:
 
 def block_mask(fraction: float, rng: np.random.Generator, n: int = 32, block: int = 4) -> np.ndarray:
     """(n, n) bool observation mask, True = observed, with round(fraction * (n / block)^2) random
-    block x block squares masked (4 x 4 pixels = 1 degree on the default patches): the holes of the
-    inpainting tests and benchmark."""
+    block x block squares masked (on a grid of block-pixel cells): the holes of the inpainting
+    tests and benchmark."""
     per_side = n // block
     mask = np.ones((n, n), bool)
     for j in rng.choice(per_side**2, int(round(fraction * per_side**2)), replace=False):
