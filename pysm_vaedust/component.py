@@ -15,7 +15,6 @@ bandpass-integrated with pysm3's own utilities.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +30,7 @@ from pysm3.models.template import Model
 from tqdm import tqdm
 
 from .checks import (check_bandpass, check_bool, check_frequency, check_int, check_nside, check_path,
-                     check_pixel_indices, check_seed)
+                     check_pixel_indices, check_real, check_seed)
 from .cutouts import PatchGeometry, condition_input, sample_patches
 from .data import BETA_DUST, T_DUST_K, check_positive_finite, log_offset_to_100um
 from .template import default_template_path, read_template, smooth_log_map
@@ -110,7 +109,7 @@ class SmallScaleGenerator:
     template's unit into 100 um MJy/sr (the unit of the condition's brightness)."""
 
     def __init__(self, weights: Weights, log_offset: float = 0.0, batch_size: int = 1024,
-                 fixed_latents: dict | None = None, fixed_noise: dict | None = None):
+                 fixed_latents: dict | None = None, fixed_noise: dict | None = None, start_factor: float = 1.0):
         self.weights = weights
         self.vae = weights.vae.to(memory_format=torch.channels_last)  # ~1.7x faster CPU convolutions
         d, n = self.vae.latent_dim, self.vae.config.npix
@@ -122,9 +121,12 @@ class SmallScaleGenerator:
         self.normalisation = meta["normalisation"]
         self.base = PatchGeometry(meta["geometry"]["npix"], meta["geometry"]["size_deg"])
         self.slope = float(meta["spectral_slope"]["slope"])
+        self.start_factor = start_factor
 
     def levels(self, nside: int, cascade: bool = True) -> list[CascadeLevel]:
-        return cascade_levels(nside if cascade else 1, self.base, self.slope)
+        """The cascade levels for `nside` (only the first without the cascade)."""
+        levels = cascade_levels(nside, self.base, self.slope, self.start_factor)
+        return levels if cascade else levels[:1]
 
     @property
     def normals_size(self) -> int:
@@ -253,6 +255,18 @@ class SmallScaleGenerator:
         return interpolate_at_pixels(full, nside, pixels_out).astype(np.float32)
 
 
+def start_factor(beam_deg: float, fwhm_deg: float) -> float:
+    """Scale factor of the cascade's first level for a template of beam `beam_deg` and weights
+    conditioned at `fwhm_deg`: 1, or 1/4 (one coarser level, conditioned at 4 fwhm) when the
+    template is coarser than 1.05 fwhm; a template coarser than 4.2 fwhm is refused."""
+    if beam_deg <= 1.05 * fwhm_deg:
+        return 1.0
+    if beam_deg > 4.2 * fwhm_deg:
+        raise ValueError(f"the template's beam {60 * beam_deg:.1f}' is coarser than 4x the conditioning "
+                         f"resolution {60 * fwhm_deg:.1f}' (one cascade level earlier reaches {240 * fwhm_deg:.0f}')")
+    return 0.25
+
+
 def working_nside(level: CascadeLevel, nside: int) -> int:
     """Lowest nside <= `nside` whose pixel is at most half the level's patch pixel."""
     target = 0.5 * level.geometry.pixel_size_deg * 60
@@ -282,6 +296,9 @@ class VAEDust(Model):
         "pysm_gnilc" (PySM GNILC template via pysm3's data loader), a FITS path, or an
         array/Quantity (RING, Galactic, uK_RJ); smoothed in log to the weights' conditioning FWHM.
     template_freq : reference frequency of an array template (Quantity or "353 GHz").
+    template_fwhm : the template's beam FWHM (deg or Quantity; default: its FWHMDEG card, 21.8'
+        for GNILC, else 0). Coarser than the conditioning FWHM F (30'), up to 4 F: the cascade
+        starts one level earlier, with 4x larger patches conditioned at 4 F.
     mbb_temperature, mbb_index : T_d (K) and beta_d: scalars, arrays (RING) or FITS paths.
     weights : path of a weights file (default: shipped weights).
     device : 'auto' | 'cpu' | 'cuda'. cascade : add the finer levels needed by nside.
@@ -292,7 +309,7 @@ class VAEDust(Model):
     max_nside, map_dist : as every pysm3 Model.
     """
 
-    def __init__(self, nside=2048, seed=0, template=None, template_freq=None,
+    def __init__(self, nside=2048, seed=0, template=None, template_freq=None, template_fwhm=None,
                  mbb_temperature=T_DUST_K, mbb_index=BETA_DUST, weights=None, device="auto", cascade=True, batch_size=1024, progress=False, fixed_latents=None,
                  fixed_noise=None, max_nside=8192, map_dist=None):
         nside = check_nside(nside)
@@ -313,13 +330,15 @@ class VAEDust(Model):
         self.progress = check_bool(progress, "progress")
         self.weights = load_weights(check_path(weights, "weights"), device=resolve_device(device))
         self.pixel_indices = pixel_indices
-        self.freq_ref, self.log_template = self._load_template(template, template_freq)
+        fwhm = None if template_fwhm is None else check_real(u.Quantity(template_fwhm, u.deg).value if isinstance(
+            template_fwhm, u.Quantity) else template_fwhm, "template_fwhm", positive=True)
+        self.freq_ref, self.log_template, start = self._load_template(template, template_freq, fwhm)
         self.mbb_temperature = self._spectral_parameter(mbb_temperature, "mbb_temperature", u.K)
         self.mbb_index = self._spectral_parameter(mbb_index, "mbb_index", u.dimensionless_unscaled)
         # the condition's brightness is in 100 um MJy/sr: converted with the mean SED parameters
         log_offset = log_offset_to_100um(self.freq_ref, float(np.mean(self.mbb_temperature)),
                                          float(np.mean(self.mbb_index)))
-        self.generator = SmallScaleGenerator(self.weights, log_offset, batch_size, fixed_latents, fixed_noise)
+        self.generator = SmallScaleGenerator(self.weights, log_offset, batch_size, fixed_latents, fixed_noise, start)
         self._check_fixed_tiles()
         self._i_ref = None
 
@@ -340,10 +359,12 @@ class VAEDust(Model):
     def n_pixels(self) -> int:
         return hp.nside2npix(self.nside) if self.pixel_indices is None else len(self.pixel_indices)
 
-    def _load_template(self, template, template_freq):
-        """(reference frequency GHz, log template at the conditioning resolution, Galactic RING at
-        TEMPLATE_WORK_NSIDE). A map of known beam b (FWHMDEG card; GNILC's 21.8') is smoothed by
-        sqrt(F^2 - b^2), F the conditioning FWHM; a map without one by F."""
+    def _load_template(self, template, template_freq, template_fwhm):
+        """(reference frequency GHz, log template at the first level's conditioning resolution,
+        Galactic RING at TEMPLATE_WORK_NSIDE, the cascade's start factor). A map of beam b
+        (`template_fwhm`, else its FWHMDEG card; GNILC's 21.8'; else 0) is smoothed by
+        sqrt(F'^2 - b^2): F' the conditioning FWHM F, or 4 F when b > 1.05 F (the cascade then
+        starts one level earlier, see `start_factor`)."""
         fwhm = float(self.weights.metadata["normalisation"]["template_fwhm_deg"])
         beam = 0.0
         if template is None:
@@ -375,14 +396,13 @@ class VAEDust(Model):
         if template_freq is not None:
             freq = _scalar_frequency(template_freq, "template_freq")
         log_values = np.log(values)
-        beam = float(beam or 0.0)
-        if beam > 1.05 * fwhm:
-            warnings.warn(f"the template's beam ({60 * beam:.1f}') is coarser than the conditioning resolution "
-                          f"({60 * fwhm:.1f}'): the scales between them are missing from the condition and the map",
-                          stacklevel=3)
-        if beam >= 0.99 * fwhm and hp.npix2nside(values.size) == TEMPLATE_WORK_NSIDE:
-            return float(freq), log_values
-        return float(freq), smooth_log_map(log_values, np.sqrt(max(fwhm**2 - beam**2, 0.0)), TEMPLATE_WORK_NSIDE)
+        beam = float(template_fwhm if template_fwhm is not None else beam or 0.0)
+        start = start_factor(beam, fwhm)
+        target = fwhm / start
+        if beam >= 0.99 * target and hp.npix2nside(values.size) == TEMPLATE_WORK_NSIDE:
+            return float(freq), log_values, start
+        return float(freq), smooth_log_map(log_values, np.sqrt(max(target**2 - beam**2, 0.0)),
+                                           TEMPLATE_WORK_NSIDE), start
 
     def _spectral_parameter(self, value, name, unit):
         """A scalar or a map at this component's pixels (float64) of T_d (K, > 0) or beta_d, from a

@@ -28,8 +28,8 @@ class PatchGeometry:
     def __post_init__(self):
         if int(self.npix) != self.npix or self.npix < 8 or self.npix % 8:
             raise ValueError(f"npix={self.npix!r}: expected a multiple of 8, >= 8")
-        if not 0 < self.size_deg <= 30:
-            raise ValueError(f"size_deg={self.size_deg!r}: expected 0 < size_deg <= 30")
+        if not 0 < self.size_deg <= 40:
+            raise ValueError(f"size_deg={self.size_deg!r}: expected 0 < size_deg <= 40")
 
     @property
     def pixel_size_deg(self) -> float:

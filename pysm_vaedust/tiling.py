@@ -30,12 +30,13 @@ BASE_TILE_NSIDE = 16
 class CascadeLevel:
     """One level of the self-similar cascade.
 
-    factor: pixel scale = base pixel / factor; geometry: patch of this level; tile_nside: its
+    factor: pixel scale = base pixel / factor (1/4 for a level before the trained one); geometry:
+    patch of this level; tile_nside: its
     tiling; amplitude: relative amplitude factor**(-(slope - 2) / 2) of a C_ell ~ ell^-slope
     field (the level's small scales and condition structure are in these units)."""
 
     index: int
-    factor: int
+    factor: float
     geometry: PatchGeometry
     tile_nside: int
     amplitude: float
@@ -60,10 +61,17 @@ def cascade_factors(base_pixel_arcmin: float, nside: int) -> list[int]:
     return factors
 
 
-def cascade_levels(nside: int, base: PatchGeometry, slope: float) -> list[CascadeLevel]:
-    """The cascade for an output `nside`: its levels with their geometry, tiling and amplitude."""
-    return [CascadeLevel(n, f, base.scaled(f), BASE_TILE_NSIDE * f, float(f ** (-(slope - 2) / 2)))
-            for n, f in enumerate(cascade_factors(60 * base.pixel_size_deg, nside))]
+def cascade_levels(nside: int, base: PatchGeometry, slope: float, start_factor: float = 1.0) -> list[CascadeLevel]:
+    """The cascade for an output `nside`: its levels with their geometry, tiling and amplitude.
+    start_factor 1/4 puts one coarser level first (4x larger patches and pixels: for a template
+    coarser than the conditioning resolution)."""
+    factors = cascade_factors(60 * base.pixel_size_deg, nside)
+    if start_factor not in (1.0, 0.25):
+        raise ValueError(f"start_factor={start_factor!r}: expected 1 or 1/4")
+    if start_factor < 1:
+        factors = [start_factor] + factors
+    return [CascadeLevel(n, f, base.scaled(f), int(BASE_TILE_NSIDE * f), float(f ** (-(slope - 2) / 2)))
+            for n, f in enumerate(factors)]
 
 
 def gaussian_multiplier(npix: int, pixel_size_deg: float, fwhm_deg: float) -> np.ndarray:

@@ -241,7 +241,7 @@ def test_condition_sky_refuses_bad_scalars(key, value):
 def test_patch_fits_refuse_bad_scalars(vae, key, value):
     assume(not valid_scalar(key, value))
     n = vae.config.npix
-    args = (vae, np.zeros((n, n)), np.ones((n, n), bool), 0.1)
+    args = (vae, np.zeros((n, n)), np.ones((n, n), bool), 0.1, np.zeros((2, n // 2, n // 2)))
     call = posterior_samples if key in ("n_samples", "mala_steps", "step_size") else map_fit
     with pytest.raises((ValueError, TypeError)) as info:
         call(*args, **{key: value})
@@ -314,7 +314,7 @@ def test_atomic_write_leaves_nothing_when_the_writer_fails(tmp_path):
 
 
 def test_outputs_are_written_atomically(tmp_path, failing_rename):
-    fitted = FittedLatents(tile_ids=[0, 1], z=np.zeros((2, 4)), metadata={"a": 1})
+    fitted = FittedLatents(tile_ids=[0, 1], eps=np.zeros((2, 4)), metadata={"a": 1})
     from mpi_script import write_test_weights  # tests/ is on sys.path
 
     npix = hp.nside2npix(NSIDE)
