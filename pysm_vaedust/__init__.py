@@ -1,4 +1,5 @@
-"""pysm_vaedust: stochastic non-Gaussian small-scale thermal dust for PySM3, from a VAE trained on Planck.
+"""pysm_vaedust: stochastic non-Gaussian small-scale thermal dust for PySM3, drawn by a conditional VAE
+trained on the IRIS 100 um sky given the large scales beneath them.
 
 Public API: `VAEDust` (the pysm3 component), `pysm_vaedust.config.build_sky` (skies from dicts /
 TOML), `pysm_vaedust.conditioning` (MAP fits and constrained realizations), `load_weights`.

@@ -163,3 +163,22 @@ def test_pysm_gnilc_template_through_pysm3_data_loader(tmp_path, monkeypatch):
     assert dust.freq_ref == 353.0
     m = dust.get_emission(353 * u.GHz)[0].value
     assert np.mean(m) == pytest.approx(200.0, rel=0.02) and m.std() > 0
+
+
+def test_a_coarse_template_starts_the_cascade_one_level_earlier():
+    """A 2-deg template (4x the 30' conditioning FWHM): the first level has 4x larger patches and
+    the map gains the scales between 2 deg and 30' that the template lacks (band power at
+    60 < l < 150 of ln I - ln T well above that of the 30' template's map)."""
+    from pysm_vaedust.template import default_template_path, read_template
+
+    values, _, _ = read_template(default_template_path())
+    coarse = np.exp(hp.smoothing(np.log(values), fwhm=np.radians(2.0), iter=1))
+    early = VAEDust(nside=NSIDE, seed=2, template=coarse, template_freq="545 GHz", template_fwhm=2.0)
+    levels = early.generator.levels(NSIDE)
+    assert levels[0].factor == 0.25 and levels[0].geometry.size_deg == 32.0 and levels[1].factor == 1
+    default = VAEDust(nside=NSIDE, seed=2)
+    band = slice(60, 150)
+    power = {name: hp.anafast(log_ratio(c), lmax=150)[band].sum() for name, c in (("early", early), ("default", default))}
+    assert power["early"] > 3 * power["default"], power
+    with pytest.raises(ValueError, match="coarser than 4x the conditioning"):
+        VAEDust(nside=NSIDE, template=coarse, template_freq="545 GHz", template_fwhm=3.0)

@@ -25,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DATA = ROOT / "pysm_vaedust" / "package_data"
 WEIGHTS_NAME = "vaedust_default.h5"        # pysm_vaedust.weights.DEFAULT_WEIGHTS_NAME
-TEMPLATE_NAME = "template_545GHz_fwhm2deg_nside128.fits"  # pysm_vaedust.template.DEFAULT_TEMPLATE_NAME
+TEMPLATE_NAME = "template_545GHz_fwhm30arcmin_nside256.fits"  # pysm_vaedust.template.DEFAULT_TEMPLATE_NAME
 #: Not copied into the build: generated, large or unrelated to packaging.
 IGNORE = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
                                 ".benchmarks", "runs", "out", "*.pt", "w.h5", ".pysm_fake_data",
