@@ -208,3 +208,29 @@ def test_condition_input_and_joint_augmentation():
     cc = torch.nn.functional.avg_pool2d(x, 2).expand(2, 2, 8, 8)
     xt, ct = random_dihedral((x, cc), torch.Generator().manual_seed(5))
     assert torch.allclose(torch.nn.functional.avg_pool2d(xt, 2), ct[:, :1])  # same transform on both
+
+
+def test_noise_calibration_gives_samples_the_data_power_per_bin(tiny_weights, tmp_path, data_dir):
+    """After calibrate_decoder_noise, conditional samples of the train split have its mean power
+    per radial Fourier bin (within 10 % in every bin where the noise is not floored)."""
+    from pysm_vaedust.train import calibrate_decoder_noise
+
+    weights = load_weights(tiny_weights)
+    sets, _ = build_datasets(TrainConfig.of_weights(weights.metadata))
+    x, c = sets["train"]
+    model = weights.vae
+    report = calibrate_decoder_noise(model, (x, c), seed=3)
+    with torch.no_grad():
+        samples = model.sample(c, torch.Generator().manual_seed(4))
+    bins = model.noise_bin.flatten()
+    counts = torch.bincount(bins).double()
+
+    def per_bin(images):
+        power = torch.fft.fft2(images.double(), norm="ortho").abs().square().flatten(1).mean(0)
+        return torch.zeros(len(counts), dtype=torch.float64).index_add(0, bins, power) / counts
+
+    data, drawn = per_bin(x), per_bin(samples)
+    free = torch.tensor(report["noise_power_per_bin"]) > 0.011 * torch.tensor(report["data_power_per_bin"])
+    assert free[1:].all()
+    ratio = (drawn / data)[1:]
+    assert float((ratio - 1).abs().max()) < 0.1, ratio
