@@ -31,7 +31,9 @@ def test_seed_reproducible_and_other_seed_same_statistics(dust):
     assert np.array_equal(again.value, dust.get_emission(545 * u.GHz).value)
     other = VAEDust(nside=NSIDE, seed=2)
     a, b = log_ratio(dust), log_ratio(other)
-    assert np.corrcoef(a, b)[0, 1] < 0.2
+    # the small scales are drawn given the large scales: seeds share the conditional mean (most of
+    # the power at this 55' pixel) and differ by the stochastic part
+    assert np.std(a - b) > 0.2 * np.std(a)
     assert b.std() == pytest.approx(a.std(), rel=0.1)
     ell = np.arange(3 * NSIDE)
     cl_a, cl_b = hp.anafast(a), hp.anafast(b)
