@@ -14,7 +14,8 @@ mean intensity into faint / intermediate / bright terciles. Per class, against t
   amplitude), WPH coefficients and the structure-tensor coherence histogram: fraction of
   thresholds / coefficients / bins where the set's mean lies inside the real class's bootstrap band.
 
-Each statistic is given for the simulation and for a d11-like field next to it (`d11_like`).
+Each statistic is given for the simulation and for a d11-like field next to it (a Gaussian field
+with each real patch's own spectrum, `fidelity.own_spectrum_gaussian`).
 """
 
 from __future__ import annotations
@@ -26,22 +27,21 @@ import numpy as np
 
 from .cutouts import PatchGeometry, cut_patches
 from .data import FREQ_REF_GHZ, DustMap, MJysr_to_uK_RJ, file_digest
+from .fidelity import (RATIO_RANGE, THRESHOLDS_NU, band, band_powers, inside_fraction, own_spectrum_gaussian,
+                       per_patch_moments, ratio_summary, resolved_bands, smooth_patches)
+from .figures import save_png
 from .morphology import COHERENCE_EDGES, max_wph_scales, structure_tensor_statistics, wph_coefficients, wph_labels
-from .statistics import flat_power_spectrum, minkowski_functionals
-from .validate import THRESHOLDS_NU, _band, _inside_fraction, _save, gaussian_baseline, gaussian_power_2d, \
-    per_patch_moments
+from .statistics import minkowski_functionals
 
 #: nominal beam FWHM (arcmin) of the real-sky maps known by name; other maps: their HEALPix pixel.
 REAL_SKY_BEAMS_ARCMIN = {"iris_100um": 5.1}
 #: ell bands of the per-patch band-power ratios; only those inside [fundamental, Nyquist] are used.
 BANDS = ((100.0, 300.0), (300.0, 600.0), (600.0, 1200.0))
-RATIO_RANGE = (0.7, 1.4)
 CLASSES = ("faint", "intermediate", "bright")
 MODELS = ("vaedust", "d11_like")
 #: fewest usable patches: two per class for the bootstrap bands.
 MIN_PATCHES = 6
 FIGURE_NAME = "real_sky.png"
-_FWHM_PER_SIGMA = np.sqrt(8 * np.log(2))
 
 
 def pixel_fwhm_arcmin(nside: int) -> float:
@@ -63,49 +63,26 @@ def split_centres(metadata: dict, split: str, source: str = "the weights") -> tu
     return lon, lat
 
 
-def vaedust_dust_map(nside: int, seed: int, weights, prior: str = "auto", device: str = "cpu") -> DustMap:
-    """A full-sky VAEDust intensity map at 545 GHz as a Galactic `DustMap` (MJy/sr, RING)."""
+def vaedust_dust_map(nside: int, seed: int, weights, device: str = "cpu") -> DustMap:
+    """A full-sky VAEDust intensity map at 545 GHz as a Galactic `DustMap` (MJy/sr, RING), on the
+    bundled template."""
     import pysm3.units as u
 
     from .component import VAEDust
 
-    model = VAEDust(nside=nside, seed=seed, weights=weights, prior=prior, device=device)
+    model = VAEDust(nside=nside, seed=seed, weights=weights, device=device)
     intensity = model.get_emission(FREQ_REF_GHZ * u.GHz)[0].value / MJysr_to_uK_RJ(FREQ_REF_GHZ)
     return DustMap(intensity=intensity, frame="G", nside=nside, source=f"VAEDust nside {nside} seed {seed}",
                    sha256=file_digest(weights), quantity="intensity_MJysr",
-                   extra={"weights": str(weights), "prior": model.prior, "seed": seed})
+                   extra={"weights": str(weights), "seed": seed})
 
 
-def smooth_patches(patches: np.ndarray, fwhm_arcmin: float, pixel_arcmin: float) -> np.ndarray:
-    """Patches (N, n, n) convolved with a Gaussian of `fwhm_arcmin` (Fourier space, after a
-    reflecting pad of n/2 on each side, so sub-pixel beams act and the edges do not wrap)."""
+def patch_statistics(patches: np.ndarray, pixel_deg: float, bands) -> dict:
+    """Per-patch statistics of patches (N, n, n): cl (N, nb) powers in the ell `bands` ([log
+    units]^2 sr), std (N,), v0/v1/v2 (N, 25) of each patch standardised by its own mean and std
+    (v1 1/rad, v2 1/sr), wph (N, K), coherence (N,) and coherence_hist (N, 10)."""
     x = np.asarray(patches, dtype=float)
-    if fwhm_arcmin <= 0:
-        return x
-    n = x.shape[-1]
-    pad = n // 2
-    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
-    k = 2 * np.pi * np.fft.fftfreq(padded.shape[-1])  # radians per pixel
-    sigma_px = fwhm_arcmin / _FWHM_PER_SIGMA / pixel_arcmin
-    beam = np.exp(-0.5 * sigma_px**2 * (k[:, None] ** 2 + k[None, :] ** 2))
-    return np.fft.ifft2(np.fft.fft2(padded) * beam).real[:, pad:pad + n, pad:pad + n]
-
-
-def d11_like(real_patches: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """(N, n, n) Gaussian small scales in log space, each with its own real patch's 2D power
-    spectrum (`gaussian_power_2d` of that patch alone) and mean: the best case of a Gaussian
-    small-scale model such as PySM d11, whose modulation aims at the right local amplitude.
-    No modulation inside a patch (d11's template modulation is left out)."""
-    return np.concatenate([gaussian_baseline(gaussian_power_2d(p[None]), 1, rng, float(p.mean()))
-                           for p in np.asarray(real_patches, dtype=float)])
-
-
-def patch_statistics(patches: np.ndarray, pixel_deg: float, ell_edges: np.ndarray) -> dict:
-    """Per-patch statistics of patches (N, n, n): cl (N, nb) band powers ([log units]^2 sr),
-    std (N,), v0/v1/v2 (N, 25) of each patch standardised by its own mean and std (v1 1/rad,
-    v2 1/sr), wph (N, K), coherence (N,) and coherence_hist (N, 10)."""
-    x = np.asarray(patches, dtype=float)
-    _, cl = flat_power_spectrum(x, pixel_deg, ell_edges)
+    cl = band_powers(x, pixel_deg, bands)
     std = x.std(axis=(1, 2))
     z = (x - x.mean(axis=(1, 2), keepdims=True)) / std[:, None, None]
     tensor = structure_tensor_statistics(x)
@@ -115,19 +92,16 @@ def patch_statistics(patches: np.ndarray, pixel_deg: float, ell_edges: np.ndarra
 
 def _class_comparison(real: dict, model: dict, patches: np.ndarray, n_boot: int, seed: int) -> dict:
     """One model's statistics of one class against the real class's (dicts of `patch_statistics`)."""
-    ratio = model["cl"] / real["cl"]
-    band = {k: _band(real[k], n_boot, seed) for k in ("v0", "v1", "v2", "wph", "coherence_hist")}
-    inside_mf = [_inside_fraction(model[k].mean(0), band[k]) for k in ("v0", "v1", "v2")]
-    return {"band_power": {"median_ratio": np.median(ratio, axis=0),
-                           "fraction_in_range": np.mean((ratio >= RATIO_RANGE[0]) & (ratio <= RATIO_RANGE[1]), axis=0),
-                           "ratio_percentiles_16_84": np.percentile(ratio, [16, 84], axis=0)},
+    bands = {k: band(real[k], n_boot, seed) for k in ("v0", "v1", "v2", "wph", "coherence_hist")}
+    inside_mf = [inside_fraction(model[k].mean(0), bands[k]) for k in ("v0", "v1", "v2")]
+    return {"band_power": ratio_summary(model["cl"] / real["cl"]),
             "std_median_ratio": float(np.median(model["std"] / real["std"])),
             "patch_moments": per_patch_moments(patches, n_boot, seed),
             "inside_fraction": {"v0": inside_mf[0], "v1": inside_mf[1], "v2": inside_mf[2],
                                 "minkowski": float(np.mean(inside_mf)),
-                                "wph": _inside_fraction(model["wph"].mean(0), band["wph"]),
-                                "coherence_hist": _inside_fraction(model["coherence_hist"].mean(0), band["coherence_hist"],
-                                                                   band["coherence_hist"]["mean"] > 0)},
+                                "wph": inside_fraction(model["wph"].mean(0), bands["wph"]),
+                                "coherence_hist": inside_fraction(model["coherence_hist"].mean(0), bands["coherence_hist"],
+                                                                  bands["coherence_hist"]["mean"] > 0)},
             "coherence_mean": float(model["coherence"].mean())}
 
 
@@ -136,7 +110,7 @@ def compare(real: DustMap, sim: DustMap, lon_deg, lat_deg, geometry: PatchGeomet
     """Compare `sim` with `real` at the patch centres (lon, lat) (Galactic degrees, (N,) each).
 
     Beams: nominal FWHM of each map, arcmin; both sets are smoothed to the larger. Returns
-    (metrics dict, JSON-able after `validate._jsonable`; images {class: {"real", "vaedust",
+    (metrics dict, JSON-able after `validate.jsonable`; images {class: {"real", "vaedust",
     "d11_like": (n, n), "lonlat_deg", "intensity_MJysr"}} for the figure). ValueError when the
     patch is too small for the WPH scales, no ell band is resolved, or fewer than MIN_PATCHES
     patches hold data in both maps."""
@@ -146,7 +120,7 @@ def compare(real: DustMap, sim: DustMap, lon_deg, lat_deg, geometry: PatchGeomet
                          "so npix >= 16")
     pixel_deg = geometry.pixel_size_deg
     fundamental, nyquist = 360.0 / geometry.size_deg, 180.0 / pixel_deg
-    bands = [b for b in BANDS if b[0] >= fundamental and b[1] <= nyquist]
+    bands = resolved_bands(BANDS, geometry.npix, pixel_deg)
     if not bands:
         raise ValueError(f"no ell band of {BANDS} lies inside the patch's ell {fundamental:.0f}..{nyquist:.0f} "
                          f"({geometry.npix} px over {geometry.size_deg} deg)")
@@ -162,13 +136,9 @@ def compare(real: DustMap, sim: DustMap, lon_deg, lat_deg, geometry: PatchGeomet
     pixel_arcmin = 60 * pixel_deg
     fields = {"real": smooth_patches(real_cut.small_scales[keep], np.sqrt(common**2 - real_fwhm_arcmin**2), pixel_arcmin),
               "vaedust": smooth_patches(sim_cut.small_scales[keep], np.sqrt(common**2 - sim_fwhm_arcmin**2), pixel_arcmin)}
-    fields["d11_like"] = d11_like(fields["real"], np.random.default_rng(seed))
+    fields["d11_like"] = own_spectrum_gaussian(fields["real"], np.random.default_rng(seed))[:, 0]
     cut_s = time.time() - tic
-    edges = np.unique(bands)  # the bands as bins of these edges; bins between bands are dropped
-    band_bins = np.searchsorted(edges, [b[0] for b in bands])
-    stats = {name: patch_statistics(x, pixel_deg, edges) for name, x in fields.items()}
-    for s in stats.values():
-        s["cl"] = s["cl"][:, band_bins]
+    stats = {name: patch_statistics(x, pixel_deg, bands) for name, x in fields.items()}
 
     level = real_cut.level[keep]
     rank = np.empty(len(level), dtype=int)
@@ -182,7 +152,7 @@ def compare(real: DustMap, sim: DustMap, lon_deg, lat_deg, geometry: PatchGeomet
         classes[name] = {"count": int(sel.sum()),
                          "intensity_range_MJysr": [float(level[sel].min()), float(level[sel].max())],
                          "real": {"patch_moments": per_patch_moments(fields["real"][sel], n_boot, seed),
-                                  "coherence_band": _band(sub["real"]["coherence"], n_boot, seed)},
+                                  "coherence_band": band(sub["real"]["coherence"], n_boot, seed)},
                          **{m: _class_comparison(sub["real"], sub[m], fields[m][sel], n_boot, seed) for m in MODELS}}
         if name != "all":  # the patch at the class's median intensity
             i = np.flatnonzero(sel)[np.argsort(level[sel])[sel.sum() // 2]]
@@ -208,9 +178,9 @@ def compare(real: DustMap, sim: DustMap, lon_deg, lat_deg, geometry: PatchGeomet
     return metrics, images
 
 
-def real_sky_validation(weights, name: str, split: str, sim_nside: int, seed: int, prior: str, n_boot: int,
+def real_sky_validation(weights, name: str, split: str, sim_nside: int, seed: int, n_boot: int,
                         mosaic_nside: int = 2048, device: str = "cpu", log=print) -> tuple[dict, dict]:
-    """The comparison for `weights` (a loaded `Weights`): VAEDust at `sim_nside` (seed, prior)
+    """The comparison for `weights` (a loaded `Weights`): VAEDust at `sim_nside` (seed)
     against the real map `name` (a HEALPix file or an IRIS plate folder such as 'iris_100um',
     whose mosaic is read at `mosaic_nside`) at the patch centres of the weights' stored `split`,
     in their patch geometry. Returns (metrics, images) as `compare`, plus the VAEDust timing."""
@@ -222,7 +192,7 @@ def real_sky_validation(weights, name: str, split: str, sim_nside: int, seed: in
     tic = time.time()
     real = load_training_map(str(name), mosaic_nside=mosaic_nside)
     load_s = time.time() - tic
-    sim = vaedust_dust_map(sim_nside, seed, str(weights.path), prior, device)
+    sim = vaedust_dust_map(sim_nside, seed, str(weights.path), device)
     sim_s = time.time() - tic - load_s
     log(f"real sky: {real.source} nside {real.nside} ({load_s:.0f} s), VAEDust nside {sim_nside} ({sim_s:.0f} s)")
     metrics, images = compare(real, sim, lon, lat, geometry, float(meta["normalisation"]["template_fwhm_deg"]),
@@ -276,4 +246,4 @@ def make_figure(out: Path, m: dict, images: dict) -> str:
         fig.colorbar(shown, ax=list(row), shrink=0.8, label="ln I - smooth(ln I)")
     fig.suptitle(f"{m['geometry']['size_deg']:g} deg patches, {m['geometry']['pixel_arcmin']:g}' pixels, "
                  f"common beam {m['beams_fwhm_arcmin']['common']:.1f}'", fontsize=10)
-    return _save(fig, out / FIGURE_NAME)
+    return save_png(fig, out / FIGURE_NAME)

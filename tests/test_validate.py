@@ -1,4 +1,4 @@
-"""The validation command end to end on a tiny freshly trained model, and its helpers."""
+"""The validation command end to end on a tiny freshly trained conditional model, and its statistics."""
 
 import json
 import math
@@ -7,21 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from pysm_vaedust.statistics import flat_power_spectrum, default_ell_edges
-from pysm_vaedust.train import TrainConfig, build_datasets
-from pysm_vaedust.validate import (
-    FIGURE_NAMES,
-    first_crossing,
-    gaussian_baseline,
-    gaussian_power_2d,
-    main,
-    normalised_patches,
-    patch_histograms,
-    per_patch_moments,
-    pooled_moments,
-    slerp,
-)
-from pysm_vaedust.weights import load_weights, save_weights
+from pysm_vaedust.fidelity import (RATIO_RANGE, band_powers, conditional_structure, first_crossing, fraction_explained,
+                                   gaussian_baseline, gaussian_power_2d, own_spectrum_gaussian, per_patch_moments,
+                                   ratio_summary, resolved_bands, windowed_modes)
+from pysm_vaedust.figures import FIGURE_NAMES
+from pysm_vaedust.statistics import default_ell_edges, flat_power_spectrum
+from pysm_vaedust.train import TrainConfig, build_datasets, load_training_map
+from pysm_vaedust.validate import main, split_patches, summary
+from pysm_vaedust.weights import load_weights
 
 torch.set_num_threads(1)
 
@@ -29,9 +22,9 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def validation_run(tiny_weights, tmp_path_factory):
     out = tmp_path_factory.mktemp("validation")
-    code = main(["--weights", str(tiny_weights), "--split", "test", "--out", str(out), "--n-samples", "64",
-                 "--n-recon", "2", "--n-boot", "50", "--seed", "3", "--prior", "flow", "--quiet"])
-    return code, out
+    code = main(["--weights", str(tiny_weights), "--split", "test", "--out", str(out), "--n-draws", "3",
+                 "--n-mean", "4", "--n-boot", "20", "--train-patches", "100", "--seed", "3", "--quiet"])
+    return code, out, json.loads((out / "metrics.json").read_text())
 
 
 def _leaves(obj, path=""):
@@ -47,9 +40,8 @@ def _leaves(obj, path=""):
 
 
 def test_end_to_end_writes_finite_metrics_and_figures(validation_run, tiny_weights):
-    code, out = validation_run
+    code, out, metrics = validation_run
     assert code == 0
-    metrics = json.loads((out / "metrics.json").read_text())
     leaves = list(_leaves(metrics))
     numbers = [v for _, v in leaves if isinstance(v, (int, float)) and not isinstance(v, bool)]
     assert len(numbers) > 1000 and all(math.isfinite(v) for v in numbers)
@@ -57,116 +49,167 @@ def test_end_to_end_writes_finite_metrics_and_figures(validation_run, tiny_weigh
     # without a spectrum-independent Gaussian value, may be null
     nulls = {path for path, v in leaves if v is None}
     assert nulls <= {"/settings/data_map", "/reconstruction/ell_cross_crosses_level",
-                     "/reconstruction/ell_auto_crosses_level", "/wph/gaussian_values"}
+                     "/reconstruction/ell_auto_crosses_level", "/morphology/wph/gaussian_values"}
     meta = load_weights(tiny_weights).metadata
     assert metrics["counts"]["split"] == meta["split"]["counts"]["test"]
-    assert metrics["counts"]["train"] == meta["split"]["counts"]["train"]
-    assert metrics["counts"]["prior"] == 64
-    assert metrics["settings"]["prior"] == "flow"
-    nbins = len(metrics["ell"]["centres"])
-    for key in ("prior/split", "prior/train", "train/split", "grf/split"):
-        assert len(metrics["ratios"][key]) == nbins
-    for key in ("split", "train", "prior", "grf"):
-        band = metrics["power_spectra"][key]
-        assert np.all(np.asarray(band["lo"]) <= np.asarray(band["hi"]))
-        assert len(metrics["minkowski"][key]["v2"]["mean"]) == len(metrics["minkowski"]["nu"])
-    # morphology: every WPH coefficient and filament statistic with its band, fractions inside in [0, 1]
-    wph, filaments = metrics["wph"], metrics["filaments"]
-    J = wph["scales_J"]
-    assert len(wph["labels"]) == len(wph["gaussian_values"]) == 4 * J + J * (J - 1) // 2
-    for key in ("split", "train", "prior", "grf"):
-        assert len(wph[key]["mean"]) == len(wph["labels"])
-        assert np.all(np.asarray(wph[key]["lo"]) <= np.asarray(wph[key]["hi"]))
-        assert len(filaments[key]["coherence_hist"]["mean"]) == len(filaments["coherence_edges"]) - 1
-        assert len(filaments[key]["ridge_length_fraction"]["mean"]) == len(filaments["ridge_length_lower_edges_px"])
-        assert 0 <= filaments[key]["coherence"]["mean"] <= 1 and 0 <= filaments[key]["ridge_fraction"]["mean"] < 1
-    for other in ("prior", "grf"):
-        inside = metrics["band_inside_fraction"][f"{other}_in_split_band"]
-        assert all(0 <= inside[k] <= 1 for k in ("wph", "coherence_hist", "ridge_length_fraction", "coherence"))
-    # the reported crossing ells lie in the measured range (or None: never crosses)
-    for key in ("ell_cross_crosses_level", "ell_auto_crosses_level"):
-        ell = metrics["reconstruction"][key]
-        assert ell is None or metrics["ell"]["centres"][0] <= ell <= metrics["ell"]["centres"][-1]
-    assert len(metrics["weights"]["sha256_file"]) == 64
+    assert metrics["counts"]["train"] == 100 and metrics["counts"]["train_wiener_fit"] == meta["split"]["counts"]["train"]
     assert sorted(metrics["figures"]) == sorted(FIGURE_NAMES)
     for name in FIGURE_NAMES:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+    assert len(metrics["weights"]["sha256_file"]) == 64
+    text = summary(metrics)
+    assert "extrapolated" in text and "Wiener" in text and "V2" in text
+
+
+def test_local_amplitude_rows(validation_run, tiny_weights):
+    """Every row and band has a median and a share in [0, 1]; the Gaussian field with each patch's
+    own spectrum reproduces the patch's band power (median ~1, most patches in range) at both
+    levels: the ratio machinery compares like with like."""
+    _, _, metrics = validation_run
+    amp = metrics["amplitude"]
+    assert amp["ratio_range"] == list(RATIO_RANGE)
+    trained, level1 = amp["trained_level"], amp["extrapolated_level"]
+    assert trained["bands_ell"] == [[300.0, 600.0]]  # 15' pixels: Nyquist ell 720
+    assert level1["bands_ell"] == [[1200.0, 2000.0]] and level1["extrapolated"] is True
+    assert level1["factor"] == 4 and level1["patch_deg"] == 2.0 and level1["condition_fwhm_arcmin"] == 7.5
+    assert level1["count"] + level1["centres_missing_data"] == metrics["counts"]["split"]
+    assert level1["beam_fwhm_arcmin"] == pytest.approx(13.74, abs=0.01)  # the Planck map's nside-256 pixel
+    slope = load_weights(tiny_weights).metadata["spectral_slope"]["slope"]
+    assert level1["amplitude"] == pytest.approx(4 ** (-(slope - 2) / 2))  # tiling.cascade_levels' level 1
+    for level, rows in ((trained, ("vae", "gaussian", "vae_on_train")), (level1, ("vae", "gaussian"))):
+        for row in rows:
+            s = level[row]
+            assert len(s["median_ratio"]) == len(s["fraction_in_range"]) == len(level["bands_ell"])
+            assert all(0 <= f <= 1 for f in s["fraction_in_range"]) and all(r > 0 for r in s["median_ratio"])
+            lo, hi = np.asarray(s["ratio_percentiles_16_84"])
+            assert np.all(lo <= np.asarray(s["median_ratio"])) and np.all(np.asarray(s["median_ratio"]) <= hi)
+        assert abs(level["gaussian"]["median_ratio"][0] - 1) < 0.1
+    assert trained["gaussian"]["fraction_in_range"][0] > 0.9
+
+
+def test_morphology_prediction_and_reconstruction_sections(validation_run):
+    _, _, metrics = validation_run
+    mo = metrics["morphology"]
+    J = mo["wph"]["scales_J"]
+    assert len(mo["wph"]["labels"]) == len(mo["wph"]["gaussian_values"]) == 4 * J + J * (J - 1) // 2
+    for key in ("split", "train", "vae", "gaussian"):
+        for k in ("v0", "v1", "v2"):
+            band = mo["minkowski"][key][k]
+            assert len(band["mean"]) == len(mo["thresholds_nu"]) and np.all(np.asarray(band["lo"]) <= band["hi"])
+        assert len(mo["wph"][key]["mean"]) == len(mo["wph"]["labels"])
+        fil = mo["filaments"][key]
+        assert len(fil["coherence_hist"]["mean"]) == len(mo["filaments"]["coherence_edges"]) - 1
+        assert 0 <= fil["coherence"]["mean"] <= 1 and 0 <= fil["ridge_fraction"]["mean"] < 1
+    for row in ("vae", "gaussian", "train"):
+        inside = mo["inside_split_band"][row]
+        assert set(inside) >= {"v0", "v1", "v2", "wph", "coherence", "coherence_hist", "ridge_length_fraction"}
+        assert all(0 <= v <= 1 for v in inside.values())
+    # the real train patches are the same kind of sky: their mean V0 lies closer to the test band
+    # than the tiny (barely trained) model's samples do
+    v0 = {k: np.asarray(mo["minkowski"][k]["v0"]["mean"]) for k in ("split", "train", "vae")}
+    assert np.abs(v0["train"] - v0["split"]).mean() < np.abs(v0["vae"] - v0["split"]).mean()
+    cs = metrics["conditional_structure"]
+    assert cs["octave_ell"] == [384.0, 768.0] and cs["n_mean"] == 4
+    for key in ("vae_conditional_mean", "wiener"):
+        assert cs["fraction_explained"][key] <= 1
+        assert len(cs["per_bin"][key]) == len(cs["per_bin"]["ell"])
+    r = metrics["reconstruction"]
+    for key in ("ell_cross_crosses_level", "ell_auto_crosses_level"):
+        assert r[key] is None or r["ell"][0] <= r[key] <= r["ell"][-1]
+    assert len(r["cross_ratio"]) == len(r["ell"]) == len(metrics["power_spectra"]["ell"])
 
 
 def test_bad_input_gives_one_clear_error(tiny_weights, tmp_path, capsys):
-    weights = load_weights(tiny_weights)
-    no_prior = save_weights(tmp_path / "no_prior.h5", {"vae": weights.vae},
-                            {k: v for k, v in weights.metadata.items() if k != "prior"})
     with pytest.raises(SystemExit) as err:
         main(["--weights", str(tmp_path / "missing.h5"), "--out", str(tmp_path)])
     assert err.value.code == 2 and "missing.h5" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as err:
-        main(["--weights", str(tiny_weights), "--split", "holdout", "--out", str(tmp_path)])
-    message = capsys.readouterr().err
-    assert err.value.code == 2 and "holdout" in message and "test" in message
-    with pytest.raises(SystemExit) as err:
-        main(["--weights", str(no_prior), "--prior", "flow", "--out", str(tmp_path)])
-    assert err.value.code == 2 and "no learned prior" in capsys.readouterr().err
+    for argv, message in ((["--split", "holdout"], "holdout"), (["--n-draws", "2"], "--n-draws 2"),
+                          (["--n-mean", "1"], "--n-mean 1"), (["--split", "all"], "--data-map"),
+                          (["--train-patches", "-1"], "--train-patches")):
+        with pytest.raises(SystemExit) as err:
+            main(["--weights", str(tiny_weights), "--out", str(tmp_path), *argv])
+        assert err.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_data_map_patches_match_the_training_split(tiny_weights):
-    """Another map goes through the same cutting and normalisation: the training map itself must
-    give back exactly the training run's split."""
+def test_split_patches_match_the_training_split(tiny_weights):
+    """The training map cut at the stored centres gives back exactly the training run's splits
+    (x and c), and another split name is refused."""
     meta = load_weights(tiny_weights).metadata
     cfg = TrainConfig.of_weights(meta)
-    sets, _ = build_datasets(cfg)
-    patches, info = normalised_patches(cfg.data_map, meta, "test")
-    assert torch.equal(patches, sets["test"])
-    assert info["count"] == len(sets["test"])
+    sets, _ = build_datasets(cfg, progress=False)
+    dust = load_training_map(cfg.data_map)
+    for split in ("test", "train"):
+        x, c, info = split_patches(dust, meta, split)
+        assert torch.equal(x, sets[split][0]) and torch.equal(c, sets[split][1])
+        assert info["count"] == len(x) and info["centres_lonlat_deg"].shape == (len(x), 2)
     with pytest.raises(ValueError, match="holdout"):
-        normalised_patches(cfg.data_map, meta, "holdout")
+        split_patches(dust, meta, "holdout")
 
 
-def test_slerp_endpoints_and_norms():
-    gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(16, generator=gen), 3 * torch.randn(16, generator=gen)
-    path = slerp(a, b, 8).double()
-    assert path.shape == (8, 16)
-    assert torch.allclose(path[0], a.double()) and torch.allclose(path[-1], b.double())
-    t = torch.linspace(0, 1, 8, dtype=torch.float64)
-    assert torch.allclose(path.norm(dim=1), (1 - t) * a.norm() + t * b.norm(), rtol=1e-5)
-    # the direction moves at constant angular speed on the great circle through a and b
-    cos = (path @ a.double()) / (path.norm(dim=1) * a.norm())
-    omega = torch.arccos((a @ b) / (a.norm() * b.norm())).double()
-    assert torch.allclose(torch.arccos(cos.clamp(-1, 1)), t * omega, atol=1e-4)
+def _power_law_patches(rng, count=20, big=128, n=32, slope=1.4):
+    """(16 count, n, n) non-periodic dust-like patches cut from larger power-law fields."""
+    k = np.hypot(*np.meshgrid(np.fft.fftfreq(big), np.fft.fftfreq(big), indexing="ij"))
+    amp = np.where(k > 0, np.maximum(k, 1e-3) ** -slope, 0.0)
+    fields = np.fft.ifft2(np.fft.fft2(rng.standard_normal((count, big, big))) * amp).real
+    return fields.reshape(count, big // n, n, big // n, n).transpose(0, 1, 3, 2, 4).reshape(-1, n, n)
 
 
 def test_gaussian_baseline_matches_target_spectrum():
-    """Non-periodic dust-like patches (cut from larger power-law fields): the GRF coloured by
-    gaussian_power_2d has their windowed binned spectrum within 4 sigma of sampling error."""
+    """The GRF coloured by gaussian_power_2d has the patches' windowed binned spectrum within 4
+    sigma of sampling error; with each=True every field has its own patch's band power."""
     rng = np.random.default_rng(1)
-    big, n, pix = 128, 32, 0.25
-    k = np.hypot(*np.meshgrid(np.fft.fftfreq(big), np.fft.fftfreq(big), indexing="ij"))
-    amp = np.where(k > 0, np.maximum(k, 1e-3) ** -1.4, 0.0)
-    fields = np.fft.ifft2(np.fft.fft2(rng.standard_normal((20, big, big))) * amp).real
-    patches = fields.reshape(20, 4, n, 4, n).transpose(0, 1, 3, 2, 4).reshape(-1, n, n)  # 320 patches
+    patches, pix = _power_law_patches(rng), 0.25
     grf = gaussian_baseline(gaussian_power_2d(patches), 2000, rng, mean=patches.mean())
-    edges = default_ell_edges(n, pix)
+    edges = default_ell_edges(32, pix)
     _, cl_data = flat_power_spectrum(patches, pix, edges)
     _, cl_grf = flat_power_spectrum(grf, pix, edges)
     sem = np.hypot(cl_data.std(0) / np.sqrt(len(cl_data)), cl_grf.std(0) / np.sqrt(len(cl_grf)))
     assert np.all(np.abs(cl_grf.mean(0) - cl_data.mean(0)) < 4 * sem)
     assert abs(grf.var() / patches.var() - 1) < 0.1
-    moments = pooled_moments(grf, n_boot=20)
-    assert abs(moments["skewness"]) < 0.05 and abs(moments["kurtosis"]) < 0.1
+    scaled = patches * np.repeat([1.0, 3.0], len(patches) // 2)[:, None, None]  # two amplitudes
+    own = own_spectrum_gaussian(scaled, rng, draws=8)
+    assert own.shape == (len(scaled), 8, 32, 32)
+    assert np.allclose(own.mean(axis=(2, 3)), scaled.mean(axis=(1, 2))[:, None])  # each patch's own mean
+    ratio = band_powers(own, pix, [(60.0, 120.0), (120.0, 240.0)]).mean(1) / band_powers(
+        scaled, pix, [(60.0, 120.0), (120.0, 240.0)])  # one spectrum for all would be off by 9 or 1/9
+    assert np.all(np.abs(np.median(ratio, 0) - 1) < 0.15)
+    assert np.all(ratio_summary(ratio)["fraction_in_range"] > 0.9)
+
+
+def test_wiener_prediction_from_the_condition():
+    """x = a field f plus independent noise g, c = f averaged over 2x2 pixels (the condition grid):
+    the Wiener prediction explains var f / var x of the band c resolves; for x independent of c
+    it explains nothing; a perfect prediction explains everything and none explains 0."""
+    rng = np.random.default_rng(2)
+    f = _power_law_patches(rng, count=30, n=32, slope=1.0)
+    n, pix = f.shape[-1], 0.25
+    c = np.stack([f.reshape(len(f), n // 2, 2, n // 2, 2).mean((2, 4)), np.zeros((len(f), n // 2, n // 2))], 1)
+    band = (50.0, 300.0)  # below the condition grid's Nyquist, ell 360
+    half = len(f) // 2
+    for noise, expected in ((0.0, 1.0), (1.0, None)):
+        x = f + noise * f.std() * rng.standard_normal(f.shape)
+        out = conditional_structure(x[:half], c[:half], x[half:], c[half:], np.zeros_like(x[half:]), pix, band)
+        if expected is None:  # white noise of f's variance: the share of f in the band
+            modes_f, modes_x = windowed_modes(f[half:]), windowed_modes(x[half:])
+            expected = 1 - fraction_explained(modes_x, modes_x - modes_f, pix, band)
+        assert out["fraction_explained"]["wiener"] == pytest.approx(expected, abs=0.05)
+        assert out["fraction_explained"]["vae_conditional_mean"] == 0.0
+    independent = conditional_structure(f[:half], c[half:], f[half:], c[:half], np.zeros_like(f[half:]), pix, band)
+    assert abs(independent["fraction_explained"]["wiener"]) < 0.05
+    modes = windowed_modes(f)
+    assert fraction_explained(modes, modes, pix, band) == 1.0
 
 
 def test_small_helpers():
-    x = np.random.default_rng(0).standard_normal((10, 8, 8))
-    edges = np.linspace(-6, 6, 25)
-    density, _ = np.histogram(x, edges, density=True)
-    assert np.allclose(patch_histograms(x, edges).mean(0), density)
     ell = np.array([100.0, 200.0, 300.0])
     assert first_crossing(ell, np.array([0.05, 0.15, 0.5])) == pytest.approx(150.0)
     assert first_crossing(ell, np.array([0.2, 0.3, 0.5])) == 100.0
     assert first_crossing(ell, np.array([0.01, 0.02, 0.05])) is None
+    assert resolved_bands(((300, 600), (600, 1200), (1200, 2000)), 64, 7.5 / 60) == [(300.0, 600.0), (600.0, 1200.0)]
+    s = ratio_summary(np.array([[0.5, 1.0], [1.0, 1.0], [1.3, 2.0], [1.5, 1.0]]))
+    assert np.allclose(s["median_ratio"], [1.15, 1.0]) and np.allclose(s["fraction_in_range"], [0.5, 0.75])
 
 
 def test_per_patch_moments_on_known_fields():
