@@ -34,7 +34,7 @@ from .checks import (check_bandpass, check_bool, check_frequency, check_int, che
 from .cutouts import PatchGeometry, condition_input, sample_patches
 from .data import BETA_DUST, T_DUST_K, check_positive_finite, log_offset_to_100um
 from .template import default_template_path, read_template, smooth_log_map
-from .tiling import CascadeLevel, PatchSet, cascade_levels, gaussian_multiplier, patch_normals, tile_centres
+from .tiling import CascadeLevel, PatchSet, blended, cascade_levels, gaussian_multiplier, patch_normals, tile_centres
 from .train import resolve_device
 from .weights import Weights, load_weights
 
@@ -141,29 +141,30 @@ class SmallScaleGenerator:
 
     def decode(self, level: CascadeLevel, conditions: np.ndarray, normals: np.ndarray,
                ids: np.ndarray | None = None) -> torch.Tensor:
-        """Small scales (B, n, n) in ln I of tiles given their conditions (B, 2, n/2, n/2) and
-        per-patch normals (B, D + n^2): whitened latents, then the decoder noise's white normals.
-        Tiles `ids` listed in `fixed_latents[level]` / `fixed_noise[level]` use their fixed
-        latents / noise patch (normalised units) instead."""
+        """Small scales (2, B, n, n) in ln I of tiles given their conditions (B, 2, n/2, n/2) and
+        per-patch normals (B, D + n^2) (whitened latents, then the decoder noise's white normals):
+        [decoded means (+ the normalisation's mean), decoder noise]. Tiles `ids` listed in
+        `fixed_latents[level]` / `fixed_noise[level]` use their fixed latents / noise patch
+        (normalised units) instead."""
         d, n = self.vae.latent_dim, self.vae.config.npix
         eps = torch.from_numpy(normals).to(self.vae.device)
         c = torch.from_numpy(conditions).to(self.vae.device).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             z = eps[:, :d].clone()
             _replace_rows(z, self.fixed_latents.get(level.index), ids)
-            mean = self.vae.decode(z, c).contiguous()
-            noise = self.vae.decoder_noise(eps[:, d:].reshape(-1, 1, n, n))
-            _replace_rows(noise[:, 0], self.fixed_noise.get(level.index), ids)
-            x = (mean + noise)[:, 0]
+            mean = self.vae.decode(z, c).contiguous()[:, 0]
+            noise = self.vae.decoder_noise(eps[:, d:].reshape(-1, 1, n, n))[:, 0]
+            _replace_rows(noise, self.fixed_noise.get(level.index), ids)
         norm = self.normalisation
-        return level.amplitude * (norm["log_scale"] * x + norm["log_mean"])
+        scale = level.amplitude * norm["log_scale"]
+        return torch.stack([scale * mean + level.amplitude * norm["log_mean"], scale * noise])
 
     def level_field(self, level: CascadeLevel, nside: int, seed: int, pixels: np.ndarray | None,
                     coarse_map: np.ndarray, smooth_fwhm_deg: float | None = None, bar=None):
-        """One level's blended small scales sum(w v) / sqrt(sum w^2) at `pixels` of `nside`
-        (None = all), float32, conditioned on `coarse_map`; with `smooth_fwhm_deg` also the
-        blended in-patch Gaussian smoothing of the same patches (the next level's view of them),
-        else None.
+        """One level's blended small scales at `pixels` of `nside` (None = all), float32,
+        conditioned on `coarse_map` (decoded means blended as a partition of unity, decoder noise
+        variance-preserving: `tiling.blended`); with `smooth_fwhm_deg` also the blend of the same
+        patches smoothed in-patch by that Gaussian (the next level's view of them), else None.
 
         Decoding of the next batch overlaps with the (GIL-free) reprojection of the previous one;
         a single worker keeps the accumulation order, so results are bit-reproducible."""
@@ -172,16 +173,14 @@ class SmallScaleGenerator:
         if pixels is not None:
             lookup = np.full(hp.nside2npix(nside), -1, dtype=np.int64)
             lookup[pixels] = np.arange(len(pixels))
-        fields = [np.zeros(n_out, dtype=np.float32) for _ in range(1 if smooth_fwhm_deg is None else 2)]
-        den = np.zeros(n_out, dtype=np.float32)
+        sums = [np.zeros((4, n_out), dtype=np.float32) for _ in range(1 if smooth_fwhm_deg is None else 2)]
         n = self.vae.config.npix
         smoother = None if smooth_fwhm_deg is None else torch.from_numpy(
             gaussian_multiplier(n, level.geometry.pixel_size_deg, smooth_fwhm_deg)).to(self.vae.device)
 
-        def accumulate(patches, values, smoothed):
-            patches.accumulate(values, fields[0], den)
-            if smoothed is not None:
-                patches.accumulate(smoothed, fields[1], np.zeros_like(den))
+        def accumulate(patches, parts):
+            for total, (means, noise) in zip(sums, parts):
+                patches.accumulate(means, noise, total)
 
         with ThreadPoolExecutor(max_workers=1) as worker:
             pending = None
@@ -192,24 +191,24 @@ class SmallScaleGenerator:
                     used = ids[patches.used]
                     decoded = self.decode(level, self.conditions(level, coarse_map, used),
                                           patch_normals(seed, level.index, used, self.normals_size), used)
-                    values = np.zeros((len(ids), n, n), dtype=np.float32)
-                    values[patches.used] = decoded.cpu().numpy()
-                    smoothed = None
-                    if smoother is not None:
-                        smoothed = np.zeros_like(values)
-                        smoothed[patches.used] = torch.fft.ifft2(torch.fft.fft2(decoded) * smoother).real.cpu().numpy()
+                    versions = [decoded] if smoother is None else [
+                        decoded, torch.fft.ifft2(torch.fft.fft2(decoded) * smoother).real]
+                    parts = []
+                    for version in versions:
+                        values = np.zeros((2, len(ids), n, n), dtype=np.float32)
+                        values[:, patches.used] = version.cpu().numpy()
+                        parts.append(values)
                     if pending is not None:
                         pending.result()
-                    pending = worker.submit(accumulate, patches, values, smoothed)
+                    pending = worker.submit(accumulate, patches, parts)
                 if bar is not None:
                     bar.update(len(ids))
             if pending is not None:
                 pending.result()
-        if np.any(den <= 0):
-            raise RuntimeError(f"cascade level {level.index}: {int(np.sum(den <= 0))} pixels "
+        if np.any(sums[0][2] <= 0):
+            raise RuntimeError(f"cascade level {level.index}: {int(np.sum(sums[0][2] <= 0))} pixels "
                                "not covered by any patch (tiling bug)")
-        scale = 1 / np.sqrt(den)
-        return fields[0] * scale, (fields[1] * scale if len(fields) > 1 else None)
+        return blended(sums[0]), (blended(sums[1]) if len(sums) > 1 else None)
 
     def field(self, nside: int, seed: int, pixels: np.ndarray | None, log_template: np.ndarray,
               cascade: bool = True, progress: bool = False) -> np.ndarray:

@@ -62,20 +62,21 @@ def forward_model(vae: ConditionalVAE, eps: torch.Tensor, c: torch.Tensor, level
     amplitude, s / m the normalisation's log_scale / log_mean), times the Fourier multiplier
     `smoothing` (n, n) if given (`tiling.gaussian_multiplier`: the level as the next level sees
     it). With `fp` (`tiling.footprints(nside, level, tile_ids, lookup)`, its patch k is row k of
-    eps) and `n_out`: blended onto those pixels, sum(w v) / sqrt(sum w^2) (`tiling.blend_torch`),
+    eps) and `n_out`: blended onto those pixels as the component does (`tiling.blended`: the
+    decoded means as a partition of unity, the noise variance-preserving; `tiling.blend_torch`),
     (n_out,). `SkyForwardModel` computes the same with a sparse blend.
     """
-    x = vae.decode(eps, c)[:, 0]
+    scale = level.amplitude * normalisation["log_scale"]
+    parts = [scale * vae.decode(eps, c)[:, 0] + level.amplitude * normalisation["log_mean"]]
     if noise is not None:
-        x = x + noise
-    x = level.amplitude * (normalisation["log_scale"] * x + normalisation["log_mean"])
+        parts.append(scale * noise)
     if smoothing is not None:
-        x = torch.fft.ifft2(torch.fft.fft2(x) * smoothing).real
+        parts = [torch.fft.ifft2(torch.fft.fft2(x) * smoothing).real for x in parts]
     if fp is None:
-        return x
+        return sum(parts)
     if n_out is None:
         raise ValueError("forward_model: n_out (number of output pixels) is required with fp")
-    return blend_torch(x, fp, int(n_out))
+    return sum(blend_torch(x, fp, int(n_out), shared=k == 0) for k, x in enumerate(parts))
 
 
 class _SparseApply(torch.autograd.Function):
@@ -91,18 +92,19 @@ class _SparseApply(torch.autograd.Function):
 
 class BlendOperator:
     """The tiling's patch -> sky map as a sparse matrix B (n_out, P n^2): bilinear interpolation of
-    each patch at its footprint pixels, weights w / sqrt(sum w^2). Same numbers as
-    `tiling.blend_torch` (to 1e-6), ~5x faster forward + backward, with an explicit adjoint."""
+    each patch at its footprint pixels, weights w / sqrt(sum w^2) (or, `shared`, w / sum w: for
+    the decoded means). Same numbers as `tiling.blend_torch` (to 1e-6), ~5x faster forward +
+    backward, with an explicit adjoint."""
 
-    def __init__(self, fp: Footprints, n_patches: int, npix: int, n_out: int):
+    def __init__(self, fp: Footprints, n_patches: int, npix: int, n_out: int, shared: bool = False):
         n = int(npix)
         row = np.clip(fp.row.astype(np.float64), 0, n - 1)
         col = np.clip(fp.col.astype(np.float64), 0, n - 1)
         r0 = np.minimum(np.floor(row).astype(np.int64), n - 2)
         c0 = np.minimum(np.floor(col).astype(np.int64), n - 2)
         fr, fc = row - r0, col - c0
-        den = np.bincount(fp.pixel, weights=fp.weight.astype(np.float64) ** 2, minlength=n_out)
-        scale = fp.weight / np.sqrt(np.maximum(den[fp.pixel], 1e-24))
+        den = np.bincount(fp.pixel, weights=fp.weight.astype(np.float64) ** (1 if shared else 2), minlength=n_out)
+        scale = fp.weight / (np.maximum(den[fp.pixel], 1e-24) if shared else np.sqrt(np.maximum(den[fp.pixel], 1e-24)))
         base = fp.patch.astype(np.int64) * n * n
         cols = np.concatenate([base + r0 * n + c0, base + r0 * n + c0 + 1,
                                base + (r0 + 1) * n + c0, base + (r0 + 1) * n + c0 + 1])
@@ -135,8 +137,9 @@ class SkyForwardModel:
     nside, as `VAEDust` renders them.
 
     One cascade level (the nside needs no finer one, or cascade=False): ln I = ln T + delta,
-    delta = B[a (s (mu(eps, c) + e) + m)] with B the blend (BlendOperator), c the tiles'
-    conditions from the template, e their decoder-noise patches. With finer levels, VAEDust adds
+    delta = B_m[a (s mu(eps, c) + m)] + B[a s e] with B_m / B the blends of the decoded means and
+    of the noise (BlendOperator shared / not), c the tiles' conditions from the template, e their
+    decoder-noise patches. With finer levels, VAEDust adds
     level 0 as the next level sees it (smoothed in-patch by a Gaussian of FWHM F / f_1, F the
     conditioning FWHM, `smoothing`), then draws the finer levels conditioned on the field so far:
     here they are left out of delta and counted as white noise of variance `fine_variance` (ln
@@ -161,6 +164,7 @@ class SkyForwardModel:
         lookup[self.pixels] = np.arange(len(self.pixels))
         self.footprints = footprints(nside, self.level, self.tile_ids, lookup)
         self.operator = BlendOperator(self.footprints, len(self.tile_ids), n, len(self.pixels))
+        self.mean_operator = BlendOperator(self.footprints, len(self.tile_ids), n, len(self.pixels), shared=True)
         s = float(self.normalisation["log_scale"])
         self.scale = self.level.amplitude * s                 # ln I per normalised unit
         self.smoothing = None
@@ -170,18 +174,19 @@ class SkyForwardModel:
         self.fine_variance = s**2 * sum(lv.amplitude**2 for lv in levels[1:])
         self.log_template = torch.from_numpy(interpolate_at_pixels(model.log_template, nside, self.pixels))
         m = self.level.amplitude * float(self.normalisation["log_mean"])
-        self.offset = self.operator(torch.full((len(self.tile_ids), n, n), m))    # blend of the constant a m
+        self.offset = self.mean_operator(torch.full((len(self.tile_ids), n, n), m))    # blend of the constant a m
 
     def _smooth(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.smoothing is None else torch.fft.ifft2(torch.fft.fft2(x) * self.smoothing).real
 
-    def blend(self, x: torch.Tensor) -> torch.Tensor:
-        """The linear part of delta: normalised patches x (P, n, n) -> ln I (n_pixels,)."""
-        return self.operator(self._smooth(self.scale * x))
+    def blend(self, x: torch.Tensor, shared: bool = False) -> torch.Tensor:
+        """Normalised patches x (P, n, n) -> ln I (n_pixels,): decoder noise, or (`shared`)
+        decoded means."""
+        return (self.mean_operator if shared else self.operator)(self._smooth(self.scale * x))
 
-    def blend_adjoint(self, y: torch.Tensor) -> torch.Tensor:
+    def blend_adjoint(self, y: torch.Tensor, shared: bool = False) -> torch.Tensor:
         """Adjoint of `blend`: (n_pixels,) -> (P, n, n)."""
-        return self.scale * self._smooth(self.operator.adjoint(y))
+        return self.scale * self._smooth((self.mean_operator if shared else self.operator).adjoint(y))
 
     def _chunks(self, eps):
         for k in range(0, len(eps), self.chunk):
@@ -203,8 +208,8 @@ class SkyForwardModel:
 
     def delta(self, eps: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Small scales in ln I (n_pixels,) of latents eps (P, D) (+ decoder-noise patches (P, n, n))."""
-        x = self.decode(eps)
-        return self.blend(x if noise is None else x + noise) + self.offset
+        out = self.blend(self.decode(eps), shared=True) + self.offset
+        return out if noise is None else out + self.blend(noise)
 
     def log_intensity(self, eps: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """ln(I / uK_RJ) at the reference frequency (n_pixels,), float64."""
@@ -365,12 +370,13 @@ def _map_values(values, name, npix, freq) -> np.ndarray:
 
 
 def _fit_tiles(fwd: SkyForwardModel, target, n_var, eps0, e0, steps, cg_tol, cg_max_iter, log):
-    """Minimise Phi = |eps - eps0|^2 + (e - e0)^T C^-1 (e - e0) + |t - L(mu(eps) + e)|^2 / N over
-    latents eps (P, D) and decoder-noise patches e (P, n, n) (L = fwd.blend, C the decoder-noise
+    """Minimise Phi = |eps - eps0|^2 + (e - e0)^T C^-1 (e - e0) + |t - L_m mu(eps) - L e|^2 / N over
+    latents eps (P, D) and decoder-noise patches e (P, n, n) (L_m / L = fwd.blend of the means /
+    of the noise, C the decoder-noise
     covariance, N = n_var (n_pixels,), t the target in ln I minus fwd.offset) by Gauss-Newton:
     at eps_k the linearised problem is solved exactly in data space by conjugate gradients,
-    (L (J J^T + C) L^T + N) a = t - L(mu_k + J (eps0 - eps_k) + e0), then eps = eps0 + J^T L^T a,
-    e = e0 + C L^T a (J the decoder Jacobian at eps_k), with step halving if Phi does not
+    (L_m J J^T L_m^T + L C L^T + N) a = t - L_m(mu_k + J (eps0 - eps_k)) - L e0, then
+    eps = eps0 + J^T L_m^T a, e = e0 + C L^T a (J the decoder Jacobian at eps_k), with step halving if Phi does not
     decrease. Returns (eps, e, [{phi, cg_iterations, cg_residual, step, accepted}], the first entry
     the start)."""
     spectrum = fwd.vae.noise_logvar().detach().exp()
@@ -379,7 +385,7 @@ def _fit_tiles(fwd: SkyForwardModel, target, n_var, eps0, e0, steps, cg_tol, cg_
         return torch.fft.ifft2(torch.fft.fft2(x, norm="ortho") * spectrum, norm="ortho").real
 
     def phi(eps, e, mu):
-        resid = target - fwd.blend(mu + e)
+        resid = target - fwd.blend(mu, shared=True) - fwd.blend(e)
         prior_e = (torch.fft.fft2(e - e0, norm="ortho").abs().square() / spectrum).sum()
         return float((eps - eps0).double().square().sum() + prior_e.double() + (resid.double().square() / n_var).sum())
 
@@ -394,15 +400,15 @@ def _fit_tiles(fwd: SkyForwardModel, target, n_var, eps0, e0, steps, cg_tol, cg_
     for step in range(steps):
         with torch.no_grad():
             shift = 0.0 if torch.equal(eps, eps0) else fwd.jvp(eps, eps0 - eps)
-            rhs = target - fwd.blend(mu + shift + e0)
+            rhs = target - fwd.blend(mu + shift, shared=True) - fwd.blend(e0)
 
             def system(v):
-                g = fwd.blend_adjoint(v)
-                return fwd.blend(cov(g) + fwd.jvp(eps, fwd.vjp(eps, g))) + n_var_f * v
+                mean_part = fwd.jvp(eps, fwd.vjp(eps, fwd.blend_adjoint(v, shared=True)))
+                return fwd.blend(mean_part, shared=True) + fwd.blend(cov(fwd.blend_adjoint(v))) + n_var_f * v
 
             a, it, res = _cg(system, rhs, precond=lambda v: v / diag, tol=cg_tol, max_iter=cg_max_iter)
-            g = fwd.blend_adjoint(a)
-            eps_new, e_new = eps0 + fwd.vjp(eps, g), e0 + cov(g)
+            eps_new = eps0 + fwd.vjp(eps, fwd.blend_adjoint(a, shared=True))
+            e_new = e0 + cov(fwd.blend_adjoint(a))
             for halving in range(6):
                 lam = 0.5 ** halving
                 eps_try, e_try = eps + lam * (eps_new - eps), e + lam * (e_new - e)

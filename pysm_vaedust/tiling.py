@@ -7,8 +7,9 @@ overlap by about half. Each patch's latent is drawn from a counter-based generat
 
 Reprojection: every HEALPix pixel inside a patch footprint receives the bilinear interpolation
 of the decoded patch at its tangent-plane position, weighted by w = c(x) c(y) with
-c(t) = cos^2(pi t / 2) over the half-width. Overlaps are blended as sum(w v) / sqrt(sum(w^2)),
-which keeps the variance of independent unit-variance patches uniform over the sky.
+c(t) = cos^2(pi t / 2) over the half-width. Overlaps blend the patches' decoded means as
+sum(w m) / sum(w) (the overlapping patches predict them from the same large scales) and their
+decoder noise as sum(w e) / sqrt(sum(w^2)) (independent: the variance stays uniform over the sky).
 """
 
 from __future__ import annotations
@@ -171,14 +172,16 @@ def _footprint_kernel(nside, pixels, patch, basis, half, pix_rad, npix, row, col
 
 
 @njit(cache=True, nogil=True)
-def _blend_kernel(nside, pixels, patch, position, basis, half, pix_rad, values, num, den):
-    npix = values.shape[1]
+def _blend_kernel(nside, pixels, patch, position, basis, half, pix_rad, means, noise, sums):
+    npix = means.shape[1]
     for m in range(pixels.size):
         row, col, w = _project(nside, pixels[m], basis, patch[m], half, pix_rad, npix)
         if w > 0.0:
             q = position[m]
-            num[q] += w * _bilinear(values, patch[m], row, col)
-            den[q] += w * w
+            sums[0, q] += w * _bilinear(means, patch[m], row, col)
+            sums[1, q] += w * _bilinear(noise, patch[m], row, col)
+            sums[2, q] += w
+            sums[3, q] += w * w
 
 
 class PatchSet:
@@ -206,10 +209,12 @@ class PatchSet:
             self.pixels, self.patch, self.position = self.pixels[keep], self.patch[keep], self.position[keep]
         self.used = np.flatnonzero(np.bincount(self.patch, minlength=len(ids)))  # patches touching our pixels
 
-    def accumulate(self, values: np.ndarray, num: np.ndarray, den: np.ndarray) -> None:
-        """num += w v, den += w^2 at the footprint pixels, for patch values (P, n, n) of all ids."""
-        _blend_kernel(self.nside, self.pixels, self.patch, self.position, self.basis, self.half,
-                      self.pix_rad, np.ascontiguousarray(values, dtype=np.float32), num, den)
+    def accumulate(self, means: np.ndarray, noise: np.ndarray, sums: np.ndarray) -> None:
+        """sums (4, n_out) += (w m, w e, w, w^2) at the footprint pixels, for the patches' decoded
+        means m and decoder noise e (each (P, n, n), all ids); see `blended`."""
+        _blend_kernel(self.nside, self.pixels, self.patch, self.position, self.basis, self.half, self.pix_rad,
+                      np.ascontiguousarray(means, dtype=np.float32), np.ascontiguousarray(noise, dtype=np.float32),
+                      sums)
 
     def footprints(self) -> Footprints:
         """The pairs inside the patches, with grid coordinates and weights (for the torch path)."""
@@ -220,6 +225,13 @@ class PatchSet:
         inside = weight > 0
         return Footprints(pixel=self.position[inside], patch=self.patch[inside],
                           row=row[inside], col=col[inside], weight=weight[inside])
+
+
+def blended(sums: np.ndarray) -> np.ndarray:
+    """The blended field of accumulated sums (4, n_out): sum(w m) / sum(w) + sum(w e) / sqrt(sum w^2).
+    Overlapping patches share their decoded means (all are predicted from the same large scales:
+    a partition of unity keeps them) and have independent noise (variance-preserving weights)."""
+    return sums[0] / sums[2] + sums[1] / np.sqrt(sums[3])
 
 
 def footprints(nside: int, level: CascadeLevel, ids: np.ndarray, pixel_lookup: np.ndarray | None = None) -> Footprints:
@@ -245,12 +257,12 @@ def bilinear_torch(values: torch.Tensor, fp: Footprints) -> torch.Tensor:
             + fr * ((1 - fc) * at(r0 + 1, c0) + fc * at(r0 + 1, c0 + 1)))
 
 
-def blend_torch(values: torch.Tensor, fp: Footprints, n_out: int) -> torch.Tensor:
-    """Differentiable blend of patches (P, n, n) onto n_out pixels: sum(w v) / sqrt(sum w^2).
-
-    Pixels no patch covers are 0."""
+def blend_torch(values: torch.Tensor, fp: Footprints, n_out: int, shared: bool = False) -> torch.Tensor:
+    """Differentiable blend of patches (P, n, n) onto n_out pixels: sum(w v) / sqrt(sum w^2)
+    (independent fields, e.g. decoder noise), or with `shared` sum(w v) / sum(w) (fields the
+    overlapping patches share, e.g. decoded means). Pixels no patch covers are 0."""
     w = torch.from_numpy(fp.weight).to(values.device)
     idx = torch.from_numpy(fp.pixel).to(values.device)
     num = torch.zeros(n_out, dtype=values.dtype, device=values.device).index_add(0, idx, w * bilinear_torch(values, fp))
-    den = torch.zeros(n_out, dtype=values.dtype, device=values.device).index_add(0, idx, w * w)
-    return num / den.clamp_min(1e-12).sqrt()
+    den = torch.zeros(n_out, dtype=values.dtype, device=values.device).index_add(0, idx, w if shared else w * w)
+    return num / (den.clamp_min(1e-12) if shared else den.clamp_min(1e-12).sqrt())

@@ -3,7 +3,11 @@
 * `StationaryGaussian`: a Gaussian patch model (covariance from the 2D power spectrum, i.e. the
   lag-autocovariance, of training patches) with the Wiener filter as its conditional mean,
   constrained realizations and per-pixel posterior standard deviations. It ignores the
-  condition: the baseline the conditional VAE must beat.
+  condition.
+* `ConditionalGaussian`: the Gaussian baseline the conditional VAE must beat, x | c ~
+  N(K * up(c_0) + b, C_r): a mean linear in the condition's structure channel (a convolution
+  kernel fitted by least squares on training pairs) and a `StationaryGaussian` of the
+  residuals; its Wiener filter uses the same coarse input as the VAE.
 * `block_mask`: masks of random square holes, used by the inpainting tests and benchmark.
 * `_check_patch_inputs`: validates a patch observation (d, mask, sigma) for this module and for
   the VAE fits in `posterior` (which also validate the condition).
@@ -17,6 +21,8 @@ import warnings
 
 import numpy as np
 import torch
+from torch.nn import functional as F
+
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -167,6 +173,90 @@ class StationaryGaussian:
                 samples.reshape(n_samples, *shape).float() if n_samples else None)
 
 
+class ConditionalGaussian:
+    """Gaussian patch model of the small scales x given their condition c:
+    x | c ~ N(m(c), C_r) with m(c) = b + K * up(c_0): c_0 the structure channel of c upsampled
+    to the patch grid (bilinear, as the VAE's encoder sees it, edges replicated), K a
+    (2r + 1) x (2r + 1) convolution kernel and b an offset fitted by least squares on training
+    pairs (a local linear deconvolution of the coarse part: what of the scales finer than the
+    conditioning FWHM a linear filter reads off c), and C_r the `StationaryGaussian` of the
+    residuals x - m(c). `condition` is the Wiener filter of x - m(c) plus m(c): the Gaussian
+    baseline with the same coarse input as the VAE. (A per-radial-Fourier-bin regression, the
+    periodic alternative, explained 10 % of the IRIS test variance against 59 % for this kernel
+    at r = 5: the patches' edges smear their FFTs.)"""
+
+    def __init__(self, kernel: np.ndarray, offset: float, residual: StationaryGaussian):
+        self.kernel = np.asarray(kernel, dtype=np.float64)            # (2r + 1, 2r + 1)
+        self.offset = float(offset)
+        self.residual = residual
+        self.npix = residual.npix
+
+    @staticmethod
+    def _columns(c, npix: int, radius: int) -> torch.Tensor:
+        """(B, (2r + 1)^2, n^2) float64 neighbourhoods of up(c_0) around each pixel."""
+        c = _as_tensor(c, torch.float64)
+        if c.ndim == 3:
+            c = c[None]
+        if c.ndim != 4 or c.shape[1] < 1 or 2 * c.shape[-1] != npix or c.shape[-2] != c.shape[-1]:
+            raise ValueError(f"condition c has shape {tuple(c.shape)}; expected (B, 2, {npix // 2}, {npix // 2})")
+        if not bool(torch.isfinite(c).all()):
+            raise ValueError("condition c has NaN/inf values: expected finite numbers")
+        u = F.interpolate(c[:, :1], scale_factor=2, mode="bilinear", align_corners=False)
+        return F.unfold(F.pad(u, (radius,) * 4, mode="replicate"), 2 * radius + 1)
+
+    @classmethod
+    def fit(cls, patches, conditions, radius: int = 5, periodic: bool = False, pixel_fraction: float = 0.25,
+            seed: int = 0) -> "ConditionalGaussian":
+        """From training pairs: patches (N, 1, n, n) and their conditions (N, 2, n/2, n/2)
+        (normalised units). The kernel's normal equations use a random `pixel_fraction` of the
+        pixels of each patch (seeded); `periodic`: the residual covariance's estimator
+        (StationaryGaussian.fit)."""
+        x = _as_tensor(patches, torch.float64)
+        x = x.reshape(-1, 1, x.shape[-2], x.shape[-1])
+        n = x.shape[-1]
+        if len(_as_tensor(conditions)) != len(x):
+            raise ValueError(f"{len(x)} patches but {len(_as_tensor(conditions))} conditions: expected one "
+                             "condition per patch")
+        k = (2 * radius + 1) ** 2
+        gram = torch.zeros(k + 1, k + 1, dtype=torch.float64)
+        rhs = torch.zeros(k + 1, dtype=torch.float64)
+        gen = torch.Generator().manual_seed(seed)
+        for start in range(0, len(x), 64):
+            cols = cls._columns(conditions[start:start + 64], n, radius)
+            cols = torch.cat([cols, torch.ones_like(cols[:, :1])], 1)            # (B, k + 1, n^2)
+            keep = torch.randperm(n * n, generator=gen)[:max(1, int(pixel_fraction * n * n))]
+            cols, y = cols[..., keep], x[start:start + 64].flatten(1)[:, keep]
+            gram += (cols @ cols.mT).sum(0)
+            rhs += (cols @ y[..., None]).sum(0)[:, 0]
+        weights = torch.linalg.solve(gram, rhs)
+        kernel, offset = weights[:k].reshape(2 * radius + 1, 2 * radius + 1).numpy(), float(weights[k])
+        resid = x - cls._mean(kernel, offset, conditions, n)
+        return cls(kernel, offset, StationaryGaussian.fit(resid, periodic=periodic))
+
+    @classmethod
+    def _mean(cls, kernel: np.ndarray, offset: float, c, n: int) -> torch.Tensor:
+        cols = cls._columns(c, n, kernel.shape[0] // 2)
+        return (torch.einsum("bkp,k->bp", cols, torch.from_numpy(kernel).flatten()) + offset).reshape(-1, 1, n, n)
+
+    def mean_of(self, c) -> torch.Tensor:
+        """Prior mean m(c) (B, 1, n, n) float32 of patches with conditions c (B, 2, n/2, n/2)."""
+        return self._mean(self.kernel, self.offset, c, self.npix).float()
+
+    def condition(self, d, mask, sigma, c, n_samples: int = 0, generator: torch.Generator | None = None,
+                  std: bool = False):
+        """Wiener filter given the conditions c (and optionally constrained realizations, per-pixel
+        posterior std) of B patches, as `StationaryGaussian.condition`: returns (mean (B, 1, n, n),
+        std or None, samples (S, B, 1, n, n) or None)."""
+        n = self.npix
+        d_t, m, s2 = _check_patch_inputs(n, d, mask, sigma)   # s2: sigma^2, 1 at masked pixels
+        prior = self.mean_of(c)
+        if len(prior) != len(d_t):
+            raise ValueError(f"{len(d_t)} observed patches but {len(prior)} conditions: expected one per patch")
+        resid = torch.where(m > 0, d_t - prior, torch.zeros_like(d_t))
+        mean, sd, samples = self.residual.condition(resid, m > 0, s2.sqrt(), n_samples, generator, std)
+        return mean + prior, sd, (None if samples is None else samples + prior[None])
+
+
 def block_mask(fraction: float, rng: np.random.Generator, n: int = 32, block: int = 4) -> np.ndarray:
     """(n, n) bool observation mask, True = observed, with round(fraction * (n / block)^2) random
     block x block squares masked (on a grid of block-pixel cells): the holes of the inpainting
@@ -179,4 +269,4 @@ def block_mask(fraction: float, rng: np.random.Generator, n: int = 32, block: in
     return mask
 
 
-__all__ = ["StationaryGaussian", "block_mask"]
+__all__ = ["StationaryGaussian", "ConditionalGaussian", "block_mask"]

@@ -38,6 +38,7 @@ from pysm_vaedust.conditioning import (
     posterior_samples,
 )
 from pysm_vaedust.weights import load_weights, save_weights
+from pysm_vaedust.wiener import ConditionalGaussian
 
 torch.set_num_threads(1)
 
@@ -349,6 +350,40 @@ def test_stationary_gaussian_on_a_known_gaussian(weights, masks):
     lo, hi = torch.quantile(samples, torch.tensor([0.16, 0.84]), dim=0)
     inside = ((truth >= lo) & (truth <= hi)).float().mean()
     assert 0.6 < float(inside) < 0.76
+
+
+def test_conditional_gaussian_on_a_known_linear_model():
+    """Pairs x = K * up(c_0) + b + white noise of known kernel K and offset b: the fit recovers
+    the mean K * up(c_0) + b and the white residual; its Wiener filter is the prior mean m(c) at masked pixels and the
+    precision-weighted mean of data and m(c) at observed ones; wrong conditions are refused."""
+    n, count, radius, s_res, s_obs = 16, 400, 2, 0.3, 0.1
+    gen = torch.Generator().manual_seed(4)
+    c = torch.randn((count, 2, n // 2, n // 2), generator=gen, dtype=torch.float64)
+    u = F.pad(F.interpolate(c[:, :1], scale_factor=2, mode="bilinear", align_corners=False), (radius,) * 4,
+              mode="replicate")
+    kernel = torch.randn((2 * radius + 1, 2 * radius + 1), generator=gen, dtype=torch.float64)
+    clean = F.conv2d(u, kernel[None, None]) + 0.2                # conv2d is a correlation, as unfold
+    x = clean + s_res * torch.randn(clean.shape, generator=gen, dtype=torch.float64)
+    g = ConditionalGaussian.fit(x, c, radius=radius, pixel_fraction=1.0)
+    # the mean, not the kernel: bilinear upsampling leaves some kernels nearly equivalent
+    prior = g.mean_of(c[:2]).double()
+    assert torch.allclose(prior, clean[:2], atol=0.05)                            # measured 0.015
+    assert abs(g.offset - 0.2) < 0.02                                             # measured 0.001
+    assert abs(g.residual.acf[n - 1, n - 1] - s_res**2) < 0.05 * s_res**2         # measured 0.4 %
+    rng = np.random.default_rng(0)
+    mask = np.stack([block_mask(0.3, rng, n, 4) for _ in range(2)])[:, None]
+    d = (x[:2] + s_obs * torch.randn((2, 1, n, n), generator=gen, dtype=torch.float64)).numpy()
+    mean, std, samples = g.condition(np.where(mask, d, np.nan), mask, s_obs, c[:2], n_samples=4, std=True)
+    hole = torch.from_numpy(~mask)
+    assert torch.allclose(mean.double()[hole], prior[hole], atol=0.1)   # white residual: the prior mean (0.05)
+    var = g.residual.acf[n - 1, n - 1]
+    blend = (var * torch.from_numpy(d) + s_obs**2 * prior) / (var + s_obs**2)
+    assert torch.allclose(mean.double()[~hole], blend[~hole], atol=0.02)           # measured 0.005
+    assert samples.shape == (4, 2, 1, n, n) and float(std[hole].mean()) > float(std[~hole].mean())
+    with pytest.raises(ValueError, match="condition c has shape"):
+        g.condition(d, mask, s_obs, c[:2, :, :4])
+    with pytest.raises(ValueError, match="one per patch"):
+        g.condition(d, mask, s_obs, c[:3])
 
 
 # ----------------------------------------------------------------------------- sky level

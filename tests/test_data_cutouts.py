@@ -173,7 +173,8 @@ def test_noise_floor_ell_recovers_the_crossing_and_the_beam():
     floor = np.r_[np.ones(27), np.zeros(3)]  # the three brightest patches: no floor
     level = np.r_[np.linspace(1, 2, 27), [10, 11, 12]]
     cl = (dust_amp[:, None] * ell ** -3.0 + floor[:, None]) * np.exp(-sigma ** 2 * ell ** 2)
-    cut = Cutouts(small_scales=np.zeros((30, 4, 4), np.float32), fine_ell=ell, fine_cl=cl, level=level)
+    cut = Cutouts(small_scales=np.zeros((30, 4, 4), np.float32), coarse=np.zeros((30, 2, 2), np.float32),
+                  fine_ell=ell, fine_cl=cl, level=level)
     result = noise_floor_ell(cut, tail_ell=(3000, 3600), bright_fraction=0.1, window_fit_ell=(200, 2600))
     assert abs(result["beam_fwhm_arcmin"] - 5.0) < 0.05 and abs(result["alpha"] - 3.0) < 0.01
     step = ell[1] - ell[0]
@@ -184,7 +185,7 @@ def test_noise_floor_ell_recovers_the_crossing_and_the_beam():
     faint = truth <= 1500
     assert faint.sum() > 8 and np.all(found[faint] >= truth[faint] - step - 1e-6)
     with pytest.raises(ValueError, match="does not resolve"):
-        noise_floor_ell(Cutouts(cut.small_scales, ell[:10], cl[:, :10], level))
+        noise_floor_ell(Cutouts(cut.small_scales, cut.coarse, ell[:10], cl[:, :10], level))
 
 
 def test_fill_invalid_keeps_valid_pixels_and_fills_holes_smoothly():
