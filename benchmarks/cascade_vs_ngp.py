@@ -60,6 +60,7 @@ import numpy as np  # noqa: E402
 from scipy.ndimage import gaussian_filter  # noqa: E402
 
 from pysm3 import MapDistribution  # noqa: E402
+from pysm_vaedust.fidelity import per_patch_moments as fidelity_moments  # noqa: E402
 from pysm_vaedust import VAEDust  # noqa: E402
 from pysm_vaedust.cutouts import flat_small_scales, tangent_basis  # noqa: E402
 from pysm_vaedust.data import NGP_PIXEL_ARCMIN, file_digest, load_ngp_image, shared_data_dir  # noqa: E402
@@ -209,20 +210,10 @@ def band_powers(fields) -> dict:
 
 
 def per_patch_moments(patches: np.ndarray, n_boot: int = 200, seed: int = 0) -> dict:
-    """rms_cv (std / mean of the per-cutout rms), skewness_mean, kurtosis_median (excess), each
-    with its 16-84 % bootstrap band over cutouts (as pysm_vaedust-validate's per-patch moments)."""
-    x = np.asarray(patches, dtype=float).reshape(len(patches), -1)
-    c = x - x.mean(1, keepdims=True)
-    var = np.mean(c**2, 1)
-    rms, skew, kurt = np.sqrt(var), np.mean(c**3, 1) / var**1.5, np.mean(c**4, 1) / var**2 - 3
-    boot = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))
-
-    def entry(values, func):
-        lo, hi = np.percentile([func(values[b]) for b in boot], (16, 84))
-        return {"value": float(func(values)), "band": [float(lo), float(hi)]}
-
-    return {"rms_cv": entry(rms, lambda v: v.std() / v.mean()), "skewness_mean": entry(skew, np.mean),
-            "kurtosis_median": entry(kurt, np.median)}
+    """rms_cv, skewness_mean, kurtosis_median of the cutouts with their 16-84 % bootstrap bands
+    (`pysm_vaedust.fidelity.per_patch_moments`), bands as lists for the JSON."""
+    return {key: {"value": entry["value"], "band": [float(v) for v in entry["band"]]}
+            for key, entry in fidelity_moments(patches, n_boot, seed).items()}
 
 
 def minkowski(patches: np.ndarray) -> dict:
