@@ -31,7 +31,8 @@ from .statistics import default_ell_edges, flat_power_spectrum
 from .weights import save_weights
 
 SPLITS = ("train", "val", "test")
-#: config keys that may differ when resuming (e.g. continue to more epochs)
+#: config keys that may differ when resuming (more epochs continue on a different cosine schedule:
+#: bit-identity with a straight run holds only for an unchanged `epochs`)
 RESUMABLE_CHANGES = ("epochs", "output", "threads", "device", "calibrate_noise")
 #: config keys that must be > 0 (other numbers: ints >= 0, floats finite)
 POSITIVE_KEYS = ("npix", "size_deg", "spacing_deg", "template_fwhm_deg", "region_nside", "lr", "batch_size",

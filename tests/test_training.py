@@ -49,13 +49,25 @@ def test_training_lowers_the_loss_and_conditions_the_samples(tmp_path, data_dir)
     assert shares["condition"] > 0  # the conditional mean changes with c
 
 
-def test_resume_after_interruption_gives_identical_weights(tmp_path, data_dir):
+def test_resume_after_interruption_gives_identical_weights(tmp_path, data_dir, monkeypatch):
+    import pysm_vaedust.train as train_module
+
     straight = tiny_config(tmp_path / "a", epochs=2)
     path_a = train(straight, progress=False)
-    first = tiny_config(tmp_path / "b", epochs=1)
-    train(first, progress=False)  # "killed" after one epoch: last.pt holds epoch 1
-    resumed = tiny_config(tmp_path / "b", epochs=2)
-    path_b = train(resumed, resume=True, progress=False)
+    calls = {"n": 0}
+    evaluate_once = train_module.evaluate
+
+    def interrupted(*args, **kwargs):  # the run dies during epoch 2's validation: last.pt holds epoch 1
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return evaluate_once(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path / "b", epochs=2), progress=False)
+    monkeypatch.setattr(train_module, "evaluate", evaluate_once)
+    path_b = train(tiny_config(tmp_path / "b", epochs=2), resume=True, progress=False)
     _, tensors_a = read_weights_file(path_a)
     _, tensors_b = read_weights_file(path_b)
     assert tensors_a.keys() == tensors_b.keys()
