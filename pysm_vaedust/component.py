@@ -188,16 +188,13 @@ class SmallScaleGenerator:
                 ids = np.arange(start, min(start + self.batch_size, level.n_tiles))
                 patches = PatchSet(nside, level, ids, lookup)
                 if len(patches.used):
-                    used = ids[patches.used]
-                    decoded = self.decode(level, self.conditions(level, coarse_map, used),
-                                          patch_normals(seed, level.index, used, self.normals_size), used)
+                    # the whole batch of tile ids is decoded, used or not: the convolutions' numbers
+                    # depend on the batch, and partial skies (MPI ranks) must equal the full sky bit for bit
+                    decoded = self.decode(level, self.conditions(level, coarse_map, ids),
+                                          patch_normals(seed, level.index, ids, self.normals_size), ids)
                     versions = [decoded] if smoother is None else [
                         decoded, torch.fft.ifft2(torch.fft.fft2(decoded) * smoother).real]
-                    parts = []
-                    for version in versions:
-                        values = np.zeros((2, len(ids), n, n), dtype=np.float32)
-                        values[:, patches.used] = version.cpu().numpy()
-                        parts.append(values)
+                    parts = [version.cpu().numpy() for version in versions]
                     if pending is not None:
                         pending.result()
                     pending = worker.submit(accumulate, patches, parts)
@@ -334,9 +331,11 @@ class VAEDust(Model):
         self.freq_ref, self.log_template, start = self._load_template(template, template_freq, fwhm)
         self.mbb_temperature = self._spectral_parameter(mbb_temperature, "mbb_temperature", u.K)
         self.mbb_index = self._spectral_parameter(mbb_index, "mbb_index", u.dimensionless_unscaled)
-        # the condition's brightness is in 100 um MJy/sr: converted with the mean SED parameters
-        log_offset = log_offset_to_100um(self.freq_ref, float(np.mean(self.mbb_temperature)),
-                                         float(np.mean(self.mbb_index)))
+        # the condition's brightness is in 100 um MJy/sr: converted with scalar SED parameters, or
+        # the defaults where they are maps (a partial sky must not see another conversion)
+        log_offset = log_offset_to_100um(
+            self.freq_ref, float(self.mbb_temperature) if np.ndim(self.mbb_temperature) == 0 else T_DUST_K,
+            float(self.mbb_index) if np.ndim(self.mbb_index) == 0 else BETA_DUST)
         self.generator = SmallScaleGenerator(self.weights, log_offset, batch_size, fixed_latents, fixed_noise, start)
         self._check_fixed_tiles()
         self._i_ref = None

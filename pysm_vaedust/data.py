@@ -162,8 +162,13 @@ def log_offset_to_100um(freq_GHz: float, T_K: float = T_DUST_K, beta: float = BE
     """ln of the factor turning dust intensity in uK_RJ at `freq_GHz` into MJy/sr at 100 um
     (modified black body of T_K, beta: an approximation, used only for the condition's
     patch-mean brightness)."""
-    sed = (IRIS_FREQ_GHZ / freq_GHz) ** beta * planck_nu(IRIS_FREQ_GHZ, T_K) / planck_nu(freq_GHz, T_K)
-    return float(np.log(sed / MJysr_to_uK_RJ(freq_GHz)))
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        log_sed = (beta * np.log(IRIS_FREQ_GHZ / freq_GHz) + np.log(planck_nu(IRIS_FREQ_GHZ, T_K))
+                   - np.log(planck_nu(freq_GHz, T_K)))
+    if not np.isfinite(log_sed):
+        raise ValueError(f"mbb_temperature={T_K!r} K, mbb_index={beta!r}: the modified black body from {freq_GHz} GHz "
+                         "to 100 um over- or underflows float64; expected a dust-like temperature and index")
+    return float(log_sed - np.log(MJysr_to_uK_RJ(freq_GHz)))
 
 
 def MJysr_to_uK_RJ(freq_GHz=FREQ_REF_GHZ) -> float:
