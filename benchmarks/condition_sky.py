@@ -70,20 +70,47 @@ def observed_region(nside: int, lon, lat, radius_deg: float, bmin: float, valid:
     return mask & (np.abs(b) > bmin) & valid
 
 
+def iris_observation(meta: dict, weights_path, nside: int, patches: int, bmin: float, noise: float,
+                     rng: np.random.Generator):
+    """The benchmark's observation: the weights' IRIS map at `nside` (uK_RJ at 100 um, NaN where
+    not all sub-pixels hold data) observed in discs of half the patch side around `patches` test
+    centres (0: all) at |b| > bmin, white noise `noise` x I drawn from `rng`. Returns (truth, observation
+    (0 where unobserved), sigma (1 where unobserved), mask, valid, number of test patches)."""
+    cfg = TrainConfig.of_weights(meta)
+    iris = load_training_map(cfg.data_map, cfg.map_quantity, cfg.map_frame, cfg.mosaic_nside)
+    truth_mjy = downgrade(iris.intensity, nside)
+    valid = np.isfinite(truth_mjy) & (truth_mjy > 0)
+    lon, lat = split_centres(meta, "test", repr(weights_path))
+    if 0 < patches < len(lon):
+        keep = np.unique(np.linspace(0, len(lon) - 1, patches).round().astype(int))
+        lon, lat = lon[keep], lat[keep]
+    mask = observed_region(nside, lon, lat, 0.5 * float(meta["geometry"]["size_deg"]), bmin, valid)
+    to_uk = (1 * u.MJy / u.sr).to_value(u.uK_RJ, equivalencies=u.cmb_equivalencies(FREQ_100UM))
+    truth = np.where(valid, truth_mjy, np.nan) * to_uk
+    sigma = np.where(mask, noise * truth, 1.0)
+    obs = np.where(mask, truth + sigma * rng.standard_normal(len(truth)), 0.0)
+    print(f"IRIS at nside {nside}: {int(mask.sum())} observed pixels ({mask.mean():.1%} of the sky) in "
+          f"{len(lon)} test patches at |b| > {bmin:g}, noise {noise:.0%} of I", file=sys.stderr)
+    return truth, obs, sigma, mask, valid, len(lon)
+
+
 #: signed distance to the observed region's edge (degrees, negative inside) of the roughness bins
 EDGE_BINS_DEG = (-3.0, -1.0, -0.3, 0.0, 0.3, 1.0, 3.0, 10.0)
 
 
-def edge_distance(nside: int, mask: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+def edge_distance(nside: int, mask: np.ndarray, pixels: np.ndarray, nside_max: int = 512) -> np.ndarray:
     """Signed angular distance (degrees) of `pixels` to the nearest pixel on the other side of
-    the mask's edge: negative inside the observed region, positive outside."""
+    the mask's edge: negative inside the observed region, positive outside (the mask taken at
+    nside <= `nside_max`, majority of sub-pixels, to keep the search small)."""
     from scipy.spatial import cKDTree
 
     vec = np.stack(hp.pix2vec(nside, pixels), 1)
+    nside_d = min(nside, nside_max)
+    coarse = hp.ud_grade(mask.astype(np.float64), nside_d) > 0.5 if nside_d < nside else mask
     out = np.empty(len(pixels))
     for side in (True, False):
         sel = mask[pixels] == side
-        other = np.stack(hp.pix2vec(nside, np.flatnonzero(mask != side)), 1)
+        other = np.stack(hp.pix2vec(nside_d, np.flatnonzero(coarse != side)), 1)
         chord, _ = cKDTree(other).query(vec[sel])
         out[sel] = np.degrees(2 * np.arcsin(np.clip(chord / 2, 0, 1))) * (-1 if side else 1)
     return out
@@ -149,31 +176,17 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     start = time.time()
     nside = args.nside
-    weights = load_weights(args.weights)
-    meta = weights.metadata
-    cfg = TrainConfig.of_weights(meta)
-    iris = load_training_map(cfg.data_map, cfg.map_quantity, cfg.map_frame, cfg.mosaic_nside)
-    truth_mjy = downgrade(iris.intensity, nside)
-    valid = np.isfinite(truth_mjy) & (truth_mjy > 0)
-    lon, lat = split_centres(meta, "test", repr(args.weights))
-    if 0 < args.patches < len(lon):
-        keep = np.unique(np.linspace(0, len(lon) - 1, args.patches).round().astype(int))
-        lon, lat = lon[keep], lat[keep]
-    mask = observed_region(nside, lon, lat, 0.5 * float(meta["geometry"]["size_deg"]), args.bmin, valid)
-    to_uk = (1 * u.MJy / u.sr).to_value(u.uK_RJ, equivalencies=u.cmb_equivalencies(FREQ_100UM))
-    truth = np.where(valid, truth_mjy, np.nan) * to_uk                       # uK_RJ at 100 um
-    sigma = np.where(mask, args.noise * truth, 1.0)
+    meta = load_weights(args.weights).metadata
     rng = np.random.default_rng(args.seed)
-    obs = np.where(mask, truth + sigma * rng.standard_normal(len(truth)), 0.0)
-    print(f"IRIS at nside {nside}: {int(mask.sum())} observed pixels ({mask.mean():.1%} of the sky) in "
-          f"{len(lon)} test patches at |b| > {args.bmin:g}, noise {args.noise:.0%} of I", file=sys.stderr)
+    truth, obs, sigma, mask, valid, n_patches = iris_observation(meta, args.weights, nside, args.patches, args.bmin,
+                                                                 args.noise, rng)
     filled = fill_invalid(np.where(valid, truth, 0.0), valid)
     filled = np.maximum(filled, 1e-3 * np.median(filled[valid]))
     templates = {"iris": {"template": filled, "template_freq": FREQ_100UM}, "bundled": {}}
     result = {"weights": str(args.weights), "weights_sha256": file_digest(args.weights), "nside": nside,
               "command": "python benchmarks/condition_sky.py " + " ".join(argv if argv is not None
                                                                                    else sys.argv[1:]),
-              "bmin_deg": args.bmin, "noise_fraction": args.noise, "test_patches": int(len(lon)),
+              "bmin_deg": args.bmin, "noise_fraction": args.noise, "test_patches": n_patches,
               "gauss_newton_steps": args.steps,
               "observed_pixels": int(mask.sum()), "threads": args.threads, "templates": {}}
     obs_pix = np.flatnonzero(mask)

@@ -3,16 +3,18 @@
 Sky level: `condition_sky` brings an observed intensity map to the reference frequency (the
 model's modified black body), takes y = ln I - ln T (T the template) and fits the whitened
 latents and decoder-noise patches of every level-0 tile touching an observed pixel **jointly
-through the blend** (`SkyForwardModel`: a sparse matrix of the tiling's bilinear interpolation
-and blend weights; overlapping patches add up as sum(w v) / sqrt(sum w^2)). Each tile's condition
+through the blend** (`SkyForwardModel`: sparse matrices of the tiling's bilinear interpolation
+and blend weights; overlapping patches' decoded means add up as a partition of unity, their
+decoder noise variance-preserving, as VAEDust renders them). Each tile's condition
 is its coarse part seen in the template (`SmallScaleGenerator.conditions` on `VAEDust.log_template`),
 known and fixed. `FittedLatents` stores the result (HDF5, atomic write, with the sha256 of the
 weights file); `ConditionedVAEDust` is a `VAEDust` that renders it: the observed region follows
 the data, the other tiles stay prior draws of `seed`.
 
 The patch level (MAP fits, posterior samples, the decoder-noise model) lives in `posterior`, the
-Gaussian baseline (`StationaryGaussian`, the Wiener filter) in `wiener`; this module imports
-both and re-exports their public names, so `pysm_vaedust.conditioning` is the one entry point.
+Gaussian baselines (`StationaryGaussian`, `ConditionalGaussian`: Wiener filters) in `wiener`; this
+module imports both and re-exports their public names, so `pysm_vaedust.conditioning` is the one
+entry point.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from .posterior import (MapFit, Posterior, conditional_mean, decoder_noise_covar
                         laplace_precision, latent_jacobian, map_fit, posterior_samples)
 from .tiling import CascadeLevel, Footprints, blend_torch, footprints, gaussian_multiplier
 from .weights import default_weights_path
-from .wiener import StationaryGaussian, block_mask
+from .wiener import ConditionalGaussian, StationaryGaussian, block_mask
 
 #: version 1 held latents of the unconditional VAE
 FITTED_FORMAT_VERSION = 2
@@ -576,6 +578,6 @@ class ConditionedVAEDust(VAEDust):
 
 
 __all__ = ["map_fit", "MapFit", "conditional_mean", "posterior_samples", "Posterior", "laplace_precision",
-           "latent_jacobian", "StationaryGaussian", "forward_model", "BlendOperator", "SkyForwardModel",
+           "latent_jacobian", "StationaryGaussian", "ConditionalGaussian", "forward_model", "BlendOperator", "SkyForwardModel",
            "condition_sky", "FittedLatents", "ConditionedVAEDust", "decoder_pixel_variance",
            "decoder_noise_covariance", "block_mask"]

@@ -102,10 +102,12 @@ def up(h: torch.Tensor) -> torch.Tensor:
     return F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=False)
 
 
-def radial_bins(npix: int) -> torch.Tensor:
-    """(npix, npix) long: rounded |k| of each FFT frequency, in units of the patch fundamental."""
-    k = torch.fft.fftfreq(npix, d=1.0 / npix)
-    return torch.sqrt(k[:, None] ** 2 + k[None, :] ** 2).round().long()
+def radial_bins(npix: int, torus: int = 1) -> torch.Tensor:
+    """(torus npix, torus npix) long: rounded |k| of each FFT frequency of a grid of `torus` times
+    the patch side (same pixels), in units of the patch fundamental, capped at the patch's largest."""
+    k = torch.fft.fftfreq(torus * npix, d=1.0 / npix)
+    kmax = round(math.sqrt(2) * (npix // 2))
+    return torch.sqrt(k[:, None] ** 2 + k[None, :] ** 2).round().long().clamp_max(kmax)
 
 
 def wavelet_filters(npix: int, n_scales: int = 4, n_angles: int = 4) -> torch.Tensor:
@@ -266,15 +268,25 @@ class ConditionalVAE(nn.Module):
         """Whitened latents (B, D) of the posterior means of q(z | x, c) (groups at their means)."""
         return self._top_down(c, enc=self.encoder_features(x, c), use_mean=True)[2]
 
-    def noise_logvar(self) -> torch.Tensor:
-        """(n, n) log variance of the decoder noise per FFT mode (orthonormal FFT)."""
-        return self.decoder_logvar[self.noise_bin]
+    def noise_logvar(self, torus: int = 1) -> torch.Tensor:
+        """(m, m) log variance of the decoder noise per FFT mode (orthonormal FFT) of a grid of
+        m = torus n pixels (the patch's pixel size: torus 2 samples the same spectrum twice as
+        finely in frequency)."""
+        bins = self.noise_bin if torus == 1 else radial_bins(self.config.npix, torus).to(self.noise_bin.device)
+        return self.decoder_logvar[bins]
 
     def decoder_noise(self, white: torch.Tensor) -> torch.Tensor:
-        """Decoder-noise draws (B, 1, n, n), coloured from standard normals `white` of that shape
-        (periodic over the patch)."""
-        spectrum = torch.fft.fft2(white, norm="ortho") * (0.5 * self.noise_logvar()).exp()
-        return torch.fft.ifft2(spectrum, norm="ortho").real
+        """Decoder-noise draws (B, 1, n, n) coloured from standard normals `white`: of shape
+        (B, 1, n, n), periodic over the patch (training, sampling, the component: the blend's taper
+        hides the wrap-around); of shape (B, 1, 2n, 2n), the n x n corner of the field on a torus
+        of twice the side, so that correlations do not wrap across the patch edges (conditioning:
+        `posterior.decoder_noise_covariance` is its covariance)."""
+        n, m = self.config.npix, white.shape[-1]
+        if m not in (n, 2 * n) or white.shape[-2] != m:
+            raise ValueError(f"white noise of shape {tuple(white.shape)}: expected (..., {n}, {n}) or "
+                             f"(..., {2 * n}, {2 * n})")
+        spectrum = torch.fft.fft2(white, norm="ortho") * (0.5 * self.noise_logvar(m // n)).exp()
+        return torch.fft.ifft2(spectrum, norm="ortho").real[..., :n, :n]
 
     def sample(self, c: torch.Tensor, generator: torch.Generator | None = None, eps: torch.Tensor | None = None,
                noise: bool = True) -> torch.Tensor:

@@ -53,18 +53,22 @@ def _check_condition(vae: ConditionalVAE, c, batch: int) -> torch.Tensor:
 
 def decoder_pixel_variance(vae: ConditionalVAE) -> float:
     """Per-pixel variance of the decoder noise (normalised units^2): the mean over orthonormal-FFT
-    modes of exp(noise_logvar)."""
-    return float(vae.noise_logvar().detach().exp().mean())
+    modes of exp(noise_logvar) (on the torus of `decoder_noise_covariance`: its diagonal)."""
+    return float(vae.noise_logvar(torus=2).detach().exp().mean())
 
 
 def decoder_noise_covariance(vae: ConditionalVAE) -> torch.Tensor:
-    """(n^2, n^2) float64 covariance of one patch's decoder noise, pixels in row-major order:
-    circulant (periodic over the patch), the covariance of `vae.decoder_noise`."""
+    """(n^2, n^2) float64 covariance of one patch's decoder noise, pixels in row-major order: the
+    stationary field of the decoder's noise spectrum seen through the patch, not periodic (the
+    corner of a torus of twice the side: `vae.decoder_noise` of (B, 1, 2n, 2n) white noise). The
+    periodic covariance would couple opposite patch edges: on the IRIS test split the Wiener
+    filter about the decoder mean at eps = 0 then had 1.00-1.10x the masked-pixel MSE of the
+    Gaussian baseline with the same c, against 0.91-0.94x without the wrap-around."""
     n = vae.config.npix
-    acf = torch.fft.ifft2(vae.noise_logvar().detach().double().exp()).real  # C[p, q] = acf[p - q mod n]
+    acf = torch.fft.ifft2(vae.noise_logvar(torus=2).detach().double().exp()).real  # C[p, q] = acf[p - q mod 2n]
     r = torch.arange(n, device=acf.device).repeat_interleave(n)
     col = torch.arange(n, device=acf.device).repeat(n)
-    return acf[(r[:, None] - r[None, :]) % n, (col[:, None] - col[None, :]) % n]
+    return acf[(r[:, None] - r[None, :]) % (2 * n), (col[:, None] - col[None, :]) % (2 * n)]
 
 
 def _observed_system(cov, m, s2, i):
@@ -424,7 +428,8 @@ def posterior_samples(vae: ConditionalVAE, d, mask, sigma, c, n_samples: int = 6
         shape = (n_samples, b, 1, *fit.data.shape[-2:])
         real = vae.decode(eps.reshape(-1, dim), fit.condition.repeat(n_samples, 1, 1, 1)).reshape(shape)
         if fit.noise_model != "none":
-            draws = vae.decoder_noise(torch.randn(shape, generator=generator).reshape(-1, *shape[2:])).reshape(shape)
+            white = torch.randn((n_samples * b, 1, 2 * shape[-2], 2 * shape[-1]), generator=generator)
+            draws = vae.decoder_noise(white).reshape(shape)        # not periodic: decoder_noise_covariance
             real = real + _conditional_decoder_noise(vae, fit.data[None] - real, fit.mask, fit.sigma2, draws, generator)
     return Posterior(eps=eps, realizations=real, mean=real.mean(0), std=real.std(0), fit=fit, method=method,
                      acceptance=acceptance)

@@ -10,6 +10,7 @@ and rendered end to end.
 Numbers measured with these fixtures are quoted next to the bounds.
 """
 
+import copy
 import warnings
 
 import h5py
@@ -31,6 +32,8 @@ from pysm_vaedust.conditioning import (
     block_mask,
     condition_sky,
     conditional_mean,
+    decoder_noise_covariance,
+    decoder_pixel_variance,
     forward_model,
     laplace_precision,
     latent_jacobian,
@@ -68,10 +71,11 @@ def masks():
 
 
 def noise_covariance(vae) -> torch.Tensor:
-    """(n^2, n^2) covariance of vae.decoder_noise, built from its action on unit vectors."""
+    """(n^2, n^2) covariance of vae.decoder_noise on (2n)^2 white noise (not periodic), built from
+    its action on unit vectors."""
     n = vae.config.npix
-    basis = torch.eye(n * n, dtype=torch.float32).reshape(-1, 1, n, n)
-    a = vae.decoder_noise(basis).reshape(n * n, n * n).double()   # row k: the response to unit vector k
+    basis = torch.eye(4 * n * n, dtype=torch.float32).reshape(-1, 1, 2 * n, 2 * n)
+    a = vae.decoder_noise(basis).reshape(4 * n * n, n * n).double()   # row k: the response to unit vector k
     return a.T @ a
 
 
@@ -107,8 +111,8 @@ class AffineDecoder(torch.nn.Module):
     def encode(self, x, c):
         return torch.zeros(len(x), self.latent_dim)
 
-    def noise_logvar(self):
-        return self.inner.noise_logvar()
+    def noise_logvar(self, torus=1):
+        return self.inner.noise_logvar(torus)
 
     def decoder_noise(self, white):
         return self.inner.decoder_noise(white)
@@ -120,7 +124,7 @@ def affine(weights, conditions, masks):
     model = AffineDecoder(weights.vae, conditions)
     gen = torch.Generator().manual_seed(11)
     eps = torch.randn((N_PATCHES, model.latent_dim), generator=gen)
-    x = model.decode(eps, conditions) + model.decoder_noise(torch.randn((N_PATCHES, 1, 32, 32), generator=gen))
+    x = model.decode(eps, conditions) + model.decoder_noise(torch.randn((N_PATCHES, 1, 64, 64), generator=gen))
     sigma = 0.05
     d = (x + sigma * torch.randn(x.shape, generator=gen)).numpy()
     cov = noise_covariance(weights.vae)
@@ -135,6 +139,23 @@ def affine(weights, conditions, masks):
         means.append(torch.linalg.solve(prec, w[o].T @ k_inv @ resid))
         precisions.append(prec)
     return model, eps, x, d, sigma, torch.stack(means), torch.stack(precisions)
+
+
+def test_decoder_noise_covariance_is_not_periodic(weights):
+    """The conditioning's decoder-noise covariance is that of the (2n)^2-torus draws and does not
+    couple opposite patch edges as the periodic draws do (a red spectrum: correlated neighbours)."""
+    vae = copy.deepcopy(weights.vae)
+    n = vae.config.npix
+    with torch.no_grad():
+        vae.decoder_logvar.copy_(-0.3 * torch.arange(len(vae.decoder_logvar), dtype=torch.float32))
+    cov = decoder_noise_covariance(vae)
+    torch.testing.assert_close(cov, noise_covariance(vae), rtol=1e-4, atol=1e-6)
+    periodic = vae.decoder_noise(torch.eye(n * n).reshape(-1, 1, n, n)).reshape(n * n, n * n).double()
+    periodic = periodic.T @ periodic
+    left, right, neighbour = 0, n - 1, 1                  # pixels (0, 0), (0, n - 1), (0, 1)
+    assert abs(float(periodic[left, right] - periodic[left, neighbour])) < 1e-5    # wraps around
+    assert abs(float(cov[left, right])) < 0.1 * abs(float(cov[left, neighbour]))
+    assert float(cov[left, left]) == pytest.approx(decoder_pixel_variance(vae), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- bad input
