@@ -156,6 +156,8 @@ def test_decoder_noise_covariance_is_not_periodic(weights):
     assert abs(float(periodic[left, right] - periodic[left, neighbour])) < 1e-5    # wraps around
     assert abs(float(cov[left, right])) < 0.1 * abs(float(cov[left, neighbour]))
     assert float(cov[left, left]) == pytest.approx(decoder_pixel_variance(vae), rel=1e-5)
+    with pytest.raises(ValueError, match="white noise of shape"):
+        vae.decoder_noise(torch.zeros(1, 1, n + 1, n + 1))
 
 
 # ----------------------------------------------------------------------------- bad input
