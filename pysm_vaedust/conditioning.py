@@ -578,6 +578,6 @@ class ConditionedVAEDust(VAEDust):
 
 
 __all__ = ["map_fit", "MapFit", "conditional_mean", "posterior_samples", "Posterior", "laplace_precision",
-           "latent_jacobian", "StationaryGaussian", "ConditionalGaussian", "forward_model", "BlendOperator", "SkyForwardModel",
-           "condition_sky", "FittedLatents", "ConditionedVAEDust", "decoder_pixel_variance",
+           "latent_jacobian", "StationaryGaussian", "ConditionalGaussian", "forward_model", "BlendOperator",
+           "SkyForwardModel", "condition_sky", "FittedLatents", "ConditionedVAEDust", "decoder_pixel_variance",
            "decoder_noise_covariance", "block_mask"]
