@@ -38,8 +38,8 @@ from .checks import (check_bandpass, check_bool, check_frequency, check_int, che
 from .component import VAEDust, _mbb_intensity, interpolate_at_pixels
 from .data import BETA_DUST, T_DUST_K, atomic_write, file_digest
 from .model import ConditionalVAE
-from .posterior import (MapFit, Posterior, conditional_mean, decoder_noise_covariance, decoder_pixel_variance,
-                        laplace_precision, latent_jacobian, map_fit, posterior_samples)
+from .posterior import (MapFit, Posterior, StructureFitting, conditional_mean, decoder_noise_covariance,
+                        decoder_pixel_variance, laplace_precision, latent_jacobian, map_fit, posterior_samples)
 from .tiling import CascadeLevel, Footprints, blend_torch, footprints, gaussian_multiplier
 from .weights import default_weights_path
 from .wiener import ConditionalGaussian, StationaryGaussian, block_mask
@@ -580,4 +580,4 @@ class ConditionedVAEDust(VAEDust):
 __all__ = ["map_fit", "MapFit", "conditional_mean", "posterior_samples", "Posterior", "laplace_precision",
            "latent_jacobian", "StationaryGaussian", "ConditionalGaussian", "forward_model", "BlendOperator",
            "SkyForwardModel", "condition_sky", "FittedLatents", "ConditionedVAEDust", "decoder_pixel_variance",
-           "decoder_noise_covariance", "block_mask"]
+           "decoder_noise_covariance", "block_mask", "StructureFitting"]

@@ -12,7 +12,9 @@ decoder noise, and white noise sigma^2 on the observed pixels o::
 flat noise spectrum). eps are the whitened latents (N(0, I) prior).
 
 Holds `map_fit` -> `MapFit`, `posterior_samples` -> `Posterior` (Laplace, MALA, ULA),
-`laplace_precision`, `conditional_mean`, `latent_jacobian` and the decoder-noise covariance.
+`laplace_precision`, `conditional_mean`, `latent_jacobian`, the decoder-noise covariance, and
+`StructureFitting` (the VAE with its condition's structure channel as extra latents, for data
+that must supply their large scales too: pass it to map_fit / posterior_samples as the model).
 Imports `wiener`, never `conditioning`.
 """
 
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 from .checks import check_bool, check_choice, check_int, check_real
-from .model import CONDITION_CHANNELS, ConditionalVAE
+from .model import CONDITION_CHANNELS, ConditionalVAE, up
 from .wiener import _check_patch_inputs
 
 METHODS = ("lbfgs", "adam")
@@ -169,6 +171,67 @@ def _linear_solution(vae, d, c, data_term: _DataTerm) -> torch.Tensor:
         rhs = torch.einsum("bpi,bp->bi", jac.double(), (data_term.precision.double() @ resid[..., None])[..., 0])
     # symmetric positive definite: Cholesky (batched LU solves fail inside MKL with > 1 thread, torch 2.13)
     return torch.cholesky_solve(rhs[..., None], torch.linalg.cholesky(_gauss_newton(jac, data_term)))[..., 0].float()
+
+
+# ----------------------------------------------------------------------------- condition fitted too
+
+class StructureFitting(torch.nn.Module):
+    """The conditional VAE with its condition's structure channel fitted along with the latents,
+    for patches whose data must supply their large scales too (no template). Pass it to `map_fit`
+    / `posterior_samples` in place of the VAE, with c holding the known brightness channel
+    (c[:, 1]; c[:, 0] is ignored) and d the **full** field f = x + a up(s) in x's normalised units
+    (s the structure channel, a = coarse_scale / log_scale of the weights' normalisation, up the
+    bilinear upsampling of `model.up`; f's patch mean is free: an offset b is fitted too).
+
+    Latents theta = (eps (D), u (m^2), b) ~ N(0, I): s = mean + R u with (mean, R R^T) the
+    Gaussian of the training conditions' structure channels (`prior`, a `StationaryGaussian` of
+    (N, 1, m, m) maps), offset `offset_scale` b; decode(theta, c) = mu(eps, [s, c_1]) + a up(s)
+    + offset_scale b. Decoder noise as the VAE's."""
+
+    def __init__(self, vae: ConditionalVAE, prior, normalisation: dict, offset_scale: float = 3.0):
+        super().__init__()
+        self.vae, self.config = vae, vae.config
+        m = vae.config.condition_npix
+        if prior.npix != m:
+            raise ValueError(f"prior is a Gaussian of {prior.npix}^2 maps; expected the condition grid {m}^2")
+        vals, vecs = torch.linalg.eigh(torch.from_numpy(prior.covariance()))
+        self.register_buffer("root", (vecs * vals.clamp_min(0).sqrt()).float())        # (m^2, m^2)
+        self.prior_mean = float(prior.mean)
+        self.gain = float(normalisation["coarse_scale"]) / float(normalisation["log_scale"])
+        self.offset_scale = float(offset_scale)
+        self.latent_dim = vae.latent_dim + m * m + 1
+
+    @property
+    def device(self):
+        return self.root.device
+
+    def structure(self, theta: torch.Tensor) -> torch.Tensor:
+        """Structure channels (B, 1, m, m) of latents theta (B, latent_dim)."""
+        m = self.config.condition_npix
+        u = theta[:, self.vae.latent_dim:self.vae.latent_dim + m * m]
+        return (self.prior_mean + u @ self.root.T).reshape(-1, 1, m, m)
+
+    def condition(self, theta: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The VAE's conditions (B, 2, m, m): the fitted structure, the given brightness c[:, 1]."""
+        return torch.cat([self.structure(theta), c[:, 1:]], 1)
+
+    def decode(self, theta: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        s = self.structure(theta)
+        mu = self.vae.decode(theta[:, :self.vae.latent_dim], torch.cat([s, c[:, 1:]], 1))
+        return mu + self.gain * up(s) + self.offset_scale * theta[:, -1:, None, None]
+
+    def encode(self, f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """A start: u = 0, b = 0 and the VAE's encoding of f minus the prior-mean large scales."""
+        theta = torch.zeros(len(f), self.latent_dim, device=f.device)
+        large = self.gain * up(self.structure(theta))
+        theta[:, :self.vae.latent_dim] = self.vae.encode(f - large, self.condition(theta, c))
+        return theta
+
+    def noise_logvar(self, torus: int = 1) -> torch.Tensor:
+        return self.vae.noise_logvar(torus)
+
+    def decoder_noise(self, white: torch.Tensor) -> torch.Tensor:
+        return self.vae.decoder_noise(white)
 
 
 # ----------------------------------------------------------------------------- MAP fit
@@ -484,4 +547,4 @@ def _langevin(vae, eps0, fit: MapFit, chol, steps, step_size, generator, adjust=
 
 
 __all__ = ["map_fit", "MapFit", "conditional_mean", "posterior_samples", "Posterior", "laplace_precision",
-           "latent_jacobian", "decoder_pixel_variance", "decoder_noise_covariance"]
+           "latent_jacobian", "decoder_pixel_variance", "decoder_noise_covariance", "StructureFitting"]
