@@ -42,7 +42,7 @@ import torch
 
 from pysm_vaedust.train import datasets_of_weights
 from pysm_vaedust.weights import default_weights_path, load_weights
-from pysm_vaedust.wiener import ConditionalGaussian
+from pysm_vaedust.wiener import ConditionalGaussian, torus_covariance
 
 
 def ell_grid(npix: int, size_deg: float) -> torch.Tensor:
@@ -97,15 +97,6 @@ def fit_dust_latents(vae, d, c, total_var, steps=300):
     return best[1]
 
 
-def circulant_covariance(mode_variance: torch.Tensor) -> torch.Tensor:
-    """(n^2, n^2) pixel covariance (row-major) of a periodic stationary field with orthonormal-FFT
-    per-mode variance `mode_variance` (n, n)."""
-    n = mode_variance.shape[0]
-    acf = torch.fft.ifft2(mode_variance.double()).real          # C[p, q] = acf[p - q mod n]
-    r, c = torch.arange(n).repeat_interleave(n), torch.arange(n).repeat(n)
-    return acf[(r[:, None] - r[None, :]) % n, (c[:, None] - c[None, :]) % n]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default=str(default_weights_path()), help="VAE weights file (HDF5)")
@@ -135,7 +126,7 @@ def main(argv=None) -> int:
     # non-periodic residual covariance), CMB circulant, white noise; one Cholesky serves every patch
     cond = ConditionalGaussian.fit(sets["train"][0], train_c)
     cov_dust = torch.from_numpy(cond.residual.covariance())
-    cov_cmb = circulant_covariance(S)
+    cov_cmb = torus_covariance(S, n)                  # circulant: the simulated CMB is periodic
     chol = torch.linalg.cholesky(cov_dust + cov_cmb + args.noise**2 * torch.eye(n * n, dtype=torch.float64))
 
     gen = torch.Generator().manual_seed(args.seed)

@@ -257,6 +257,17 @@ class ConditionalGaussian:
         return mean + prior, sd, (None if samples is None else samples + prior[None])
 
 
+def torus_covariance(mode_variance: torch.Tensor, npix: int) -> torch.Tensor:
+    """(npix^2, npix^2) float64 pixel covariance (row-major) of an npix x npix corner of a
+    stationary periodic field on the (m, m) torus with orthonormal-FFT per-mode variance
+    `mode_variance` (m >= npix; m = npix: circulant over the patch, m = 2 npix: no wrap-around)."""
+    m = mode_variance.shape[-1]
+    acf = torch.fft.ifft2(mode_variance.double()).real                     # C[p, q] = acf[p - q mod m]
+    r = torch.arange(npix, device=acf.device).repeat_interleave(npix)
+    col = torch.arange(npix, device=acf.device).repeat(npix)
+    return acf[(r[:, None] - r[None, :]) % m, (col[:, None] - col[None, :]) % m]
+
+
 def block_mask(fraction: float, rng: np.random.Generator, n: int = 32, block: int = 4) -> np.ndarray:
     """(n, n) bool observation mask, True = observed, with round(fraction * (n / block)^2) random
     block x block squares masked (on a grid of block-pixel cells): the holes of the inpainting
