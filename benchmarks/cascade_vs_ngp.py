@@ -123,7 +123,7 @@ def vaedust_on_ngp_grid(nside: int, seed: int, npix: int, weights: str, beam_arc
         raise RuntimeError("the VAEDust disc does not cover the NGP grid")
     smoothed = gaussian_filter(fine, fwhm_to_sigma(beam_arcmin) / (NGP_PIXEL_ARCMIN / OVERSAMPLE), mode="reflect")
     mid = OVERSAMPLE // 2   # fine pixel whose centre is the NGP pixel's
-    levels = component.generator.levels(nside, cascade)
+    levels = component.renderer.levels(nside, cascade)
     coarse = grid_directions(npix, NGP_PIXEL_ARCMIN / 60).reshape(-1, 3)
     template = hp.get_interp_val(component.log_template, *hp.vec2ang(coarse)).reshape(npix, npix)
     return {"condition": pole_condition(component) if cascade else None, "log_template": template,
@@ -156,7 +156,7 @@ def pole_condition(component) -> dict:
     """Where the NGP sits in the model's condition space: the level-0 condition's brightness
     plane at the pole (in the training set's standard deviations) and the share of |b| > 15 deg
     level-0 tiles that are fainter; the rms of the condition's structure plane there."""
-    gen, level = component.generator, component.generator.levels(component.nside)[0]
+    gen, level = component.renderer, component.renderer.levels(component.nside)[0]
     lat = hp.pix2ang(level.tile_nside, np.arange(level.n_tiles), lonlat=True)[1]
     tiles = np.flatnonzero(np.abs(lat) > 15)
     cond = gen.conditions(level, component.log_template, tiles)

@@ -1,4 +1,5 @@
-"""Stages 6-7 — the PySM component: conditional VAE small scales on a large-scale template.
+"""Stage 6 — the PySM component: a thin pysm3 adaptor (template, SED, bandpass, units) around
+the renderer (`renderer.Renderer`), which makes the small scales.
 
     ln I_nu_ref(p) = ln T(p) + R(p) + delta(p),     I_nu = I_nu_ref * MBB(nu) / MBB(nu_ref)
 
@@ -15,79 +16,27 @@ bandpass-integrated with pysm3's own utilities.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import healpy as hp
 import numpy as np
 import pysm3.units as u
-import torch
 from numba import njit
 from pysm3 import utils as pysm_utils
 from pysm3.models.dust import blackbody_ratio
 from pysm3.models.template import Model
-from tqdm import tqdm
 
 from .checks import (check_bandpass, check_bool, check_frequency, check_int, check_nside, check_path,
                      check_pixel_indices, check_real, check_seed)
-from .cutouts import PatchGeometry, condition_input, sample_patches
 from .data import BETA_DUST, T_DUST_K, check_positive_finite, log_offset_to_100um
+from .renderer import Renderer, interpolate_at_pixels, start_factor
 from .template import default_template_path, read_template, smooth_log_map
-from .tiling import CascadeLevel, PatchSet, blended, cascade_levels, gaussian_multiplier, patch_normals, tile_centres
-from .train import resolve_device
-from .weights import Weights, load_weights
+from .weights import load_weights, resolve_device
 
 #: nside of the working copy of the (smoothed) log template (13.7' pixels for a 30' beam)
 TEMPLATE_WORK_NSIDE = 256
 #: beam of the PySM GNILC dust template (deg)
 GNILC_FWHM_DEG = 21.8 / 60
-#: output pixels interpolated per chunk (bounds the temporary theta/phi/weight arrays)
-PIXEL_CHUNK = 1 << 22
-
-
-def interpolate_at_pixels(values: np.ndarray, nside: int, pixels: np.ndarray | None) -> np.ndarray:
-    """Bilinear samples (float64) of a RING map `values` (any nside) at `pixels` of `nside`
-    (None = all), in chunks of PIXEL_CHUNK pixels."""
-    n = hp.nside2npix(nside) if pixels is None else len(pixels)
-    out = np.empty(n)
-    for start in range(0, n, PIXEL_CHUNK):
-        stop = min(start + PIXEL_CHUNK, n)
-        pix = np.arange(start, stop) if pixels is None else pixels[start:stop]
-        out[start:stop] = hp.get_interp_val(values, *hp.pix2ang(nside, pix))
-    return out
-
-
-def _fixed_table(tables, shape: tuple, name: str) -> dict:
-    """{level: {tile: float32 array of `shape`}} from {int: {int: array-like}}; errors name `name`."""
-    if tables is None:
-        return {}
-    if not isinstance(tables, Mapping) or not all(isinstance(v, Mapping) for v in tables.values()):
-        raise TypeError(f"{name}: expected {{level: {{tile id: array {shape}}}}}, got {type(tables).__name__}")
-    out = {}
-    for level, table in tables.items():
-        level = check_int(level, f"{name} level", minimum=0)
-        out[level] = {}
-        for tile, value in table.items():
-            tile = check_int(tile, f"{name}[{level}] tile id", minimum=0)
-            try:
-                arr = np.asarray(value, dtype=np.float32)
-            except (TypeError, ValueError):
-                raise TypeError(f"{name}[{level}][{tile}]: expected an array of numbers") from None
-            if arr.shape != shape or not np.all(np.isfinite(arr)):
-                raise ValueError(f"{name}[{level}][{tile}] has shape {arr.shape}: expected finite values "
-                                 f"of shape {shape}")
-            out[level][tile] = arr
-    return out
-
-
-def _replace_rows(values: torch.Tensor, table: dict | None, ids: np.ndarray | None) -> None:
-    """In place: rows r of `values` whose tile ids[r] is in `table` get table[ids[r]]."""
-    if not table or ids is None:
-        return
-    rows = [r for r, t in enumerate(ids) if int(t) in table]
-    if rows:
-        values[rows] = torch.from_numpy(np.stack([table[int(ids[r])] for r in rows])).to(values)
 
 
 def _scalar_frequency(value, name: str) -> float:
@@ -101,175 +50,6 @@ def _scalar_frequency(value, name: str) -> float:
     if freq.ndim:
         raise ValueError(f"{name} has shape {freq.shape}: expected one frequency")
     return float(freq.value)
-
-
-class SmallScaleGenerator:
-    """Decodes the patches of the cascade levels given their coarse parts and blends them onto
-    HEALPix pixels. weights: loaded conditional VAE; log_offset: ln of the factor that turns the
-    template's unit into 100 um MJy/sr (the unit of the condition's brightness)."""
-
-    def __init__(self, weights: Weights, log_offset: float = 0.0, batch_size: int = 1024,
-                 fixed_latents: dict | None = None, fixed_noise: dict | None = None, start_factor: float = 1.0):
-        self.weights = weights
-        self.vae = weights.vae.to(memory_format=torch.channels_last)  # ~1.7x faster CPU convolutions
-        d, n = self.vae.latent_dim, self.vae.config.npix
-        self.fixed_latents = _fixed_table(fixed_latents, (d,), "fixed_latents")
-        self.fixed_noise = _fixed_table(fixed_noise, (n, n), "fixed_noise")
-        self.batch_size = check_int(batch_size, "batch_size", minimum=1)
-        self.log_offset = float(log_offset)
-        meta = weights.metadata
-        self.normalisation = meta["normalisation"]
-        self.base = PatchGeometry(meta["geometry"]["npix"], meta["geometry"]["size_deg"])
-        self.slope = float(meta["spectral_slope"]["slope"])
-        self.start_factor = start_factor
-
-    def levels(self, nside: int, cascade: bool = True) -> list[CascadeLevel]:
-        """The cascade levels for `nside` (only the first without the cascade)."""
-        levels = cascade_levels(nside, self.base, self.slope, self.start_factor)
-        return levels if cascade else levels[:1]
-
-    @property
-    def normals_size(self) -> int:
-        return self.vae.latent_dim + self.vae.config.npix**2
-
-    def conditions(self, level: CascadeLevel, coarse_map: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """The model's conditions (B, 2, n/2, n/2) of tiles `ids`: the coarse field (ln I in the
-        template's unit, RING, any nside) sampled on their condition grids."""
-        lon, lat = tile_centres(level, ids)
-        coarse = sample_patches(coarse_map, "G", lon, lat, level.geometry.halved())
-        return condition_input(coarse, self.normalisation, level.amplitude, self.log_offset)
-
-    def decode(self, level: CascadeLevel, conditions: np.ndarray, normals: np.ndarray,
-               ids: np.ndarray | None = None) -> torch.Tensor:
-        """Small scales (2, B, n, n) in ln I of tiles given their conditions (B, 2, n/2, n/2) and
-        per-patch normals (B, D + n^2) (whitened latents, then the decoder noise's white normals):
-        [decoded means (+ the normalisation's mean), decoder noise]. Tiles `ids` listed in
-        `fixed_latents[level]` / `fixed_noise[level]` use their fixed latents / noise patch
-        (normalised units) instead."""
-        d, n = self.vae.latent_dim, self.vae.config.npix
-        eps = torch.from_numpy(normals).to(self.vae.device)
-        c = torch.from_numpy(conditions).to(self.vae.device).contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            z = eps[:, :d].clone()
-            _replace_rows(z, self.fixed_latents.get(level.index), ids)
-            mean = self.vae.decode(z, c).contiguous()[:, 0]
-            noise = self.vae.decoder_noise(eps[:, d:].reshape(-1, 1, n, n))[:, 0]
-            _replace_rows(noise, self.fixed_noise.get(level.index), ids)
-        norm = self.normalisation
-        scale = level.amplitude * norm["log_scale"]
-        return torch.stack([scale * mean + level.amplitude * norm["log_mean"], scale * noise])
-
-    def level_field(self, level: CascadeLevel, nside: int, seed: int, pixels: np.ndarray | None,
-                    coarse_map: np.ndarray, smooth_fwhm_deg: float | None = None, bar=None):
-        """One level's blended small scales at `pixels` of `nside` (None = all), float32,
-        conditioned on `coarse_map` (decoded means blended as a partition of unity, decoder noise
-        variance-preserving: `tiling.blended`); with `smooth_fwhm_deg` also the blend of the same
-        patches smoothed in-patch by that Gaussian (the next level's view of them), else None.
-
-        Decoding of the next batch overlaps with the (GIL-free) reprojection of the previous one;
-        a single worker keeps the accumulation order, so results are bit-reproducible."""
-        n_out = hp.nside2npix(nside) if pixels is None else len(pixels)
-        lookup = None
-        if pixels is not None:
-            lookup = np.full(hp.nside2npix(nside), -1, dtype=np.int64)
-            lookup[pixels] = np.arange(len(pixels))
-        sums = [np.zeros((4, n_out), dtype=np.float32) for _ in range(1 if smooth_fwhm_deg is None else 2)]
-        n = self.vae.config.npix
-        smoother = None if smooth_fwhm_deg is None else torch.from_numpy(
-            gaussian_multiplier(n, level.geometry.pixel_size_deg, smooth_fwhm_deg)).to(self.vae.device)
-
-        def accumulate(patches, parts):
-            for total, (means, noise) in zip(sums, parts):
-                patches.accumulate(means, noise, total)
-
-        with ThreadPoolExecutor(max_workers=1) as worker:
-            pending = None
-            for start in range(0, level.n_tiles, self.batch_size):
-                ids = np.arange(start, min(start + self.batch_size, level.n_tiles))
-                patches = PatchSet(nside, level, ids, lookup)
-                if len(patches.used):
-                    # the whole batch of tile ids is decoded, used or not: the convolutions' numbers
-                    # depend on the batch, and partial skies (MPI ranks) must equal the full sky bit for bit
-                    decoded = self.decode(level, self.conditions(level, coarse_map, ids),
-                                          patch_normals(seed, level.index, ids, self.normals_size), ids)
-                    versions = [decoded] if smoother is None else [
-                        decoded, torch.fft.ifft2(torch.fft.fft2(decoded) * smoother).real]
-                    parts = [version.cpu().numpy() for version in versions]
-                    if pending is not None:
-                        pending.result()
-                    pending = worker.submit(accumulate, patches, parts)
-                if bar is not None:
-                    bar.update(len(ids))
-            if pending is not None:
-                pending.result()
-        if np.any(sums[0][2] <= 0):
-            raise RuntimeError(f"cascade level {level.index}: {int(np.sum(sums[0][2] <= 0))} pixels "
-                               "not covered by any patch (tiling bug)")
-        return blended(sums[0]), (blended(sums[1]) if len(sums) > 1 else None)
-
-    def field(self, nside: int, seed: int, pixels: np.ndarray | None, log_template: np.ndarray,
-              cascade: bool = True, progress: bool = False) -> np.ndarray:
-        """R + delta (see the module doc) at `pixels` (RING; None = full sky), float32, for the
-        log template `log_template` (RING, any nside). Levels before the last are computed on the
-        whole sky at their working nside (every MPI rank the same), the last on `pixels` only
-        (at a lower working nside and bilinearly interpolated when the output pixel is much finer
-        than the level's)."""
-        pixels_out = np.arange(hp.nside2npix(nside)) if pixels is None else pixels
-        levels = self.levels(nside, cascade)
-        fwhm0 = float(self.normalisation["template_fwhm_deg"])
-        coarse_map, residual = log_template, None   # the field so far; R at the next level's resolution
-        with tqdm(total=sum(lv.n_tiles for lv in levels), desc=f"VAEDust nside {nside}", unit="patch",
-                  disable=not progress) as bar:
-            for level, following in zip(levels[:-1], levels[1:]):
-                work = working_nside(level, nside)
-                _, smoothed = self.level_field(level, work, seed, None, coarse_map, fwhm0 / following.factor, bar)
-                residual = smoothed if residual is None else (
-                    interpolate_at_pixels(residual, work, None).astype(np.float32) + smoothed)
-                coarse_map = interpolate_at_pixels(log_template, work, None) + residual
-            last = levels[-1]
-            work = working_nside(last, nside)
-            if work == nside:
-                delta, _ = self.level_field(last, nside, seed, pixels, coarse_map, None, bar)
-            else:
-                delta = self.interpolated_level_field(last, work, nside, seed, pixels_out, coarse_map, bar)
-        if residual is not None:
-            delta += interpolate_at_pixels(residual, nside, pixels).astype(np.float32)
-        return delta
-
-    def interpolated_level_field(self, level, work_nside, nside, seed, pixels_out, coarse_map, bar):
-        """A level computed at `work_nside` on the pixels bilinear interpolation needs, then
-        interpolated to `pixels_out` of `nside` (float32)."""
-        full = np.zeros(hp.nside2npix(work_nside), dtype=np.float32)
-        if len(pixels_out) == hp.nside2npix(nside):
-            full[:] = self.level_field(level, work_nside, seed, None, coarse_map, None, bar)[0]
-        else:
-            needed = np.zeros(len(full), dtype=bool)
-            for start in range(0, len(pixels_out), PIXEL_CHUNK):
-                pix = pixels_out[start:start + PIXEL_CHUNK]
-                needed[hp.get_interp_weights(work_nside, *hp.pix2ang(nside, pix))[0].ravel()] = True
-            full[needed] = self.level_field(level, work_nside, seed, np.flatnonzero(needed), coarse_map, None, bar)[0]
-        return interpolate_at_pixels(full, nside, pixels_out).astype(np.float32)
-
-
-def start_factor(beam_deg: float, fwhm_deg: float) -> float:
-    """Scale factor of the cascade's first level for a template of beam `beam_deg` and weights
-    conditioned at `fwhm_deg`: 1, or 1/4 (one coarser level, conditioned at 4 fwhm) when the
-    template is coarser than 1.05 fwhm; a template coarser than 4.2 fwhm is refused."""
-    if beam_deg <= 1.05 * fwhm_deg:
-        return 1.0
-    if beam_deg > 4.2 * fwhm_deg:
-        raise ValueError(f"the template's beam {60 * beam_deg:.1f}' is coarser than 4x the conditioning "
-                         f"resolution {60 * fwhm_deg:.1f}' (one cascade level earlier reaches {240 * fwhm_deg:.0f}')")
-    return 0.25
-
-
-def working_nside(level: CascadeLevel, nside: int) -> int:
-    """Lowest nside <= `nside` whose pixel is at most half the level's patch pixel."""
-    target = 0.5 * level.geometry.pixel_size_deg * 60
-    work = 1
-    while work < nside and hp.nside2resol(work, arcmin=True) > target:
-        work *= 2
-    return work
 
 
 @njit(cache=True)
@@ -336,15 +116,15 @@ class VAEDust(Model):
         log_offset = log_offset_to_100um(
             self.freq_ref, float(self.mbb_temperature) if np.ndim(self.mbb_temperature) == 0 else T_DUST_K,
             float(self.mbb_index) if np.ndim(self.mbb_index) == 0 else BETA_DUST)
-        self.generator = SmallScaleGenerator(self.weights, log_offset, batch_size, fixed_latents, fixed_noise, start)
+        self.renderer = Renderer(self.weights, log_offset, batch_size, fixed_latents, fixed_noise, start)
         self._check_fixed_tiles()
         self._i_ref = None
 
     def _check_fixed_tiles(self) -> None:
         """ValueError if fixed latents / noise name a level or tile this nside and cascade lack."""
-        levels = self.generator.levels(self.nside, self.cascade)
-        for name, table in (("fixed_latents", self.generator.fixed_latents),
-                            ("fixed_noise", self.generator.fixed_noise)):
+        levels = self.renderer.levels(self.nside, self.cascade)
+        for name, table in (("fixed_latents", self.renderer.fixed_latents),
+                            ("fixed_noise", self.renderer.fixed_noise)):
             for level, tiles in table.items():
                 if level >= len(levels):
                     raise ValueError(f"{name} has level {level}; nside={self.nside}, cascade={self.cascade} "
@@ -439,7 +219,7 @@ class VAEDust(Model):
     def reference_map(self) -> np.ndarray:
         """Intensity at the reference frequency (uK_RJ, float64, own pixels); computed once, cached."""
         if self._i_ref is None:
-            delta = self.generator.field(self.nside, self.seed, self.pixel_indices, self.log_template,
+            delta = self.renderer.field(self.nside, self.seed, self.pixel_indices, self.log_template,
                                          self.cascade, self.progress)
             log_i = self.template_at_pixels()
             log_i += delta
@@ -468,4 +248,4 @@ class VAEDust(Model):
         return out << u.uK_RJ
 
 
-__all__ = ["VAEDust", "SmallScaleGenerator"]
+__all__ = ["VAEDust"]

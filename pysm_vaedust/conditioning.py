@@ -3,10 +3,10 @@
 Sky level: `condition_sky` brings an observed intensity map to the reference frequency (the
 model's modified black body), takes y = ln I - ln T (T the template) and fits the whitened
 latents and decoder-noise patches of every level-0 tile touching an observed pixel **jointly
-through the blend** (`SkyForwardModel`: sparse matrices of the tiling's bilinear interpolation
-and blend weights; overlapping patches' decoded means add up as a partition of unity, their
+through the blend** (`SkyForwardModel`: the renderer's band-limited resampling, then sparse
+matrices of the tiling's bilinear interpolation and blend weights; overlapping patches' decoded means add up as a partition of unity, their
 decoder noise variance-preserving, as VAEDust renders them). Each tile's condition
-is its coarse part seen in the template (`SmallScaleGenerator.conditions` on `VAEDust.log_template`),
+is its coarse part seen in the template (`Renderer.conditions` on `VAEDust.log_template`),
 known and fixed. `FittedLatents` stores the result (HDF5, atomic write, with the sha256 of the
 weights file); `ConditionedVAEDust` is a `VAEDust` that renders it: the observed region follows
 the data, the other tiles stay prior draws of `seed`.
@@ -35,12 +35,13 @@ import torch
 from . import __version__
 from .checks import (check_bandpass, check_bool, check_frequency, check_int, check_nside, check_path, check_real,
                      check_seed)
-from .component import VAEDust, _mbb_intensity, interpolate_at_pixels
+from .component import VAEDust, _mbb_intensity
 from .data import BETA_DUST, T_DUST_K, atomic_write, file_digest
 from .model import ConditionalVAE
 from .posterior import (MapFit, Posterior, StructureFitting, conditional_mean, decoder_noise_covariance,
                         decoder_pixel_variance, laplace_precision, latent_jacobian, map_fit, posterior_samples)
-from .tiling import CascadeLevel, Footprints, blend_torch, footprints, gaussian_multiplier
+from .renderer import interpolate_at_pixels
+from .tiling import UPSAMPLE, CascadeLevel, Footprints, Resampler, blend_torch, footprints
 from .weights import default_weights_path
 from .wiener import ConditionalGaussian, StationaryGaussian, block_mask
 
@@ -53,32 +54,30 @@ CONDITION_ATOL = 1e-4
 # ----------------------------------------------------------------------------- forward model
 
 def forward_model(vae: ConditionalVAE, eps: torch.Tensor, c: torch.Tensor, level: CascadeLevel,
-                  normalisation: dict, noise: torch.Tensor | None = None, smoothing: torch.Tensor | None = None,
+                  normalisation: dict, noise: torch.Tensor | None = None, resampler: Resampler | None = None,
                   fp: Footprints | None = None, n_out: int | None = None) -> torch.Tensor:
     """Differentiable latents -> patches -> sky pixels of one cascade level (torch; gradients
     flow to eps and noise).
 
     eps (P, D) whitened latents, c (P, 2, n/2, n/2) conditions, noise (P, n, n) decoder-noise
     patches (normalised units) of P tiles of `level`. Patches (P, n, n): the small scales in ln I
-    that `SmallScaleGenerator.decode` renders, a (s (mu(eps, c) + noise) + m) (a the level's
-    amplitude, s / m the normalisation's log_scale / log_mean), times the Fourier multiplier
-    `smoothing` (n, n) if given (`tiling.gaussian_multiplier`: the level as the next level sees
-    it). With `fp` (`tiling.footprints(nside, level, tile_ids, lookup)`, its patch k is row k of
-    eps) and `n_out`: blended onto those pixels as the component does (`tiling.blended`: the
-    decoded means as a partition of unity, the noise variance-preserving; `tiling.blend_torch`),
-    (n_out,). `SkyForwardModel` computes the same with a sparse blend.
+    that `Renderer.decode` renders, a (s (mu(eps, c) + noise) + m) (a the level's amplitude, s / m
+    the normalisation's log_scale / log_mean). With `fp` (`tiling.footprints(nside, level,
+    tile_ids, lookup)`, its patch k is row k of eps), `n_out` and `resampler` (the renderer's
+    reprojection resampling, `Renderer.resampler`): resampled onto the fine grid and blended onto
+    those pixels as the component does (`tiling.blended`: the decoded means as a partition of
+    unity, the noise variance-preserving; `tiling.blend_torch`), (n_out,). `SkyForwardModel`
+    computes the same with a sparse blend.
     """
     scale = level.amplitude * normalisation["log_scale"]
     parts = [scale * vae.decode(eps, c)[:, 0] + level.amplitude * normalisation["log_mean"]]
     if noise is not None:
         parts.append(scale * noise)
-    if smoothing is not None:
-        parts = [torch.fft.ifft2(torch.fft.fft2(x) * smoothing).real for x in parts]
     if fp is None:
         return sum(parts)
-    if n_out is None:
-        raise ValueError("forward_model: n_out (number of output pixels) is required with fp")
-    return sum(blend_torch(x, fp, int(n_out), shared=k == 0) for k, x in enumerate(parts))
+    if n_out is None or resampler is None:
+        raise ValueError("forward_model: n_out (number of output pixels) and resampler are required with fp")
+    return sum(blend_torch(resampler(x), fp, int(n_out), shared=k == 0) for k, x in enumerate(parts))
 
 
 class _SparseApply(torch.autograd.Function):
@@ -93,8 +92,8 @@ class _SparseApply(torch.autograd.Function):
 
 
 class BlendOperator:
-    """The tiling's patch -> sky map as a sparse matrix B (n_out, P n^2): bilinear interpolation of
-    each patch at its footprint pixels, weights w / sqrt(sum w^2) (or, `shared`, w / sum w: for
+    """The tiling's fine-grid patch -> sky map as a sparse matrix B (n_out, P n^2), n the fine grid's
+    side: bilinear interpolation of each patch at its footprint pixels, weights w / sqrt(sum w^2) (or, `shared`, w / sum w: for
     the decoded means). Same numbers as `tiling.blend_torch` (to 1e-6), ~5x faster forward +
     backward, with an explicit adjoint."""
 
@@ -142,8 +141,8 @@ class SkyForwardModel:
     delta = B_m[a (s mu(eps, c) + m)] + B[a s e] with B_m / B the blends of the decoded means and
     of the noise (BlendOperator shared / not), c the tiles' conditions from the template, e their
     decoder-noise patches. With finer levels, VAEDust adds
-    level 0 as the next level sees it (smoothed in-patch by a Gaussian of FWHM F / f_1, F the
-    conditioning FWHM, `smoothing`), then draws the finer levels conditioned on the field so far:
+    level 0 as the next level sees it (seen through a Gaussian of FWHM F / f_1, F the
+    conditioning FWHM, in `resampler`), then draws the finer levels conditioned on the field so far:
     here they are left out of delta and counted as white noise of variance `fine_variance` (ln
     I^2: s^2 sum_k a_k^2 over the finer levels, the normalised small scales having unit variance);
     the component also blends level 0 at its working nside and interpolates, so delta is then
@@ -155,40 +154,36 @@ class SkyForwardModel:
         self.vae = model.weights.vae
         self.chunk = check_int(chunk, "chunk", 1)
         nside = model.nside
-        levels = model.generator.levels(nside, model.cascade)
+        levels = model.renderer.levels(nside, model.cascade)
         self.level, self.n_levels = levels[0], len(levels)
-        self.normalisation = model.generator.normalisation
+        self.normalisation = model.renderer.normalisation
         n = self.vae.config.npix
         self.tile_ids = np.asarray(tile_ids, dtype=np.int64)
         self.pixels = np.asarray(pixels, dtype=np.int64)
-        self.conditions = torch.from_numpy(model.generator.conditions(self.level, model.log_template, self.tile_ids))
+        self.conditions = torch.from_numpy(model.renderer.conditions(self.level, model.log_template, self.tile_ids))
         lookup = np.full(hp.nside2npix(nside), -1, dtype=np.int64)
         lookup[self.pixels] = np.arange(len(self.pixels))
         self.footprints = footprints(nside, self.level, self.tile_ids, lookup)
-        self.operator = BlendOperator(self.footprints, len(self.tile_ids), n, len(self.pixels))
-        self.mean_operator = BlendOperator(self.footprints, len(self.tile_ids), n, len(self.pixels), shared=True)
+        self.operator = BlendOperator(self.footprints, len(self.tile_ids), UPSAMPLE * n, len(self.pixels))
+        self.mean_operator = BlendOperator(self.footprints, len(self.tile_ids), UPSAMPLE * n, len(self.pixels),
+                                           shared=True)
         s = float(self.normalisation["log_scale"])
         self.scale = self.level.amplitude * s                 # ln I per normalised unit
-        self.smoothing = None
-        if len(levels) > 1:
-            fwhm = float(self.normalisation["template_fwhm_deg"]) / levels[1].factor
-            self.smoothing = torch.from_numpy(gaussian_multiplier(n, self.level.geometry.pixel_size_deg, fwhm)).float()
+        self.next_fwhm_deg = 0.0 if len(levels) == 1 else float(self.normalisation["template_fwhm_deg"]) / levels[1].factor
+        self.resampler = model.renderer.resampler(self.level, nside, self.next_fwhm_deg)
         self.fine_variance = s**2 * sum(lv.amplitude**2 for lv in levels[1:])
         self.log_template = torch.from_numpy(interpolate_at_pixels(model.log_template, nside, self.pixels))
         m = self.level.amplitude * float(self.normalisation["log_mean"])
-        self.offset = self.mean_operator(torch.full((len(self.tile_ids), n, n), m))    # blend of the constant a m
-
-    def _smooth(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.smoothing is None else torch.fft.ifft2(torch.fft.fft2(x) * self.smoothing).real
+        self.offset = self.mean_operator(self.resampler(torch.full((len(self.tile_ids), n, n), m)))  # the constant a m
 
     def blend(self, x: torch.Tensor, shared: bool = False) -> torch.Tensor:
         """Normalised patches x (P, n, n) -> ln I (n_pixels,): decoder noise, or (`shared`)
         decoded means."""
-        return (self.mean_operator if shared else self.operator)(self._smooth(self.scale * x))
+        return (self.mean_operator if shared else self.operator)(self.resampler(self.scale * x))
 
     def blend_adjoint(self, y: torch.Tensor, shared: bool = False) -> torch.Tensor:
         """Adjoint of `blend`: (n_pixels,) -> (P, n, n)."""
-        return self.scale * self._smooth((self.mean_operator if shared else self.operator).adjoint(y))
+        return self.scale * self.resampler.adjoint((self.mean_operator if shared else self.operator).adjoint(y))
 
     def _chunks(self, eps):
         for k in range(0, len(eps), self.chunk):
@@ -391,8 +386,9 @@ def _fit_tiles(fwd: SkyForwardModel, target, n_var, eps0, e0, steps, cg_tol, cg_
         prior_e = (torch.fft.fft2(e - e0, norm="ortho").abs().square() / spectrum).sum()
         return float((eps - eps0).double().square().sum() + prior_e.double() + (resid.double().square() / n_var).sum())
 
-    smoothed = spectrum if fwd.smoothing is None else spectrum * fwd.smoothing.square()
-    diag = (n_var + fwd.scale**2 * float(smoothed.mean()) * fwd.operator.row_sq_sum).float()
+    # a fine-grid pixel's variance of resampled stationary noise, approximated as white: spectrum mean x (sum R^2 / U n)^2
+    gain = float(fwd.resampler.matrix.square().sum() / fwd.resampler.matrix.shape[0]) ** 2
+    diag = (n_var + fwd.scale**2 * float(spectrum.mean()) * gain * fwd.operator.row_sq_sum).float()
     n_var_f = n_var.float()
     eps, e = eps0.clone(), e0.clone()
     with torch.no_grad():
@@ -497,7 +493,7 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
                     mbb_temperature=mbb_temperature, mbb_index=mbb_index, weights=weights, device="cpu",
                     cascade=cascade)
     vae = model.weights.vae
-    level = model.generator.levels(nside, cascade)[0]
+    level = model.renderer.levels(nside, cascade)[0]
     lookup = np.full(npix, -1, dtype=np.int64)
     lookup[obs] = np.arange(len(obs))
     touched = np.unique(footprints(nside, level, np.arange(level.n_tiles), lookup).patch)
@@ -563,14 +559,14 @@ class ConditionedVAEDust(VAEDust):
         fitted.check_weights(default_weights_path() if weights is None else weights)
         super().__init__(nside=nside, seed=seed, weights=weights, fixed_latents=fitted.as_dict(),
                          fixed_noise=fitted.noise_dict(), **kwargs)
-        levels = self.generator.levels(self.nside, self.cascade)
+        levels = self.renderer.levels(self.nside, self.cascade)
         fit_levels = fitted.metadata.get("n_levels")
         if fit_levels is not None and fit_levels != len(levels):
             warnings.warn(f"nside={self.nside}, cascade={self.cascade} renders {len(levels)} cascade level(s), the "
                           f"fit modelled {fit_levels}: the observed region follows the data only approximately",
                           stacklevel=2)
         if fitted.conditions is not None:
-            now = self.generator.conditions(levels[0], self.log_template, fitted.tile_ids)
+            now = self.renderer.conditions(levels[0], self.log_template, fitted.tile_ids)
             if now.shape != fitted.conditions.shape or not np.allclose(now, fitted.conditions, atol=CONDITION_ATOL):
                 raise ValueError("the fitted tiles' conditions differ from this component's (another template, "
                                  "template_freq or mbb_* than condition_sky's): pass the same ones")

@@ -5,11 +5,14 @@ pixels of a HEALPix grid of `tile_nside`; the patch side is 2.18 tile spacings, 
 overlap by about half. Each patch's latent is drawn from a counter-based generator keyed by
 (seed, level, tile index): any subset of patches, in any order, gets the same latents.
 
-Reprojection: every HEALPix pixel inside a patch footprint receives the bilinear interpolation
-of the decoded patch at its tangent-plane position, weighted by w = c(x) c(y) with
-c(t) = cos^2(pi t / 2) over the half-width. Overlaps blend the patches' decoded means as
-sum(w m) / sum(w) (the overlapping patches predict them from the same large scales) and their
-decoder noise as sum(w e) / sqrt(sum(w^2)) (independent: the variance stays uniform over the sky).
+Reprojection: a decoded patch (n, n) is first resampled band-limited onto a grid UPSAMPLE times
+finer (`resampling_matrix`: its symmetric (DCT-II) continuation, divided by the window the
+training targets carry and by the transfer of the bilinear step, so the reprojection passes
+the patch's band flat up to its Nyquist frequency); every HEALPix pixel inside the patch
+footprint then receives the bilinear interpolation of that fine grid at its tangent-plane
+position, weighted by w = c(x) c(y) with c(t) = cos^2(pi t / 2) over the half-width. Overlaps
+blend what the overlapping patches share as sum(w m) / sum(w) and what each draws on its own as
+sum(w e) / sqrt(sum(w^2)) (independent: the variance stays uniform over the sky).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from .cutouts import PatchGeometry, tangent_basis
 
 #: tile_nside of level 0 (3.66 deg spacing for 8 deg patches); level n uses BASE_TILE_NSIDE * factor.
 BASE_TILE_NSIDE = 16
+#: fine-grid points per patch pixel (per axis) of the reprojection's band-limited resampling
+UPSAMPLE = 2
 
 
 @dataclass(frozen=True)
@@ -75,12 +80,55 @@ def cascade_levels(nside: int, base: PatchGeometry, slope: float, start_factor: 
             for n, f in enumerate(factors)]
 
 
-def gaussian_multiplier(npix: int, pixel_size_deg: float, fwhm_deg: float) -> np.ndarray:
-    """Fourier multiplier (npix, npix) of a Gaussian beam of `fwhm_deg` on a periodic patch of
-    `pixel_size_deg` pixels, for numpy / torch fft2."""
-    k = 2 * np.pi * np.fft.fftfreq(npix, d=np.radians(pixel_size_deg))  # rad^-1
-    sigma = np.radians(fwhm_deg) / np.sqrt(8 * np.log(2))
-    return np.exp(-0.5 * sigma**2 * (k[:, None] ** 2 + k[None, :] ** 2))
+def gaussian_transfer(freq: np.ndarray, fwhm: float) -> np.ndarray:
+    """Transfer function of a Gaussian of `fwhm` at frequencies `freq` (cycles per unit of fwhm)."""
+    return np.exp(-2 * (np.pi * freq * fwhm / np.sqrt(8 * np.log(2))) ** 2)
+
+
+def band_limit(freq: np.ndarray, start: float) -> np.ndarray:
+    """Taper 1 below `start`, cos^2 down to 0 at 1.5 `start` (same unit as `freq`; inf: all 1)."""
+    t = np.clip((np.asarray(freq, dtype=np.float64) - start) / (0.5 * start), 0.0, 1.0)
+    return np.cos(0.5 * np.pi * t) ** 2
+
+
+def resampling_matrix(npix: int, window_fwhm_pix: float = 0.0, window_box: int = 1,
+                      smoothing_fwhm_pix: float = 0.0, upsample: int = UPSAMPLE,
+                      limit_cycles: float = np.inf) -> np.ndarray:
+    """The reprojection's 1-D resampling operator (upsample npix, npix), float64: a patch P
+    (n, n) becomes R P R^T on the fine grid of upsample x upsample points per pixel (centres at
+    (i + 0.5) / upsample - 0.5 in pixel units, the same extent).
+
+    R takes the band-limited symmetric (DCT-II) continuation of the samples, divides it by the
+    window the samples carry (a Gaussian beam of `window_fwhm_pix` pixels FWHM, and the mean of
+    `window_box` equally spaced sub-samples per pixel: the cutouts' box average) and by the
+    transfer sinc^2(f / upsample) of bilinear interpolation on the fine grid, and multiplies it
+    by a Gaussian of `smoothing_fwhm_pix` (a coarser view of the patch; 0: none) and by
+    `band_limit` from `limit_cycles` (cycles per pixel: the band the output pixels can hold).
+    With no window, no smoothing and upsample 1 it is the identity up to the bilinear compensation."""
+    n = int(npix)
+    k = np.arange(n)
+    freq = k / (2 * n)  # cycles per pixel of the DCT-II modes
+    box = np.ones(n) if window_box <= 1 else (
+        np.sinc(freq) / np.where(k == 0, 1.0, np.sinc(freq / window_box)))  # sin(pi f) / (m sin(pi f / m))
+    gain = (gaussian_transfer(freq, smoothing_fwhm_pix) * band_limit(freq, limit_cycles)
+            / (gaussian_transfer(freq, window_fwhm_pix) * box * np.sinc(freq / upsample) ** 2))
+    analysis = np.cos(np.pi * np.outer(k, np.arange(n) + 0.5) / n) * np.where(k == 0, 1.0, 2.0)[:, None] / n
+    fine = (np.arange(upsample * n) + 0.5) / upsample - 0.5
+    return np.cos(np.pi * np.outer(fine + 0.5, k) / n) @ (gain[:, None] * analysis)
+
+
+class Resampler:
+    """Patches (..., n, n) -> (..., U n, U n) on the reprojection's fine grid, R P R^T (torch,
+    differentiable), with its adjoint; R from `resampling_matrix`."""
+
+    def __init__(self, matrix: np.ndarray, device="cpu"):
+        self.matrix = torch.from_numpy(np.asarray(matrix, dtype=np.float32)).to(device)
+
+    def __call__(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.matrix @ patches @ self.matrix.T
+
+    def adjoint(self, fine: torch.Tensor) -> torch.Tensor:
+        return self.matrix.T @ fine @ self.matrix
 
 
 def tile_centres(level: CascadeLevel, ids: np.ndarray):
@@ -186,7 +234,8 @@ def _blend_kernel(nside, pixels, patch, position, basis, half, pix_rad, means, n
 
 class PatchSet:
     """Candidate (pixel, patch) pairs of the tiles `ids` of a level: every `nside` RING pixel
-    within the patch's circumscribed disc that this process computes (pixel_lookup >= 0).
+    within the patch's circumscribed disc that this process computes (pixel_lookup >= 0). Grid
+    coordinates are on the reprojection's fine grid (UPSAMPLE points per patch pixel).
 
     pixel_lookup: optional (12 nside^2,) int64 map from global pixel to output position (-1 = not
     computed here, e.g. another MPI rank's pixel); default identity (full sky)."""
@@ -195,7 +244,8 @@ class PatchSet:
         g = level.geometry
         self.nside, self.level = nside, level
         self.half = float(np.tan(np.radians(0.5 * g.size_deg)))
-        self.pix_rad = float(np.radians(g.pixel_size_deg))
+        self.pix_rad = float(np.radians(g.pixel_size_deg)) / UPSAMPLE   # fine-grid spacing
+        self.npix = UPSAMPLE * g.npix
         self.basis = np.ascontiguousarray(np.stack(tangent_basis(*tile_centres(level, ids)), 1))  # (P, 3, 3)
         radius = np.arctan(self.half * np.sqrt(2)) * 1.01
         lists = [hp.query_disc(nside, self.basis[i, 0], radius) for i in range(len(ids))]
@@ -210,8 +260,8 @@ class PatchSet:
         self.used = np.flatnonzero(np.bincount(self.patch, minlength=len(ids)))  # patches touching our pixels
 
     def accumulate(self, means: np.ndarray, noise: np.ndarray, sums: np.ndarray) -> None:
-        """sums (4, n_out) += (w m, w e, w, w^2) at the footprint pixels, for the patches' decoded
-        means m and decoder noise e (each (P, n, n), all ids); see `blended`."""
+        """sums (4, n_out) += (w m, w e, w, w^2) at the footprint pixels, for the patches' shared
+        part m and own part e (each (P, U n, U n) on the fine grid, all ids); see `blended`."""
         _blend_kernel(self.nside, self.pixels, self.patch, self.position, self.basis, self.half, self.pix_rad,
                       np.ascontiguousarray(means, dtype=np.float32), np.ascontiguousarray(noise, dtype=np.float32),
                       sums)
@@ -221,7 +271,7 @@ class PatchSet:
         n = len(self.pixels)
         row, col, weight = np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, np.float32)
         _footprint_kernel(self.nside, self.pixels, self.patch, self.basis, self.half, self.pix_rad,
-                          self.level.geometry.npix, row, col, weight)
+                          self.npix, row, col, weight)
         inside = weight > 0
         return Footprints(pixel=self.position[inside], patch=self.patch[inside],
                           row=row[inside], col=col[inside], weight=weight[inside])
@@ -229,8 +279,8 @@ class PatchSet:
 
 def blended(sums: np.ndarray) -> np.ndarray:
     """The blended field of accumulated sums (4, n_out): sum(w m) / sum(w) + sum(w e) / sqrt(sum w^2).
-    Overlapping patches share their decoded means (all are predicted from the same large scales:
-    a partition of unity keeps them) and have independent noise (variance-preserving weights)."""
+    What overlapping patches share (predicted from the same large scales: a partition of unity
+    keeps it) and what each draws on its own (independent: variance-preserving weights)."""
     return sums[0] / sums[2] + sums[1] / np.sqrt(sums[3])
 
 
@@ -240,7 +290,8 @@ def footprints(nside: int, level: CascadeLevel, ids: np.ndarray, pixel_lookup: n
 
 
 def bilinear_torch(values: torch.Tensor, fp: Footprints) -> torch.Tensor:
-    """Differentiable bilinear samples (M,) of patches `values` (P, n, n) at the footprint points."""
+    """Differentiable bilinear samples (M,) of fine-grid patches `values` (P, U n, U n) at the
+    footprint points."""
     n = values.shape[-1]
     row = torch.from_numpy(fp.row).to(values.device).clamp(0, n - 1)
     col = torch.from_numpy(fp.col).to(values.device).clamp(0, n - 1)
@@ -258,7 +309,7 @@ def bilinear_torch(values: torch.Tensor, fp: Footprints) -> torch.Tensor:
 
 
 def blend_torch(values: torch.Tensor, fp: Footprints, n_out: int, shared: bool = False) -> torch.Tensor:
-    """Differentiable blend of patches (P, n, n) onto n_out pixels: sum(w v) / sqrt(sum w^2)
+    """Differentiable blend of fine-grid patches (P, U n, U n) onto n_out pixels: sum(w v) / sqrt(sum w^2)
     (independent fields, e.g. decoder noise), or with `shared` sum(w v) / sum(w) (fields the
     overlapping patches share, e.g. decoded means). Pixels no patch covers are 0."""
     w = torch.from_numpy(fp.weight).to(values.device)

@@ -28,7 +28,7 @@ from .data import DustMap, NGP_PIXEL_ARCMIN, atomic_write, file_digest, load_dus
 from .iris import iris_mosaic
 from .model import ConditionalVAE, VAEConfig
 from .statistics import default_ell_edges, flat_power_spectrum
-from .weights import save_weights
+from .weights import resolve_device, save_weights
 
 SPLITS = ("train", "val", "test")
 #: config keys that may differ when resuming (more epochs continue on a different cosine schedule:
@@ -118,19 +118,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA when available, else CPU; 'cuda' without a GPU raises ValueError."""
-    if not isinstance(name, str):
-        raise TypeError(f"device={name!r}: expected 'auto', 'cpu' or 'cuda[:n]'")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} requested but no CUDA GPU is available; use 'cpu' or 'auto'")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ValueError(f"device={name!r}: expected 'auto', 'cpu' or 'cuda[:n]'")
-    return torch.device(name)
 
 
 def resolve_data_path(name: str) -> Path:

@@ -55,8 +55,8 @@ from .morphology import (COHERENCE_EDGES, RIDGE_THRESHOLD, SIGMA_DERIVATIVE_PX, 
 from .realsky import REAL_SKY_BEAMS_ARCMIN, pixel_fwhm_arcmin, split_centres
 from .statistics import default_ell_edges, flat_power_spectrum
 from .tiling import cascade_levels
-from .train import SPLITS, TrainConfig, load_training_map, resolve_data_path, resolve_device, select_patches
-from .weights import default_weights_path, load_weights
+from .train import SPLITS, TrainConfig, load_training_map, resolve_data_path, select_patches
+from .weights import default_weights_path, load_weights, resolve_device
 
 __all__ = ["validate", "summary", "main", "per_patch_moments"]
 

@@ -25,6 +25,19 @@ FORMAT_VERSION = 3
 DEFAULT_WEIGHTS_NAME = "vaedust_default.h5"
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when available, else CPU; 'cuda' without a GPU raises ValueError."""
+    if not isinstance(name, str):
+        raise TypeError(f"device={name!r}: expected 'auto', 'cpu' or 'cuda[:n]'")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} requested but no CUDA GPU is available; use 'cpu' or 'auto'")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"device={name!r}: expected 'auto', 'cpu' or 'cuda[:n]'")
+    return torch.device(name)
+
+
 def default_weights_path() -> Path:
     """Path of the weights shipped as package data."""
     return Path(str(resources.files("pysm_vaedust") / "package_data" / DEFAULT_WEIGHTS_NAME))
