@@ -326,7 +326,7 @@ def make_figure(path: Path, r: dict, images: dict, mfs: dict, mf_band: dict) -> 
         a.set_title(name, fontsize=9)
         a.set_xlabel("deg")
         if a is bottom[0]:
-            a.add_patch(plt.Rectangle((x0 := (ZOOM[1].start - img.shape[1] / 2) * NGP_PIXEL_ARCMIN / 60,
+            a.add_patch(plt.Rectangle(((ZOOM[1].start - img.shape[1] / 2) * NGP_PIXEL_ARCMIN / 60,
                                        (ZOOM[0].start - img.shape[0] / 2) * NGP_PIXEL_ARCMIN / 60),
                                       (ZOOM[1].stop - ZOOM[1].start) * NGP_PIXEL_ARCMIN / 60,
                                       (ZOOM[0].stop - ZOOM[0].start) * NGP_PIXEL_ARCMIN / 60, fill=False, ec="k"))

@@ -25,10 +25,9 @@ import pysm3
 import pysm3.units as u
 
 from pysm_vaedust import VAEDust
-from pysm_vaedust.data import shared_data_dir
-from pysm_vaedust.iris import iris_mosaic
-from pysm_vaedust.mapcheck import (BRIGHT_MJYSR, IRIS_BEAM_ARCMIN, analysis_mask, compare_spectra, fit_dust_law,
-                                   masked_spectrum, zero_level)
+from pysm_vaedust.data import fit_dust_law, masked_spectrum, shared_data_dir
+from pysm_vaedust.iris import analysis_mask, iris_mosaic, subtract_zero_level
+from pysm_vaedust.mapcheck import BRIGHT_MJYSR, IRIS_BEAM_ARCMIN, compare_spectra
 
 IRIS_NSIDE = 2048
 
@@ -58,13 +57,12 @@ def main(argv=None) -> int:
     parser.add_argument("--figure", default=None)
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
-    iris = iris_mosaic(IRIS_NSIDE, shared_data_dir() / "iris_100um").intensity
-    missing = ~np.isfinite(iris)
-    template = VAEDust(nside=64, seed=0)
-    t_map = np.exp(template.log_template)
+    mosaic = iris_mosaic(IRIS_NSIDE, shared_data_dir() / "iris_100um")
+    missing = ~np.isfinite(mosaic.intensity)
+    reference_map = subtract_zero_level(mosaic, np.exp(VAEDust(nside=64, seed=0).log_template))
+    zero = reference_map.extra["zero_level"]
+    reference = reference_map.intensity
     mask_iris = analysis_mask(IRIS_NSIDE, missing)
-    zero = zero_level(iris, hp.ud_grade(t_map, IRIS_NSIDE), mask_iris)
-    reference = iris - zero["delta"]
     bright_iris = bright_sky(reference, IRIS_NSIDE)
     lmax_iris = int(1.5 * IRIS_NSIDE)
     ref_cl = spectra(np.where(missing, 0.0, reference), mask_iris, bright_iris, lmax_iris)
@@ -112,7 +110,8 @@ def make_figure(path: str, ref_cl: dict, fits: dict, curves: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pysm_vaedust.mapcheck import band_mean, gaussian_beam
+    from pysm_vaedust.data import gaussian_beam
+    from pysm_vaedust.mapcheck import band_mean
 
     kinds = ("linear", "ln_bright")
     fig, axes = plt.subplots(2, len(kinds), figsize=(6 * len(kinds), 8), sharex=True, constrained_layout=True)

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pysm_vaedust.morphology import ridge_length_edges, ridge_statistics, structure_tensor_statistics, wph_coefficients
+from pysm_vaedust.morphology import ridge_statistics, structure_tensor_statistics, wph_coefficients
 from pysm_vaedust.statistics import bootstrap_band, flat_power_spectrum, minkowski_functionals
 
 PIX_DEG = 7.5 / 60

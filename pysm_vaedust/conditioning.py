@@ -141,8 +141,8 @@ class SkyForwardModel:
     delta = B_m[a (s mu(eps, c) + m)] + B[a s e] with B_m / B the blends of the decoded means and
     of the noise (BlendOperator shared / not), c the tiles' conditions from the template, e their
     decoder-noise patches. With finer levels, VAEDust adds
-    level 0 as the next level sees it (seen through a Gaussian of FWHM F / f_1, F the
-    conditioning FWHM, in `resampler`), then draws the finer levels conditioned on the field so far:
+    level 0 as much as it keeps beside the next level (`tiling.handover_gain` of the Gaussian
+    of FWHM F / f_1, F the conditioning FWHM, in `resampler`), then draws the finer levels conditioned on the field so far:
     here they are left out of delta and counted as white noise of variance `fine_variance` (ln
     I^2: s^2 sum_k a_k^2 over the finer levels, the normalised small scales having unit variance);
     the component also blends level 0 at its working nside and interpolates, so delta is then
@@ -170,7 +170,7 @@ class SkyForwardModel:
         s = float(self.normalisation["log_scale"])
         self.scale = self.level.amplitude * s                 # ln I per normalised unit
         self.next_fwhm_deg = 0.0 if len(levels) == 1 else float(self.normalisation["template_fwhm_deg"]) / levels[1].factor
-        self.resampler = model.renderer.resampler(self.level, nside, self.next_fwhm_deg)
+        self.resampler = model.renderer.resampler(self.level, nside, handover_fwhm_deg=self.next_fwhm_deg)
         self.fine_variance = s**2 * sum(lv.amplitude**2 for lv in levels[1:])
         self.log_template = torch.from_numpy(interpolate_at_pixels(model.log_template, nside, self.pixels))
         m = self.level.amplitude * float(self.normalisation["log_mean"])

@@ -232,3 +232,50 @@ def load_ngp_image(path=None) -> np.ndarray:
 
 
 NGP_PIXEL_ARCMIN = 2.37
+
+
+def smoothstep(x: np.ndarray) -> np.ndarray:
+    """0 below 0, 1 above 1, 3x^2 - 2x^3 between."""
+    x = np.clip(x, 0.0, 1.0)
+    return x * x * (3 - 2 * x)
+
+
+
+def masked_spectrum(m: np.ndarray, mask: np.ndarray, lmax: int) -> np.ndarray:
+    """Pseudo-C_l (lmax + 1,) of map m on the apodised mask, its weighted mean removed, divided
+    by the mask's mean square."""
+    m = np.where(mask > 0, m, 0.0)
+    w = np.sum(mask)
+    mean = np.sum(m * mask) / w
+    return hp.anafast((m - mean) * mask, lmax=lmax, use_pixel_weights=False, iter=1) / np.mean(mask**2)
+
+
+
+def gaussian_beam(lmax: int, fwhm_arcmin: float) -> np.ndarray:
+    """B_l (lmax + 1,) of a Gaussian beam."""
+    return hp.gauss_beam(np.radians(fwhm_arcmin / 60), lmax=lmax)
+
+
+
+def fit_dust_law(cl: np.ndarray, beam_fwhm_arcmin: float, ell_range=(100, 3000), floor_beamed: bool = True) -> dict:
+    """Fit C_l = B_l^2 (A l^alpha + F) (or B_l^2 A l^alpha + F when not `floor_beamed`: noise
+    or pixelisation after the beam) over ell_range (log least squares on Delta ell = 20 bins,
+    alpha scanned): {A, alpha, F, rms (fractional rms of the fit)}."""
+    lmax = len(cl) - 1
+    b2 = gaussian_beam(lmax, beam_fwhm_arcmin) ** 2
+    edges = np.arange(int(ell_range[0]), int(min(ell_range[1], lmax)) + 1, 20)
+    centre = 0.5 * (edges[1:] + edges[:-1])
+    data = np.array([cl[lo:hi].mean() for lo, hi in zip(edges[:-1], edges[1:])])
+    beam = np.array([b2[lo:hi].mean() for lo, hi in zip(edges[:-1], edges[1:])])
+    best = None
+    for alpha in np.arange(-4.0, -1.5, 0.005):
+        design = np.stack([beam * centre**alpha, beam if floor_beamed else np.ones(len(data))], 1) / data[:, None]
+        coef, *_ = np.linalg.lstsq(design, np.ones(len(data)), rcond=None)
+        if coef[0] <= 0 or coef[1] < 0:
+            continue
+        rms = float(np.sqrt(np.mean((design @ coef - 1) ** 2)))
+        if best is None or rms < best["rms"]:
+            best = {"A": float(coef[0]), "alpha": float(alpha), "F": float(coef[1]), "rms": rms}
+    if best is None:
+        raise ValueError("no positive power law + floor fits the spectrum")
+    return best

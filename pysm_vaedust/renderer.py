@@ -3,15 +3,19 @@
 levels -> conditions -> decode -> reproject -> blend, for any subset of pixels (the work grows
 with the subset plus a halo of the patches touching it, not with the sky):
 
-- levels (`tiling.cascade_levels`): k = 0..K, pixels and patches 4^k finer (self-similar);
-  level k supplies every scale finer than F / f_k (F the weights' conditioning FWHM, 30').
-- conditions: level k's tiles read the field so far (log template + what levels < k added, seen
-  at F / f_k) on their condition grids (`Renderer.conditions`).
+- levels (`tiling.cascade_levels`): k = 0..K, pixels and patches 2^k finer (self-similar);
+  level k supplies every scale finer than F / f_k (F the weights' conditioning FWHM, 30'), as
+  (1 - G_k) of the sky, G_k the Gaussian of FWHM F / f_k; below it keeps of its own patches
+  sqrt(1 - (1 - G_{k+1})^2) (`tiling.handover_gain`), so the levels' powers sum to the sky's
+  across every handover (no dip where they meet).
+- conditions: level k's tiles read the field so far (log template + what levels < k added, the
+  last of them seen at F / f_k) on their condition grids (`Renderer.conditions`).
 - decode: whitened latents and decoder-noise normals from a counter keyed by (seed, level, tile)
   (`tiling.patch_normals`), decoded given the conditions (`Renderer.decode`).
 - reproject: each decoded patch resampled band-limited onto a grid UPSAMPLE times finer, the
   training targets' window (IRIS's effective beam, the cutouts' box average) divided out
-  (`tiling.resampling_matrix`), then sampled bilinearly at the HEALPix pixels of its footprint.
+  (`tiling.resampling_matrix`) and tapered above l = 2 nside of the pixels it is sampled at
+  (`BAND_LIMIT`), then sampled bilinearly at the HEALPix pixels of its footprint.
 - blend: what overlapping tiles share as a partition of unity, what each draws on its own
   variance-preserving (`tiling.blended`).
 
@@ -119,15 +123,18 @@ class Renderer:
         self.start_factor = start_factor
         self.window = decoded_window(meta)
 
-    def resampler(self, level: CascadeLevel, nside: int, smooth_fwhm_deg: float = 0.0) -> Resampler:
+    def resampler(self, level: CascadeLevel, nside: int, smooth_fwhm_deg: float = 0.0,
+                  handover_fwhm_deg: float = 0.0) -> Resampler:
         """The reprojection's resampling of `level`'s decoded patches (the training window
-        divided out) for pixels of `nside`, seen through a Gaussian of `smooth_fwhm_deg` (0: none).
-        Scales the pixels cannot hold are tapered away from l = BAND_LIMIT nside (point sampling
-        would alias them onto larger scales)."""
-        pixel_rad = np.radians(level.geometry.pixel_size_deg)
-        return Resampler(resampling_matrix(self.vae.config.npix, *self.window,
-                                           smooth_fwhm_deg / level.geometry.pixel_size_deg,
-                                           limit_cycles=BAND_LIMIT * nside * pixel_rad / (2 * np.pi)),
+        divided out) for pixels of `nside`: seen through a Gaussian of `smooth_fwhm_deg` (0:
+        none), or (`handover_fwhm_deg`, the next level's conditioning FWHM) as much of them as the
+        level keeps beside the next one (`tiling.handover_gain`). Scales the pixels cannot hold
+        are tapered away from l = BAND_LIMIT nside (point sampling would alias them onto larger
+        scales)."""
+        pixel_deg = level.geometry.pixel_size_deg
+        return Resampler(resampling_matrix(self.vae.config.npix, *self.window, smooth_fwhm_deg / pixel_deg,
+                                           handover_fwhm_deg / pixel_deg,
+                                           limit_cycles=BAND_LIMIT * nside * np.radians(pixel_deg) / (2 * np.pi)),
                          self.vae.device)
 
     def levels(self, nside: int, cascade: bool = True) -> list[CascadeLevel]:
@@ -167,12 +174,12 @@ class Renderer:
         return torch.stack([scale * mean + level.amplitude * norm["log_mean"], scale * noise])
 
     def level_field(self, level: CascadeLevel, nside: int, seed: int, pixels: np.ndarray | None,
-                    coarse_map: np.ndarray, smooth_fwhm_deg: float | None = None, bar=None):
+                    coarse_map: np.ndarray, next_fwhm_deg: float | None = None, bar=None):
         """One level's blended small scales at `pixels` of `nside` (None = all), float32,
         conditioned on `coarse_map` (decoded means blended as a partition of unity, decoder noise
-        variance-preserving: `tiling.blended`); with `smooth_fwhm_deg` also the blend of the same
-        patches seen through that Gaussian (the next level's view of them), else None. Both are
-        reprojected through `resampler`.
+        variance-preserving: `tiling.blended`), and None; with `next_fwhm_deg` (the next level's
+        conditioning FWHM) instead what this level keeps beside the next one, and the next
+        level's view of it (seen through that Gaussian). Both come from `resampler`.
 
         Decoding of the next batch overlaps with the (GIL-free) reprojection of the previous one;
         a single worker keeps the accumulation order, so results are bit-reproducible."""
@@ -181,9 +188,10 @@ class Renderer:
         if pixels is not None:
             lookup = np.full(hp.nside2npix(nside), -1, dtype=np.int64)
             lookup[pixels] = np.arange(len(pixels))
-        sums = [np.zeros((4, n_out), dtype=np.float32) for _ in range(1 if smooth_fwhm_deg is None else 2)]
-        resamplers = [self.resampler(level, nside)] + ([] if smooth_fwhm_deg is None else
-                                                       [self.resampler(level, nside, smooth_fwhm_deg)])
+        resamplers = ([self.resampler(level, nside)] if next_fwhm_deg is None else
+                      [self.resampler(level, nside, handover_fwhm_deg=next_fwhm_deg),
+                       self.resampler(level, nside, smooth_fwhm_deg=next_fwhm_deg)])
+        sums = [np.zeros((4, n_out), dtype=np.float32) for _ in resamplers]
 
         def accumulate(patches, parts):
             for total, (means, noise) in zip(sums, parts):
@@ -223,23 +231,25 @@ class Renderer:
         pixels_out = np.arange(hp.nside2npix(nside)) if pixels is None else pixels
         levels = self.levels(nside, cascade)
         fwhm0 = float(self.normalisation["template_fwhm_deg"])
-        coarse_map, residual = log_template, None   # the field so far; R at the next level's resolution
+        coarse_map, kept = log_template, None   # the field so far as the next level sees it; R
         with tqdm(total=sum(lv.n_tiles for lv in levels), desc=f"VAEDust nside {nside}", unit="patch",
                   disable=not progress) as bar:
             for level, following in zip(levels[:-1], levels[1:]):
                 work = working_nside(level, nside)
-                _, smoothed = self.level_field(level, work, seed, None, coarse_map, fwhm0 / following.factor, bar)
-                residual = smoothed if residual is None else (
-                    interpolate_at_pixels(residual, work, None).astype(np.float32) + smoothed)
-                coarse_map = interpolate_at_pixels(log_template, work, None) + residual
+                own, seen = self.level_field(level, work, seed, None, coarse_map, fwhm0 / following.factor, bar)
+                if kept is not None:
+                    previous = interpolate_at_pixels(kept, work, None).astype(np.float32)
+                    own, seen = own + previous, seen + previous
+                kept = own
+                coarse_map = interpolate_at_pixels(log_template, work, None) + seen
             last = levels[-1]
             work = working_nside(last, nside)
             if work == nside:
                 delta, _ = self.level_field(last, nside, seed, pixels, coarse_map, None, bar)
             else:
                 delta = self.interpolated_level_field(last, work, nside, seed, pixels_out, coarse_map, bar)
-        if residual is not None:
-            delta += interpolate_at_pixels(residual, nside, pixels).astype(np.float32)
+        if kept is not None:
+            delta += interpolate_at_pixels(kept, nside, pixels).astype(np.float32)
         return delta
 
     def interpolated_level_field(self, level, work_nside, nside, seed, pixels_out, coarse_map, bar):

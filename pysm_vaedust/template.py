@@ -2,8 +2,9 @@
 
 The bundled template is derived by `build_template` from the Planck 2013 E(B-V) map in
 ../shared/data (ICRS, 13.7' beam): log-intensity, rotated to Galactic in harmonic space,
-smoothed by a Gaussian of sqrt(30'^2 - 13.7'^2) so that it has the weights' conditioning
-resolution (30' FWHM), stored as uK_RJ at 545 GHz, nside 256, RING.
+its white floor (noise, CIB: the E(B-V) map's ln-I spectrum flattens from l ~ 300 at high
+latitude) scaled away by `floor_filter`, smoothed by a Gaussian of sqrt(30'^2 - 13.7'^2) so
+that it has the weights' conditioning resolution (30' FWHM), stored as uK_RJ at 545 GHz, nside 256, RING.
 Rebuild it with ``python -m pysm_vaedust.template``.
 """
 
@@ -19,8 +20,8 @@ import numpy as np
 from astropy.io import fits
 
 from . import __version__
-from .data import (FREQ_REF_GHZ, MJysr_to_uK_RJ, atomic_write, check_positive_finite, load_dust_map,
-                   shared_data_dir)
+from .data import (FREQ_REF_GHZ, MJysr_to_uK_RJ, atomic_write, check_positive_finite, fit_dust_law, gaussian_beam,
+                   load_dust_map, masked_spectrum, shared_data_dir, smoothstep)
 
 DEFAULT_TEMPLATE_NAME = "template_545GHz_fwhm30arcmin_nside256.fits"
 TEMPLATE_NSIDE = 256
@@ -35,15 +36,38 @@ def default_template_path() -> Path:
     return Path(str(resources.files("pysm_vaedust") / "package_data" / DEFAULT_TEMPLATE_NAME))
 
 
-def smooth_log_map(log_map: np.ndarray, fwhm_deg: float, nside_out: int, coord: tuple | None = None) -> np.ndarray:
-    """Gaussian-smoothed (and optionally rotated, coord=('C', 'G')) log map at `nside_out`, RING."""
+def smooth_log_map(log_map: np.ndarray, fwhm_deg: float, nside_out: int, coord: tuple | None = None,
+                   ell_filter: np.ndarray | None = None) -> np.ndarray:
+    """Gaussian-smoothed (and optionally rotated, coord=('C', 'G')) log map at `nside_out`, RING;
+    `ell_filter` (>= lmax + 1,): a further isotropic filter of the harmonic coefficients."""
     nside_in = hp.npix2nside(len(log_map))
     lmax = min(3 * nside_in - 1, 3 * nside_out - 1)
     alm = hp.map2alm(log_map, lmax=lmax, iter=1)
+    if ell_filter is not None:
+        alm = hp.almxfl(alm, ell_filter[:lmax + 1])
     if coord is not None and coord[0] != coord[1]:
         hp.Rotator(coord=list(coord)).rotate_alm(alm, lmax=lmax, inplace=True)
     hp.smoothalm(alm, fwhm=np.radians(fwhm_deg), inplace=True)
     return hp.alm2map(alm, nside_out, lmax=lmax)
+
+
+def floor_filter(log_map: np.ndarray, frame: str, beam_deg: float, lat_min_deg: float = 30.0,
+                 ell_range=(60, 700)) -> tuple[np.ndarray, dict]:
+    """What a dust map's own spectrum says is dust: its ln-I spectrum at |b| > lat_min (5 deg
+    smoothstep) fitted over ell_range as B_l^2 A l^alpha + N (`data.fit_dust_law`, N a white
+    floor: noise, CIB, pixelisation), and the filter sqrt(S / (S + N)), S = B_l^2 A l^alpha,
+    that scales each multipole's power to the dust's alone: (filter (3 nside,), fit). The
+    model's conditions were made from sky without that floor."""
+    nside = hp.npix2nside(len(log_map))
+    theta, phi = hp.pix2ang(nside, np.arange(len(log_map)))
+    if frame != "G":
+        theta, phi = hp.Rotator(coord=[frame, "G"])(theta, phi)
+    mask = smoothstep((np.abs(90 - np.degrees(theta)) - lat_min_deg) / 5.0)
+    lmax = 3 * nside - 1
+    fit = fit_dust_law(masked_spectrum(log_map, mask, lmax), 60 * beam_deg, ell_range, floor_beamed=False)
+    ell = np.maximum(np.arange(lmax + 1), 1)
+    dust = gaussian_beam(lmax, 60 * beam_deg) ** 2 * fit["A"] * ell ** fit["alpha"]
+    return np.sqrt(dust / (dust + fit["F"])), fit
 
 
 def build_template(dust_path, fwhm_deg: float = TEMPLATE_FWHM_DEG, nside_out: int = TEMPLATE_NSIDE,
@@ -54,12 +78,15 @@ def build_template(dust_path, fwhm_deg: float = TEMPLATE_FWHM_DEG, nside_out: in
         raise ValueError(f"input_fwhm_deg={input_fwhm_deg}: expected 0 <= input beam < fwhm_deg={fwhm_deg}")
     dust = load_dust_map(dust_path)
     kernel = float(np.sqrt(fwhm_deg**2 - input_fwhm_deg**2))
-    log_smooth = smooth_log_map(np.log(dust.intensity), kernel, nside_out, coord=(dust.frame, "G"))
+    log_map = np.log(dust.intensity)
+    ell_filter, floor = floor_filter(log_map, dust.frame, input_fwhm_deg)
+    log_smooth = smooth_log_map(log_map, kernel, nside_out, coord=(dust.frame, "G"), ell_filter=ell_filter)
     template = np.exp(log_smooth) * MJysr_to_uK_RJ(FREQ_REF_GHZ)
     provenance = {**dust.provenance(), "fwhm_deg": fwhm_deg, "input_fwhm_deg": input_fwhm_deg,
                   "smoothing_kernel_fwhm_deg": kernel, "nside": nside_out, "frame": "G",
                   "unit": "uK_RJ", "freq_GHz": FREQ_REF_GHZ, "package_version": __version__,
                   "smoothing": "Gaussian in log intensity, harmonic-space rotation to Galactic",
+                  "floor_filter": {"fit": floor, "filter": "sqrt(S / (S + N)) of the |b| > 30 ln-I spectrum"},
                   "command": "python -m pysm_vaedust.template"}
     return template, provenance
 

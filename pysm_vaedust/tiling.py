@@ -53,18 +53,14 @@ class CascadeLevel:
 
 
 def cascade_factors(base_pixel_arcmin: float, nside: int) -> list[int]:
-    """Scale factors of the cascade levels needed to reach the pixel size of `nside`.
+    """Scale factors of the cascade levels needed to reach the pixel size of `nside`: 1, 2, 4, ...
+    up to the last power of two <= r = base pixel / HEALPix pixel.
 
-    Factors grow by 4 while below r = base pixel / HEALPix pixel, then one last power of two <= r.
-    """
+    Steps of 2: level k + 1 is conditioned at F / f_{k+1}, whose Gaussian has fallen to 3 % at
+    level k's Nyquist frequency, so level k holds what level k + 1 does not add up to where its
+    own pixels end (a step of 4 would leave 41 % there: a break in the map's spectrum)."""
     ratio = base_pixel_arcmin / (hp.nside2resol(nside, arcmin=True))
-    factors = [1]
-    while 4 * factors[-1] < ratio:
-        factors.append(4 * factors[-1])
-    last = 2 ** int(np.floor(np.log2(max(ratio, 1.0))))
-    if last > factors[-1]:
-        factors.append(last)
-    return factors
+    return [2**k for k in range(int(np.floor(np.log2(max(ratio, 1.0)))) + 1)]
 
 
 def cascade_levels(nside: int, base: PatchGeometry, slope: float, start_factor: float = 1.0) -> list[CascadeLevel]:
@@ -87,13 +83,23 @@ def gaussian_transfer(freq: np.ndarray, fwhm: float) -> np.ndarray:
 
 def band_limit(freq: np.ndarray, start: float) -> np.ndarray:
     """Taper 1 below `start`, cos^2 down to 0 at 1.5 `start` (same unit as `freq`; inf: all 1)."""
-    t = np.clip((np.asarray(freq, dtype=np.float64) - start) / (0.5 * start), 0.0, 1.0)
+    freq = np.asarray(freq, dtype=np.float64)
+    if np.isinf(start):
+        return np.ones_like(freq)
+    t = np.clip((freq - start) / (0.5 * start), 0.0, 1.0)
     return np.cos(0.5 * np.pi * t) ** 2
 
 
+def handover_gain(freq: np.ndarray, fwhm: float) -> np.ndarray:
+    """What a cascade level keeps of its patches where the next level, conditioned at a Gaussian
+    G of `fwhm`, adds (1 - G) of the sky: sqrt(1 - (1 - G)^2), so that the two levels' powers
+    sum to the sky's across the handover (1 everywhere for fwhm 0)."""
+    return np.sqrt(1 - (1 - gaussian_transfer(freq, fwhm)) ** 2)
+
+
 def resampling_matrix(npix: int, window_fwhm_pix: float = 0.0, window_box: int = 1,
-                      smoothing_fwhm_pix: float = 0.0, upsample: int = UPSAMPLE,
-                      limit_cycles: float = np.inf) -> np.ndarray:
+                      smoothing_fwhm_pix: float = 0.0, handover_fwhm_pix: float = 0.0,
+                      upsample: int = UPSAMPLE, limit_cycles: float = np.inf) -> np.ndarray:
     """The reprojection's 1-D resampling operator (upsample npix, npix), float64: a patch P
     (n, n) becomes R P R^T on the fine grid of upsample x upsample points per pixel (centres at
     (i + 0.5) / upsample - 0.5 in pixel units, the same extent).
@@ -102,7 +108,8 @@ def resampling_matrix(npix: int, window_fwhm_pix: float = 0.0, window_box: int =
     window the samples carry (a Gaussian beam of `window_fwhm_pix` pixels FWHM, and the mean of
     `window_box` equally spaced sub-samples per pixel: the cutouts' box average) and by the
     transfer sinc^2(f / upsample) of bilinear interpolation on the fine grid, and multiplies it
-    by a Gaussian of `smoothing_fwhm_pix` (a coarser view of the patch; 0: none) and by
+    by a Gaussian of `smoothing_fwhm_pix` (a coarser view of the patch; 0: none), by
+    `handover_gain` of `handover_fwhm_pix` (what the level keeps beside the next; 0: all) and by
     `band_limit` from `limit_cycles` (cycles per pixel: the band the output pixels can hold).
     With no window, no smoothing and upsample 1 it is the identity up to the bilinear compensation."""
     n = int(npix)
@@ -110,7 +117,8 @@ def resampling_matrix(npix: int, window_fwhm_pix: float = 0.0, window_box: int =
     freq = k / (2 * n)  # cycles per pixel of the DCT-II modes
     box = np.ones(n) if window_box <= 1 else (
         np.sinc(freq) / np.where(k == 0, 1.0, np.sinc(freq / window_box)))  # sin(pi f) / (m sin(pi f / m))
-    gain = (gaussian_transfer(freq, smoothing_fwhm_pix) * band_limit(freq, limit_cycles)
+    gain = (gaussian_transfer(freq, smoothing_fwhm_pix) * handover_gain(freq, handover_fwhm_pix)
+            * band_limit(freq, limit_cycles)
             / (gaussian_transfer(freq, window_fwhm_pix) * box * np.sinc(freq / upsample) ** 2))
     analysis = np.cos(np.pi * np.outer(k, np.arange(n) + 0.5) / n) * np.where(k == 0, 1.0, 2.0)[:, None] / n
     fine = (np.arange(upsample * n) + 0.5) / upsample - 0.5

@@ -24,10 +24,12 @@ from . import __version__
 from .checks import check_bool, check_int, check_real, check_seed
 from .cutouts import (PatchGeometry, condition_input, cut_patches, flat_small_scales, near_extragalactic,
                       noise_floor_ell, patch_centres, random_dihedral, region_split)
-from .data import DustMap, NGP_PIXEL_ARCMIN, atomic_write, file_digest, load_dust_map, load_ngp_image, shared_data_dir
-from .iris import iris_mosaic
+from .data import (DustMap, NGP_PIXEL_ARCMIN, atomic_write, file_digest, fit_dust_law, load_dust_map, load_ngp_image,
+                   masked_spectrum, shared_data_dir)
+from .iris import analysis_mask, iris_mosaic, subtract_zero_level
 from .model import ConditionalVAE, VAEConfig
 from .statistics import default_ell_edges, flat_power_spectrum
+from .template import default_template_path, read_template
 from .weights import resolve_device, save_weights
 
 SPLITS = ("train", "val", "test")
@@ -47,6 +49,7 @@ class TrainConfig:
     map_quantity: str = ""          # "ebv" | "tau353" | "intensity_MJysr"; "" = from FITS header
     map_frame: str = ""             # "G" | "C" | ...; "" = from FITS header
     mosaic_nside: int = 2048        # nside of the cached IRIS mosaic when data_map is the IRIS plate folder
+    zero_level: str = "none"        # "template": subtract the map's zero level (iris.subtract_zero_level) before logs
     floor_ell_min: float = 0.0      # leave out patches whose power meets 2x the noise + CIB floor below this ell (0 = keep all)
     exclude_extragalactic: bool = True  # leave out patches reaching the LMC, SMC, M31, M33 (cutouts.EXTRAGALACTIC_DISCS)
     npix: int = 64                  # patch pixels across
@@ -54,7 +57,7 @@ class TrainConfig:
     lat_min_deg: float = 15.0       # patch centres at |b| >= this
     spacing_deg: float = 3.7        # centre spacing (~2250 patches, ~50 % overlap)
     template_fwhm_deg: float = 0.5  # conditioning resolution: the coarse part c is ln I smoothed by this Gaussian
-    slope_source: str = "ngp"       # cascade power-law slope from "ngp" (2.37' image) or "train"
+    slope_source: str = "ngp"       # cascade power-law slope from "ngp" (2.37' image), "train" or "map" (the data map's spectrum)
     slope_data: str = "planck_dust_ngp_500px.npy"
     slope_ell_range: list = field(default_factory=lambda: [300.0, 1500.0])
     split_seed: int = 0
@@ -127,13 +130,18 @@ def resolve_data_path(name: str) -> Path:
 
 
 def load_training_map(name: str, quantity: str = "", frame: str = "", mosaic_nside: int = 2048,
-                      progress: bool = True) -> DustMap:
+                      progress: bool = True, zero_level: str = "none") -> DustMap:
     """A HEALPix dust map file (NaN / UNSEEN pixels kept as missing data), or (a folder of IRIS
-    plates, e.g. "iris_100um") the cached IRIS mosaic."""
+    plates, e.g. "iris_100um") the cached IRIS mosaic; with zero_level "template" its zero
+    level regressed on the bundled template subtracted (`iris.subtract_zero_level`)."""
     path = resolve_data_path(name)
-    if path.is_dir():
-        return iris_mosaic(mosaic_nside, path, progress=progress)
-    return load_dust_map(path, quantity=quantity or None, frame=frame or None, allow_missing=True)
+    dust = (iris_mosaic(mosaic_nside, path, progress=progress) if path.is_dir() else
+            load_dust_map(path, quantity=quantity or None, frame=frame or None, allow_missing=True))
+    if zero_level == "template":
+        return subtract_zero_level(dust, read_template(default_template_path())[0])
+    if zero_level != "none":
+        raise ValueError(f"zero_level={zero_level!r}: expected 'none' or 'template'")
+    return dust
 
 
 def select_patches(dust: DustMap, lon, lat, geometry: PatchGeometry, template_fwhm_deg: float,
@@ -177,7 +185,8 @@ def patch_normalisation(small_scales: np.ndarray, coarse: np.ndarray, template_f
 def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[dict, dict]:
     """Cut, split and normalise patches. Returns ({split: (x (N, 1, n, n), c (N, 2, n/2, n/2))
     float32 tensors}, info)."""
-    dust = load_training_map(cfg.data_map, cfg.map_quantity, cfg.map_frame, cfg.mosaic_nside, progress)
+    dust = load_training_map(cfg.data_map, cfg.map_quantity, cfg.map_frame, cfg.mosaic_nside, progress,
+                             cfg.zero_level)
     geometry = PatchGeometry(cfg.npix, cfg.size_deg)
     lon, lat, residual, coarse, selection = select_patches(
         dust, *patch_centres(cfg.lat_min_deg, cfg.spacing_deg), geometry, cfg.template_fwhm_deg,
@@ -191,7 +200,8 @@ def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[dict, dict]
                    torch.from_numpy(condition_input(coarse[labels == k], norm)))
             for k, name in enumerate(SPLITS)}
     info = {
-        "spectral_slope": cascade_slope(cfg, residual[labels == 0], geometry),
+        "spectral_slope": cascade_slope(cfg, residual[labels == 0], geometry, dust,
+                                        selection.get("effective_beam_fwhm_arcmin")),
         "geometry": {"npix": cfg.npix, "size_deg": cfg.size_deg,
                      "pixel_size_arcmin": 60 * geometry.pixel_size_deg, "projection": "gnomonic"},
         "normalisation": norm,
@@ -235,9 +245,24 @@ def spectral_slope(small_scales: np.ndarray, pixel_size_deg: float, ell_range) -
     return {"slope": float(-slope), "ell_range": [float(v) for v in ell_range], "n_bins": int(sel.sum())}
 
 
-def cascade_slope(cfg: "TrainConfig", train_patches: np.ndarray, geometry: PatchGeometry) -> dict:
-    """Power-law slope that sets the cascade amplitudes: from the 2.37' north-pole image (the only
-    real data resolving ell > 2000 here) or from the training patches (`cfg.slope_source`)."""
+def map_slope(dust: DustMap, beam_fwhm_arcmin: float, ell_range) -> dict:
+    """The dust power law of a map's own spectrum: linear I on the analysis mask (|b| > 30,
+    `iris.analysis_mask`) fitted as B_l^2 (A l^alpha + F) over ell_range (`data.fit_dust_law`:
+    F its noise + CIB floor, B its effective beam); slope = -alpha."""
+    missing = ~np.isfinite(dust.intensity)
+    lmax = min(int(ell_range[1]), 3 * dust.nside - 1)
+    cl = masked_spectrum(np.where(missing, 0.0, dust.intensity), analysis_mask(dust.nside, missing), lmax)
+    fit = fit_dust_law(cl, beam_fwhm_arcmin, (ell_range[0], lmax))
+    return {"slope": -fit["alpha"], "fit": fit, "beam_fwhm_arcmin": beam_fwhm_arcmin,
+            "ell_range": [float(ell_range[0]), float(lmax)]}
+
+
+def cascade_slope(cfg: "TrainConfig", train_patches: np.ndarray, geometry: PatchGeometry, dust: DustMap,
+                  beam_fwhm_arcmin: float | None = None) -> dict:
+    """Power-law slope that sets the cascade amplitudes (`cfg.slope_source`): from the 2.37'
+    north-pole image, the training patches, or the data map's own spectrum on the analysis mask
+    (`map_slope`, through the data's effective beam: IRIS's dust law continued beyond what it
+    resolves)."""
     if cfg.slope_source == "ngp":
         path = resolve_data_path(cfg.slope_data)
         image = flat_small_scales(np.log(load_ngp_image(path)), NGP_PIXEL_ARCMIN, cfg.template_fwhm_deg)
@@ -245,7 +270,11 @@ def cascade_slope(cfg: "TrainConfig", train_patches: np.ndarray, geometry: Patch
         return {**fit, "source": path.name, "sha256": file_digest(path)}
     if cfg.slope_source == "train":
         return {**spectral_slope(train_patches, geometry.pixel_size_deg, cfg.slope_ell_range), "source": "train split"}
-    raise ValueError(f"slope_source={cfg.slope_source!r}: expected 'ngp' or 'train'")
+    if cfg.slope_source == "map":
+        if not beam_fwhm_arcmin:
+            raise ValueError("slope_source='map' needs the data's effective beam: set floor_ell_min > 0")
+        return {**map_slope(dust, beam_fwhm_arcmin, cfg.slope_ell_range), "source": dust.source}
+    raise ValueError(f"slope_source={cfg.slope_source!r}: expected 'ngp', 'train' or 'map'")
 
 
 def vae_config_of(cfg: TrainConfig) -> VAEConfig:

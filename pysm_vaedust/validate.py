@@ -10,8 +10,8 @@ writes ``DIR/metrics.json``, PNG figures and a summary:
    level; median ratio and share of (patch, draw) pairs in 0.7-1.4, for the VAE, for a Gaussian
    field with each patch's own 2D spectrum (PySM d11 at best) and, as a reference, for the VAE on
    the train split. ell 1200-2000 lies beyond the trained pixel's Nyquist: the same centres are
-   cut at cascade level 1 (patches 4x smaller, condition at FWHM / 4, the level's amplitude), the
-   model is sampled there (an extrapolated level) and smoothed by the map's effective beam; the
+   cut at the cascade level of factor 4 (patches 4x smaller, condition at FWHM / 4, the level's
+   amplitude), the model is sampled there (an extrapolated level) and smoothed by the map's effective beam; the
    real power there holds IRIS noise and CIB too;
 2. morphology: Minkowski functionals, wavelet phase harmonics and filament statistics of the
    samples (one per patch), the Gaussian field and the train split: share inside the split's
@@ -60,7 +60,7 @@ from .weights import default_weights_path, load_weights, resolve_device
 
 __all__ = ["validate", "summary", "main", "per_patch_moments"]
 
-#: ell bands of the per-patch band-power ratios at the trained level, and at cascade level 1.
+#: ell bands of the per-patch band-power ratios at the trained level, and at the cascade level of factor 4.
 BANDS = ((300.0, 600.0), (600.0, 1200.0))
 EXTRAPOLATED_BANDS = ((1200.0, 2000.0),)
 #: the octave above a 30' conditioning scale (scaled by 30' / FWHM for other conditions).
@@ -101,12 +101,13 @@ def map_beam_arcmin(dust, name: str, selection: dict) -> float:
 
 
 def extrapolated_level(metadata: dict):
-    """Cascade level 1 of the weights' geometry (`tiling.cascade_levels`): patches 4x smaller."""
+    """The cascade level of factor 4 of the weights' geometry (`tiling.cascade_levels`: patches
+    4x smaller, two octaves beyond the trained pixel)."""
     base = PatchGeometry(int(metadata["geometry"]["npix"]), float(metadata["geometry"]["size_deg"]))
-    level = cascade_levels(8192, base, float(metadata["spectral_slope"]["slope"]))[1]
-    if level.factor != 4:
-        raise ValueError(f"cascade level 1 has factor {level.factor}: expected 4 (base pixel {base.pixel_size_deg} deg)")
-    return level
+    for level in cascade_levels(8192, base, float(metadata["spectral_slope"]["slope"])):
+        if level.factor == 4:
+            return level
+    raise ValueError(f"the cascade of base pixel {base.pixel_size_deg} deg has no level of factor 4")
 
 
 # ----------------------------------------------------------------------------- model passes
@@ -168,8 +169,8 @@ def jsonable(obj):
 
 def extrapolated_amplitude(vae, dust, centres, metadata: dict, beam_arcmin: float, draws: int,
                            generator: torch.Generator, seed: int) -> tuple[dict, dict]:
-    """Local amplitude at cascade level 1, beyond the trained pixel's Nyquist: `dust` cut at the
-    centres (M, 2) (Galactic degrees) in level 1's geometry, the condition at FWHM / 4 in the
+    """Local amplitude at the cascade level of factor 4, beyond the trained pixel's Nyquist: `dust` cut at the
+    centres (M, 2) (Galactic degrees) in that level's geometry, the condition at FWHM / 4 in the
     level's amplitude, `draws` samples per patch in ln I smoothed by the map's beam, against the
     real patches (and the own-spectrum Gaussian field). Returns (section, {row: ratios})."""
     norm = metadata["normalisation"]
@@ -181,7 +182,7 @@ def extrapolated_amplitude(vae, dust, centres, metadata: dict, beam_arcmin: floa
                "patch_deg": geo.size_deg, "pixel_arcmin": 60 * geo.pixel_size_deg, "condition_fwhm_arcmin": 60 * fwhm_deg,
                "beam_fwhm_arcmin": beam_arcmin, "count": int(cut.usable.sum()),
                "centres_missing_data": int(np.sum(~cut.usable)),
-               "note": f"cascade level 1: the model applied beyond the scales it was trained on (extrapolated by "
+               "note": f"cascade level of factor 4: the model applied beyond the scales it was trained on (extrapolated by "
                        f"scale invariance); samples smoothed by the map's effective {beam_arcmin:.1f}' beam; the real "
                        f"power there holds the map's noise and the CIB too"}
     if section["count"] < 2 or not bands:
@@ -259,7 +260,7 @@ def validate(weights_path, split: str = "test", out="validation", n_draws: int =
     del train_samples
     timing["samples_s"] = time.time() - tic
 
-    # cascade level 1 (extrapolated): the same centres, 4x smaller patches, beam-smoothed samples
+    # the cascade level of factor 4 (extrapolated): the same centres, 4x smaller patches, beam-smoothed samples
     tic = time.time()
     level1, ratios1 = extrapolated_amplitude(vae, dust, centres, meta, beam, n_draws, gen, seed)
     del dust
@@ -273,7 +274,7 @@ def validate(weights_path, split: str = "test", out="validation", n_draws: int =
     structure = conditional_structure(xt, ct, xs, cs, mean_split, pixel_deg, octave)
     recon = residual_spectra(xs, reconstructions(vae, x_split, c_split), pixel_deg, edges)
     timing["prediction_s"] = time.time() - tic
-    log(f"samples, level 1, predictions: {time.time() - t_start - timing['data_s']:.0f} s")
+    log(f"samples, factor-4 level, predictions: {time.time() - t_start - timing['data_s']:.0f} s")
 
     # set statistics: the split, the train split, one sample per patch, one Gaussian field per patch
     tic = time.time()
@@ -300,7 +301,7 @@ def validate(weights_path, split: str = "test", out="validation", n_draws: int =
                      "data_map": None if data_map is None else str(data_map), "pixel_size_deg": pixel_deg,
                      "pixel_arcmin": 60 * pixel_deg, "patch_deg": npix * pixel_deg,
                      "condition_fwhm_arcmin": 60 * fwhm_deg,
-                     "units": "normalised (see weights normalisation); level 1 in ln I; C_l in units^2 sr; "
+                     "units": "normalised (see weights normalisation); the factor-4 level in ln I; C_l in units^2 sr; "
                               "v1 1/rad; v2 1/sr"},
         "data": data_info,
         "counts": {"split": len(xs), "train": len(rows), "train_wiener_fit": len(xt), "samples_per_patch": n_draws,

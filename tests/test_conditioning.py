@@ -522,7 +522,7 @@ def test_forward_model_is_what_vaedust_renders(tiny_weights, sky):
 
 def test_forward_model_with_finer_levels(tiny_weights):
     """At nside 512 the tiny model's cascade has two levels: SkyForwardModel's delta of the prior
-    draws of some tiles is level 0 as the component passes it on (its in-patch smoothing)."""
+    draws of some tiles is level 0 as the component passes it on (what it keeps beside level 1)."""
     model = VAEDust(nside=512, seed=4, weights=tiny_weights, device="cpu")
     gen = model.renderer
     levels = gen.levels(512)
@@ -542,8 +542,8 @@ def test_forward_model_with_finer_levels(tiny_weights):
     with torch.no_grad():
         delta = fwd.delta(normals[:, :d], noise).numpy()
     fwhm = float(gen.normalisation["template_fwhm_deg"]) / levels[1].factor
-    _, smoothed = gen.level_field(levels[0], 512, 4, pixels, model.log_template, fwhm)
-    np.testing.assert_allclose(delta, smoothed, atol=2e-5 * float(np.abs(smoothed).max()) + 1e-6)
+    kept, _ = gen.level_field(levels[0], 512, 4, pixels, model.log_template, fwhm)
+    np.testing.assert_allclose(delta, kept, atol=2e-5 * float(np.abs(kept).max()) + 1e-6)
 
 
 def test_fitted_latents_refuse_other_weights_and_conditions(weights, tiny_weights, sky, tmp_path):
