@@ -224,7 +224,7 @@ def test_cut_patches_works_or_names_the_bad_argument(small_map, lon, lat, fwhm, 
     try:
         cut = cut_patches(small_map, lon, lat, PatchGeometry(8, 8.0), fwhm, missing=missing)
     except (ValueError, TypeError) as err:
-        assert any(word in str(err) for word in ("lon_deg", "lat_deg", "template_fwhm_deg", "missing",
+        assert any(word in str(err) for word in ("lon_deg", "lat_deg", "template_fwhm_deg", "missing", "npix",
                                                  "falls on missing data")), str(err)
         return
     assert cut.small_scales.shape[1:] == (8, 8)
