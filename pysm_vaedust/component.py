@@ -7,7 +7,8 @@ T: the template (uK_RJ at nu_ref), smoothed in log to the weights' conditioning 
 the cascade's levels k = 0..K (pixels and patches 2^k finer, self-similar): level k's patches
 are decoded *given* their coarse part, the field so far sampled on the patch's condition grid,
 and supply every scale finer than F / f_k, f_k its scale factor. R: what levels < K added (each
-as much as it keeps beside the next, see `renderer`); delta: level K's blended patches. Without the cascade R = 0 and delta = level 0.
+as much as it keeps beside the next, see `renderer`); delta: level K's blended patches. Without
+the cascade R = 0 and delta = level 0.
 T is exp of a log-smoothed map (as the bundled template): the added scales have zero mean in
 ln I, as in the data. MBB: modified black body (mbb_index beta_d, mbb_temperature T_d),
 bandpass-integrated with pysm3's own utilities.

@@ -240,7 +240,6 @@ def smoothstep(x: np.ndarray) -> np.ndarray:
     return x * x * (3 - 2 * x)
 
 
-
 def masked_spectrum(m: np.ndarray, mask: np.ndarray, lmax: int) -> np.ndarray:
     """Pseudo-C_l (lmax + 1,) of map m on the apodised mask, its weighted mean removed, divided
     by the mask's mean square."""
@@ -250,11 +249,9 @@ def masked_spectrum(m: np.ndarray, mask: np.ndarray, lmax: int) -> np.ndarray:
     return hp.anafast((m - mean) * mask, lmax=lmax, use_pixel_weights=False, iter=1) / np.mean(mask**2)
 
 
-
 def gaussian_beam(lmax: int, fwhm_arcmin: float) -> np.ndarray:
     """B_l (lmax + 1,) of a Gaussian beam."""
     return hp.gauss_beam(np.radians(fwhm_arcmin / 60), lmax=lmax)
-
 
 
 def fit_dust_law(cl: np.ndarray, beam_fwhm_arcmin: float, ell_range=(100, 3000), floor_beamed: bool = True) -> dict:

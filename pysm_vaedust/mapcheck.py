@@ -7,7 +7,7 @@ One definition of the real-sky reference, used by the validation and the benchma
   smoothstep on the holes);
 - IRIS's zero level: IRIS = a T + delta regressed at 1 deg on that mask (T the bundled
   template), the reference is IRIS - delta (`iris.zero_level`, `iris.analysis_mask`; the
-  training targets are cut from the same IRIS - delta);
+  training recipe can cut its targets from the same IRIS - delta: `TrainConfig.zero_level`);
 - IRIS's spectrum on the mask is fitted over ell 100-3000 as B_l^2 (A l^alpha + F) (`fit_dust_law`):
   A l^alpha its dust, F its noise + CIB floor (the CIB is sky, beamed like dust), B its effective
   beam. The map, scaled to IRIS's dust at ell 100-300 (units and SED cancel), is compared as

@@ -288,5 +288,4 @@ def working_nside(level: CascadeLevel, nside: int) -> int:
     return work
 
 
-
 __all__ = ["Renderer", "interpolate_at_pixels"]

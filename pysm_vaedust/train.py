@@ -134,13 +134,13 @@ def load_training_map(name: str, quantity: str = "", frame: str = "", mosaic_nsi
     """A HEALPix dust map file (NaN / UNSEEN pixels kept as missing data), or (a folder of IRIS
     plates, e.g. "iris_100um") the cached IRIS mosaic; with zero_level "template" its zero
     level regressed on the bundled template subtracted (`iris.subtract_zero_level`)."""
+    if zero_level not in ("none", "template"):
+        raise ValueError(f"zero_level={zero_level!r}: expected 'none' or 'template'")
     path = resolve_data_path(name)
     dust = (iris_mosaic(mosaic_nside, path, progress=progress) if path.is_dir() else
             load_dust_map(path, quantity=quantity or None, frame=frame or None, allow_missing=True))
     if zero_level == "template":
         return subtract_zero_level(dust, read_template(default_template_path())[0])
-    if zero_level != "none":
-        raise ValueError(f"zero_level={zero_level!r}: expected 'none' or 'template'")
     return dust
 
 

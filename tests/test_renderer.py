@@ -49,10 +49,10 @@ def windowed_white(rng, count, n, fwhm_pix, box):
 
 
 def render(monkeypatch, decoded, **kwargs):
-    """The small-scale field of VAEDust(nside=NSIDE, cascade=False) with `decoded(level, ids)`
-    -> (means, noise) each (B, n, n) in ln I in place of the model's decoding."""
+    """The small-scale field of VAEDust(nside=NSIDE, cascade=False) with `decoded(renderer,
+    level, ids)` -> (means, noise) each (B, n, n) in ln I in place of the model's decoding."""
     def decode(self, level, conditions, normals, ids=None):
-        means, noise = decoded(level, np.asarray(ids))
+        means, noise = decoded(self, level, np.asarray(ids))
         return torch.from_numpy(np.stack([means, noise]).astype(np.float32))
 
     monkeypatch.setattr(Renderer, "decode", decode)
@@ -65,18 +65,15 @@ def test_white_patches_come_out_white_up_to_their_band(monkeypatch):
     is flat (every Delta l = 50 band from 100 to 1.5 nside within 4 % of the mean) at the level
     of the bare white field (variance x sub-sample solid angle, within 4 %): the reprojection
     neither low-passes (the bilinear map of the last session kept 0.28 at l 1200) nor leaks."""
-    component = VAEDust(nside=NSIDE, seed=0, cascade=False)
-    fwhm_pix, box = component.renderer.window
-    n = component.weights.vae.config.npix
-
-    def decoded(level, ids):
-        noise = windowed_white(np.random.default_rng(int(ids[0])), len(ids), n, fwhm_pix, box)
+    def decoded(renderer, level, ids):
+        noise = windowed_white(np.random.default_rng(int(ids[0])), len(ids), renderer.vae.config.npix,
+                               *renderer.window)
         return np.zeros_like(noise), noise
 
     field, component = render(monkeypatch, decoded)
     cl = hp.anafast(field, lmax=int(1.5 * NSIDE))
     bands = np.array([cl[lo:lo + 50].mean() for lo in range(100, int(1.5 * NSIDE) - 49, 50)])
-    sub_pixel = np.radians(component.renderer.base.pixel_size_deg) / box
+    sub_pixel = np.radians(component.renderer.base.pixel_size_deg) / component.renderer.window[1]
     expected = sub_pixel**2          # white of unit variance per sub-sample: C_l = its solid angle
     assert np.all(np.abs(bands / bands.mean() - 1) < 0.04), bands / bands.mean()
     assert abs(bands.mean() / expected - 1) < 0.04, bands.mean() / expected
@@ -91,7 +88,7 @@ def test_a_field_the_patches_share_is_reproduced_where_it_is(monkeypatch):
     sky = hp.synfast(np.where(ell > 1, 1.0 / np.maximum(ell, 1) ** 2, 0.0), 128, lmax=96, pixwin=False)
     sky *= 0.3 / sky.std()
 
-    def decoded(level, ids):
+    def decoded(renderer, level, ids):
         means = sample_patches(sky, "G", *tile_centres(level, ids), level.geometry)
         return means, np.zeros_like(means)
 
