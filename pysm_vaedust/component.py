@@ -29,6 +29,8 @@ from pysm3.models.template import Model
 from .checks import (check_bandpass, check_bool, check_frequency, check_int, check_nside, check_path,
                      check_pixel_indices, check_real, check_seed)
 from .data import BETA_DUST, T_DUST_K, check_positive_finite, log_offset_to_100um
+from .polarization import (GNILC_POL_FWHM_DEG, TE_CORRELATION, PolarizationTemplate, default_pol_template_path,
+                           read_pol_template)
 from .renderer import Renderer, interpolate_at_pixels, start_factor
 from .template import default_template_path, read_template, smooth_log_map
 from .weights import load_weights, resolve_device
@@ -62,6 +64,39 @@ def _mbb_intensity(freqs, weights, i_ref, freq_ref, mbb_index, mbb_temperature, 
         pysm_utils.trapz_step_inplace(freqs, weights, i, step, out)
 
 
+def _degrees(value, name: str) -> float | None:
+    """An FWHM (number in deg or angle Quantity) in deg, or None."""
+    if value is None:
+        return None
+    return check_real(u.Quantity(value, u.deg).value if isinstance(value, u.Quantity) else value, name, positive=True)
+
+
+def _load_pol_template(pol_template, fwhm_deg: float | None) -> PolarizationTemplate:
+    """The large-scale polarization from None (bundled), 'pysm_gnilc', a FITS path or an array (3, npix)."""
+    if pol_template is None:
+        iqu, fwhm = read_pol_template(default_pol_template_path(), fwhm_deg)
+    elif isinstance(pol_template, str) and pol_template == "pysm_gnilc":
+        from .sources import fetch
+
+        iqu = hp.read_map(fetch("pysm_gnilc_dust_template"), field=(0, 1, 2), dtype=np.float64)
+        fwhm = fwhm_deg or GNILC_POL_FWHM_DEG
+        # GNILC's I has 21.8': brought to the polarization's beam so that P / I is of one resolution
+        iqu[0] = hp.smoothing(iqu[0], fwhm=np.radians(np.sqrt(fwhm**2 - GNILC_FWHM_DEG**2)), iter=0)
+    elif isinstance(pol_template, (str, Path)):
+        iqu, fwhm = read_pol_template(pol_template, fwhm_deg)
+    else:
+        try:
+            iqu = np.asarray(u.Quantity(pol_template).value if isinstance(pol_template, u.Quantity) else pol_template,
+                             dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"pol_template of type {type(pol_template).__name__}: expected None, 'pysm_gnilc', "
+                            "a FITS path or an (3, npix) I, Q, U map") from None
+        if fwhm_deg is None:
+            raise ValueError("an array pol_template needs pol_template_fwhm= (its beam, deg)")
+        fwhm = fwhm_deg
+    return PolarizationTemplate(iqu, fwhm)
+
+
 class VAEDust(Model):
     """Thermal dust intensity: large-scale template x VAE small scales, modified black body SED.
 
@@ -82,12 +117,22 @@ class VAEDust(Model):
         draws of those tiles (constrained realizations, see pysm_vaedust.conditioning).
     fixed_noise : {level: {tile id: (npix, npix)}} decoder-noise patches replacing the draws of
         those tiles (normalised units).
-    max_nside, map_dist : as every pysm3 Model.
+    polarization : return Q, U (`pysm_vaedust.polarization`); False: Q = U = 0. I is the same
+        either way.
+    pol_template : the large-scale polarization: None (bundled, from PySM's d1 / Planck 2015 at
+        3.7 deg), "pysm_gnilc" (PySM's GNILC IQU template, 80' in Q/U), a FITS path with I, Q, U,
+        or an array (3, npix) (RING, Galactic, COSMO convention; only P / I is used).
+    pol_template_fwhm : its beam FWHM (deg or Quantity; default: FWHMDEG card / known beam).
+    te_correlation : correlation (0..1) of the small-scale E with the map's own ln I.
+    max_nside, map_dist : as every pysm3 Model. With polarization, the small scales of Q, U are
+        drawn on the whole sky (spherical harmonics): a partial sky computes the full-sky
+        intensity once and keeps its pixels.
     """
 
     def __init__(self, nside=2048, seed=0, template=None, template_freq=None, template_fwhm=None,
                  mbb_temperature=T_DUST_K, mbb_index=BETA_DUST, weights=None, device="auto", cascade=True, batch_size=1024, progress=False, fixed_latents=None,
-                 fixed_noise=None, max_nside=8192, map_dist=None):
+                 fixed_noise=None, polarization=True, pol_template=None, pol_template_fwhm=None,
+                 te_correlation=TE_CORRELATION, max_nside=8192, map_dist=None):
         nside = check_nside(nside)
         max_nside = check_int(max_nside, "max_nside", minimum=1)
         if nside > max_nside:
@@ -106,9 +151,14 @@ class VAEDust(Model):
         self.progress = check_bool(progress, "progress")
         self.weights = load_weights(check_path(weights, "weights"), device=resolve_device(device))
         self.pixel_indices = pixel_indices
-        fwhm = None if template_fwhm is None else check_real(u.Quantity(template_fwhm, u.deg).value if isinstance(
-            template_fwhm, u.Quantity) else template_fwhm, "template_fwhm", positive=True)
-        self.freq_ref, self.log_template, start = self._load_template(template, template_freq, fwhm)
+        self.freq_ref, self.log_template, start = self._load_template(template, template_freq,
+                                                                      _degrees(template_fwhm, "template_fwhm"))
+        self.polarization = check_bool(polarization, "polarization")
+        self.te_correlation = check_real(te_correlation, "te_correlation")
+        if not 0 <= self.te_correlation <= 1:
+            raise ValueError(f"te_correlation={te_correlation!r}: expected a number in [0, 1]")
+        self.pol_template = (_load_pol_template(pol_template, _degrees(pol_template_fwhm, "pol_template_fwhm"))
+                             if self.polarization else None)
         self.mbb_temperature = self._spectral_parameter(mbb_temperature, "mbb_temperature", u.K)
         self.mbb_index = self._spectral_parameter(mbb_index, "mbb_index", u.dimensionless_unscaled)
         # the condition's brightness is in 100 um MJy/sr: converted with scalar SED parameters, or
@@ -119,6 +169,7 @@ class VAEDust(Model):
         self.renderer = Renderer(self.weights, log_offset, batch_size, fixed_latents, fixed_noise, start)
         self._check_fixed_tiles()
         self._i_ref = None
+        self._pol_fractions = None
 
     def _check_fixed_tiles(self) -> None:
         """ValueError if fixed latents / noise name a level or tile this nside and cascade lack."""
@@ -217,17 +268,28 @@ class VAEDust(Model):
         return interpolate_at_pixels(self.log_template, self.nside, self.pixel_indices)
 
     def reference_map(self) -> np.ndarray:
-        """Intensity at the reference frequency (uK_RJ, float64, own pixels); computed once, cached."""
+        """Intensity at the reference frequency (uK_RJ, float64, own pixels); computed once, cached
+        (with the polarization fractions, which need the full-sky ln I)."""
         if self._i_ref is None:
-            delta = self.renderer.field(self.nside, self.seed, self.pixel_indices, self.log_template,
-                                         self.cascade, self.progress)
-            log_i = self.template_at_pixels()
-            log_i += delta
+            pixels = None if self.polarization else self.pixel_indices
+            log_i = interpolate_at_pixels(self.log_template, self.nside, pixels)
+            log_i += self.renderer.field(self.nside, self.seed, pixels, self.log_template, self.cascade, self.progress)
+            if self.polarization:
+                fractions = self.pol_template.fractions(log_i, self.seed, self.te_correlation)
+                if self.pixel_indices is not None:
+                    log_i, fractions = log_i[self.pixel_indices], fractions[:, self.pixel_indices]
+                self._pol_fractions = fractions
             self._i_ref = np.exp(log_i, out=log_i)
         return self._i_ref
 
+    def polarization_fractions(self) -> np.ndarray | None:
+        """(Q / I, U / I) (2, npix) float64 at own pixels (None without polarization): the same at
+        every frequency (Q and U share I's modified black body)."""
+        self.reference_map()
+        return self._pol_fractions
+
     def get_emission(self, freqs, weights=None) -> u.Quantity:
-        """(3, npix) uK_RJ map (Q = U = 0) at a frequency or integrated over a bandpass: freqs a
+        """(3, npix) uK_RJ map (I, Q, U; Q = U = 0 without polarization) at a frequency or integrated over a bandpass: freqs a
         Quantity (n,), weights None (top hat) or (n,) finite, >= 0, not all zero."""
         freqs, weights = check_bandpass(freqs, weights)
         i_ref = self.reference_map()
@@ -245,6 +307,8 @@ class VAEDust(Model):
         if out.shape[1] and not (out[0].min() > 0 and np.isfinite(out[0].sum())):
             raise ValueError(f"freqs={freqs} GHz: the modified black body of mbb_index / mbb_temperature "
                              "overflows or underflows float64 there; expected frequencies where it is finite > 0")
+        if self._pol_fractions is not None:
+            np.multiply(out[0], self._pol_fractions, out=out[1:])
         return out << u.uK_RJ
 
 

@@ -31,8 +31,9 @@ Presets of this package (`PRESETS`; names never collide with pysm3's)::
     name            class                   keyword arguments    what
     vd1             pysm_vaedust.VAEDust    (defaults)           shipped weights, bundled template,
                                                                  cascade to the nside
-    vd1_gnilc       pysm_vaedust.VAEDust    template =           on the PySM GNILC template
-                                            "pysm_gnilc"         (fetched through pysm3's loader)
+    vd1_gnilc       pysm_vaedust.VAEDust    template =           on the PySM GNILC template, I and
+                                            pol_template =       Q/U (fetched through pysm3's
+                                            "pysm_gnilc"         loader)
     vd1_nocascade   pysm_vaedust.VAEDust    cascade = false      base level only (scales of the
                                                                  training data, no extrapolation)
 
@@ -65,7 +66,7 @@ from .checks import check_nside, check_pixel_indices
 #: Presets of this package: name -> {"class": dotted path, **keyword arguments}.
 PRESETS: dict[str, dict] = {
     "vd1": {"class": "pysm_vaedust.VAEDust"},
-    "vd1_gnilc": {"class": "pysm_vaedust.VAEDust", "template": "pysm_gnilc"},
+    "vd1_gnilc": {"class": "pysm_vaedust.VAEDust", "template": "pysm_gnilc", "pol_template": "pysm_gnilc"},
     "vd1_nocascade": {"class": "pysm_vaedust.VAEDust", "cascade": False},
 }
 

@@ -49,7 +49,7 @@ def test_map_is_finite_positive_and_large_scales_follow_the_template(dust):
     m = dust.get_emission(545 * u.GHz)
     assert m.shape == (3, hp.nside2npix(NSIDE)) and m.unit == u.uK_RJ
     assert np.all(np.isfinite(m.value)) and np.all(m[0].value > 0)
-    assert np.all(m[1:].value == 0)
+    assert np.all(np.hypot(m[1].value, m[2].value) < m[0].value)   # P < I: log-pol-tens
     template = np.exp(dust.template_at_pixels())
     ratio = hp.smoothing(m[0].value, fwhm=np.radians(5), iter=1) / hp.smoothing(template, fwhm=np.radians(5), iter=1)
     high = np.abs(hp.pix2ang(NSIDE, np.arange(len(ratio)), lonlat=True)[1]) > 20
@@ -158,23 +158,29 @@ def test_statistics_consistent_between_nside_256_and_512():
 
 
 def test_pysm_gnilc_template_through_pysm3_data_loader(tmp_path, monkeypatch):
-    """template="pysm_gnilc" reads PySM's GNILC dust template (IQU, uK_RJ at 353 GHz) through
-    pysm3's own RemoteData lookup: here a small local file of the real name under $PYSM_LOCAL_DATA."""
+    """template="pysm_gnilc" and pol_template="pysm_gnilc" read PySM's GNILC dust template (IQU,
+    uK_RJ at 353 GHz) through pysm3's own RemoteData lookup: here a small local file of the real
+    name under $PYSM_LOCAL_DATA, polarized 5 % with a random angle field."""
     from pysm_vaedust.sources import load_registry
 
     relative = load_registry()["pysm_gnilc_dust_template"].pysm_path
     path = tmp_path / "pysm-data" / relative
     path.parent.mkdir(parents=True)
     npix = hp.nside2npix(16)
-    iqu = [np.full(npix, 200.0), np.zeros(npix), np.zeros(npix)]
+    from pysm_vaedust.polarization import unit_alm
+
+    angle = hp.alm2map(unit_alm(np.random.default_rng(0), 20), 16)
+    iqu = [np.full(npix, 200.0), 10.0 * np.cos(angle), 10.0 * np.sin(angle)]
     hp.write_map(path, iqu, coord="G", column_units="uK_RJ")
     monkeypatch.setenv("PYSM_LOCAL_DATA", str(tmp_path / "pysm-data"))
     monkeypatch.chdir(tmp_path)
     with pytest.warns(UserWarning, match="no recorded checksum"):
-        dust = VAEDust(nside=32, seed=0, template="pysm_gnilc", cascade=False)
+        dust = VAEDust(nside=32, seed=0, template="pysm_gnilc", pol_template="pysm_gnilc", cascade=False)
     assert dust.freq_ref == 353.0
-    m = dust.get_emission(353 * u.GHz)[0].value
-    assert np.mean(m) == pytest.approx(200.0, rel=0.02) and m.std() > 0
+    i, q, u_ = dust.get_emission(353 * u.GHz).value
+    assert np.mean(i) == pytest.approx(200.0, rel=0.02) and i.std() > 0
+    fraction = np.hypot(q, u_) / i
+    assert 0.02 < np.median(fraction) < 0.15 and fraction.max() < 0.22
 
 
 def test_a_coarse_template_starts_the_cascade_one_level_earlier():

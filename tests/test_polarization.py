@@ -1,0 +1,101 @@
+"""Polarization (stage 6b): Q, U beside an unchanged I, P < I, the SED shared with I, the
+spin-2 synthesis (a pure-E field stays E), the small scales' spectra and their T-E correlation."""
+
+import healpy as hp
+import numpy as np
+import pysm3.units as u
+import pytest
+
+from pysm_vaedust import VAEDust
+from pysm_vaedust.polarization import (ALPHA_BB, ALPHA_EE, P_MAX, PolarizationTemplate, default_pol_template_path,
+                                       read_pol_template, unit_alm)
+
+NSIDE = 128
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return PolarizationTemplate(*read_pol_template(default_pol_template_path()))
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """The same seed with and without polarization (no cascade)."""
+    return [VAEDust(nside=NSIDE, seed=3, cascade=False, polarization=p) for p in (True, False)]
+
+
+def test_intensity_is_the_same_bit_for_bit_and_q_u_follow_its_sed(pair):
+    polarized, intensity_only = pair
+    for freq in (100 * u.GHz, 353 * u.GHz):
+        m, m0 = polarized.get_emission(freq).value, intensity_only.get_emission(freq).value
+        assert np.array_equal(m[0], m0[0]) and np.all(m0[1:] == 0)
+        assert np.all(np.hypot(m[1], m[2]) < P_MAX * m[0])
+    low, high = polarized.get_emission(100 * u.GHz).value, polarized.get_emission(353 * u.GHz).value
+    np.testing.assert_allclose(low[1:] / low[0], high[1:] / high[0], rtol=1e-12)
+
+
+def test_polarization_fraction_is_planck_like_at_high_latitude(pair):
+    """P / I at 1 deg: median at |b| > 30 within 0.05-0.15 (Planck 2018 XII), 99.9 % <= 0.25 at |b| > 15
+    (bounded by p_max = 0.22 at the pixel; smoothing only lowers it)."""
+    m = pair[0].get_emission(353 * u.GHz).value
+    smooth = hp.smoothing(m, fwhm=np.radians(1.0), pol=True, iter=1)
+    frac = np.hypot(smooth[1], smooth[2]) / smooth[0]
+    lat = hp.pix2ang(NSIDE, np.arange(len(frac)), lonlat=True)[1]
+    median = np.median(frac[np.abs(lat) > 30])
+    print(f"\nP/I at 1 deg: median |b| > 30 {median:.3f}, 99.9 % at |b| > 15 {np.percentile(frac[np.abs(lat) > 15], 99.9):.3f}")
+    assert 0.05 < median < 0.15
+    assert np.percentile(frac[np.abs(lat) > 15], 99.9) <= 0.25
+
+
+def test_seeds_reproduce_and_partial_skies_equal_the_full_sky(pair):
+    again = VAEDust(nside=NSIDE, seed=3, cascade=False).get_emission(353 * u.GHz).value
+    full = pair[0].get_emission(353 * u.GHz).value
+    assert np.array_equal(again, full)
+    other = VAEDust(nside=NSIDE, seed=4, cascade=False).get_emission(353 * u.GHz).value
+    assert np.std(other[1] - full[1]) > 0.1 * np.std(full[1])
+    pixels = np.arange(1000, 90000, 37)
+    part = VAEDust(nside=NSIDE, seed=3, cascade=False,
+                   map_dist=type("D", (), {"pixel_indices": pixels, "nside": NSIDE})())
+    assert np.array_equal(part.get_emission(353 * u.GHz).value, full[:, pixels])
+
+
+def test_a_pure_e_field_stays_e():
+    """A pure-E fraction tensor (no B in the template, none drawn) on a uniform sky comes out of
+    the spin-2 synthesis with BB / EE < 1 % (small |w|: tanh is linear there)."""
+    lmax = 3 * NSIDE - 1
+    ell = np.arange(lmax + 1)
+    e = hp.almxfl(unit_alm(np.random.default_rng(0), lmax), np.where(ell > 1, 0.01 * ell ** -1.2, 0))
+    q, u_ = hp.alm2map_spin([e, 0 * e], NSIDE, 2, lmax)
+    template = PolarizationTemplate(np.stack([np.ones_like(q), q, u_]), 2.0)
+    assert template.fit["a_B"] < 1e-6 * template.fit["a_E"]
+    fractions = template.fractions(np.zeros(hp.nside2npix(NSIDE)), seed=0, te_correlation=0.0, lmax=lmax)
+    _, ee, bb = hp.anafast(np.stack([np.ones_like(q), *fractions]), lmax=lmax)[:3]
+    assert bb[2:].sum() / ee[2:].sum() < 0.01
+
+
+def test_small_scales_continue_the_power_laws_and_follow_ln_i(bundled):
+    """With a white ln I, the tensor field's E / B spectra at l 80-150 follow a_X l^alpha_X
+    (within 10 %, the draw's scatter) and its E correlates with ln I by te_correlation."""
+    nside, rho = 128, 0.5
+    rng = np.random.default_rng(1)
+    log_i = rng.standard_normal(hp.nside2npix(nside))
+    w = bundled.tensor_field(log_i, seed=0, te_correlation=rho, lmax=2 * nside)
+    cl = hp.anafast(np.stack([log_i, *w]), lmax=2 * nside)
+    ell = np.arange(80, 151)
+    for spectrum, a, alpha in ((cl[1], bundled.fit["a_E"], ALPHA_EE), (cl[2], bundled.fit["a_B"], ALPHA_BB)):
+        ratio = spectrum[ell].mean() / (a * ell.astype(float) ** alpha).mean()
+        assert 0.9 < ratio < 1.1, ratio
+    r_te = cl[3][ell].sum() / np.sqrt(cl[0][ell].sum() * cl[1][ell].sum())
+    assert r_te == pytest.approx(rho, abs=0.06)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(te_correlation=1.5), "te_correlation"),
+    (dict(pol_template=np.ones((2, 12 * 16**2)), pol_template_fwhm=2.0), "shape"),
+    (dict(pol_template=np.ones((3, 12 * 16**2))), "pol_template_fwhm"),
+    (dict(pol_template=np.stack([-np.ones(12 * 16**2)] * 3), pol_template_fwhm=2.0), "I > 0"),
+    (dict(pol_template="/nonexistent/pol.fits"), "does not exist"),
+])
+def test_bad_polarization_arguments_are_refused(kwargs, match):
+    with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
+        VAEDust(nside=16, cascade=False, **kwargs)
