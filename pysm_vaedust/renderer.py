@@ -122,6 +122,8 @@ class Renderer:
         self.slope = float(meta["spectral_slope"]["slope"])
         self.start_factor = start_factor
         self.window = decoded_window(meta)
+        #: how the model's samples repeat the field they are conditioned on (`tiling.handover_gain`)
+        self.coherence = meta.get("handover_coherence")
 
     def resampler(self, level: CascadeLevel, nside: int, smooth_fwhm_deg: float = 0.0,
                   handover_fwhm_deg: float = 0.0) -> Resampler:
@@ -134,7 +136,8 @@ class Renderer:
         pixel_deg = level.geometry.pixel_size_deg
         return Resampler(resampling_matrix(self.vae.config.npix, *self.window, smooth_fwhm_deg / pixel_deg,
                                            handover_fwhm_deg / pixel_deg,
-                                           limit_cycles=BAND_LIMIT * nside * np.radians(pixel_deg) / (2 * np.pi)),
+                                           limit_cycles=BAND_LIMIT * nside * np.radians(pixel_deg) / (2 * np.pi),
+                                           coherence=self.coherence),
                          self.vae.device)
 
     def levels(self, nside: int, cascade: bool = True) -> list[CascadeLevel]:

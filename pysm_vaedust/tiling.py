@@ -90,16 +90,27 @@ def band_limit(freq: np.ndarray, start: float) -> np.ndarray:
     return np.cos(0.5 * np.pi * t) ** 2
 
 
-def handover_gain(freq: np.ndarray, fwhm: float) -> np.ndarray:
-    """What a cascade level keeps of its patches where the next level, conditioned at a Gaussian
-    G of `fwhm`, adds (1 - G) of the sky: sqrt(1 - (1 - G)^2), so that the two levels' powers
-    sum to the sky's across the handover (1 everywhere for fwhm 0)."""
-    return np.sqrt(1 - (1 - gaussian_transfer(freq, fwhm)) ** 2)
+def handover_gain(freq: np.ndarray, fwhm: float, coherence: dict | None = None) -> np.ndarray:
+    """What a cascade level keeps h of its field f where the next level, conditioned on f through a
+    Gaussian G of `fwhm`, adds y: the root of E|h f + y|^2 = E|f|^2, h = -a + sqrt(a^2 + 1 - s),
+    a = Re<y f*> / <|f|^2> (what y repeats of f: the conditional mean's prediction of the scales
+    the condition still holds), s = <|y|^2> / <|f|^2>. `coherence`: a and s measured on the model
+    (`train.handover_coherence`: {"kappa", "coherent", "power"}, kappa = frequency x FWHM); None:
+    levels independent, a = 0 and s = (1 - G)^2, h = sqrt(1 - (1 - G)^2). 1 everywhere for fwhm 0;
+    clipped to [0, 1]."""
+    if coherence is None or fwhm == 0:
+        a, power = 0.0, (1 - gaussian_transfer(freq, fwhm)) ** 2
+    else:
+        kappa = np.abs(freq) * fwhm
+        a = np.interp(kappa, coherence["kappa"], coherence["coherent"])
+        power = np.interp(kappa, coherence["kappa"], coherence["power"])
+    return np.clip(-a + np.sqrt(np.maximum(a * a + 1 - power, 0.0)), 0.0, 1.0)
 
 
 def resampling_matrix(npix: int, window_fwhm_pix: float = 0.0, window_box: int = 1,
                       smoothing_fwhm_pix: float = 0.0, handover_fwhm_pix: float = 0.0,
-                      upsample: int = UPSAMPLE, limit_cycles: float = np.inf) -> np.ndarray:
+                      upsample: int = UPSAMPLE, limit_cycles: float = np.inf,
+                      coherence: dict | None = None) -> np.ndarray:
     """The reprojection's 1-D resampling operator (upsample npix, npix), float64: a patch P
     (n, n) becomes R P R^T on the fine grid of upsample x upsample points per pixel (centres at
     (i + 0.5) / upsample - 0.5 in pixel units, the same extent).
@@ -109,7 +120,8 @@ def resampling_matrix(npix: int, window_fwhm_pix: float = 0.0, window_box: int =
     `window_box` equally spaced sub-samples per pixel: the cutouts' box average) and by the
     transfer sinc^2(f / upsample) of bilinear interpolation on the fine grid, and multiplies it
     by a Gaussian of `smoothing_fwhm_pix` (a coarser view of the patch; 0: none), by
-    `handover_gain` of `handover_fwhm_pix` (what the level keeps beside the next; 0: all) and by
+    `handover_gain` of `handover_fwhm_pix` and `coherence` (what the level keeps beside the next;
+    0: all) and by
     `band_limit` from `limit_cycles` (cycles per pixel: the band the output pixels can hold).
     With no window, no smoothing and upsample 1 it is the identity up to the bilinear compensation."""
     n = int(npix)
@@ -117,7 +129,7 @@ def resampling_matrix(npix: int, window_fwhm_pix: float = 0.0, window_box: int =
     freq = k / (2 * n)  # cycles per pixel of the DCT-II modes
     box = np.ones(n) if window_box <= 1 else (
         np.sinc(freq) / np.where(k == 0, 1.0, np.sinc(freq / window_box)))  # sin(pi f) / (m sin(pi f / m))
-    gain = (gaussian_transfer(freq, smoothing_fwhm_pix) * handover_gain(freq, handover_fwhm_pix)
+    gain = (gaussian_transfer(freq, smoothing_fwhm_pix) * handover_gain(freq, handover_fwhm_pix, coherence)
             * band_limit(freq, limit_cycles)
             / (gaussian_transfer(freq, window_fwhm_pix) * box * np.sinc(freq / upsample) ** 2))
     analysis = np.cos(np.pi * np.outer(k, np.arange(n) + 0.5) / n) * np.where(k == 0, 1.0, 2.0)[:, None] / n

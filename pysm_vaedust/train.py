@@ -30,6 +30,7 @@ from .iris import analysis_mask, iris_mosaic, subtract_zero_level
 from .model import ConditionalVAE, VAEConfig
 from .statistics import default_ell_edges, flat_power_spectrum
 from .template import default_template_path, read_template
+from .tiling import gaussian_transfer
 from .weights import resolve_device, save_weights
 
 SPLITS = ("train", "val", "test")
@@ -355,6 +356,46 @@ def calibrate_decoder_noise(model: ConditionalVAE, data: tuple, seed: int, batch
             "noise_power_per_bin_before": before.tolist(), "noise_power_per_bin": model.decoder_logvar.exp().tolist()}
 
 
+@torch.no_grad()
+def handover_coherence(model: ConditionalVAE, data: tuple, seed: int, fwhm_pix: float, n_draws: int = 4,
+                       batch_size: int = 128) -> dict:
+    """How conditional samples y repeat the sky S they are conditioned on, per radial Fourier bin of
+    the (Hann-windowed) patches of a split: a = Re<y S*> / <|S|^2>, s = <|y|^2> / <|S|^2>, with
+    S = x / (1 - G) in the band (x the target, the sky less its G-smoothing; G the conditioning
+    Gaussian of `fwhm_pix` patch pixels), bins where 1 - G >= 0.1, and kappa = 0 (a = s = 0)
+    prepended. The cascade keeps of each level h = -a + sqrt(a^2 + 1 - s) where the next begins
+    (`tiling.handover_gain`): a level conditioned on the previous one repeats part of it.
+    Returns {"kappa" (frequency x FWHM), "coherent" (a), "power" (s), "fwhm_pix", "n_draws"}."""
+    model.eval()
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    n = data[0].shape[-1]
+    window = torch.hann_window(n, periodic=False, dtype=data[0].dtype, device=model.device)
+    window = window[:, None] * window[None, :]
+    freq = torch.fft.fftfreq(n, device=model.device)
+    radius = torch.sqrt(freq[:, None] ** 2 + freq[None, :] ** 2).flatten()
+    bins = torch.round(radius * n).long()
+    cross, power_y, power_x = 0.0, 0.0, 0.0
+    for x, c in batches(data, batch_size, model.device):
+        fx = torch.fft.fft2(x[:, 0] * window).flatten(1)
+        for _ in range(n_draws):
+            mean = model.decode(torch.randn((len(c), model.latent_dim), generator=gen, device=c.device), c)
+            y = mean + model.decoder_noise(torch.randn(mean.shape, generator=gen, device=c.device))
+            fy = torch.fft.fft2(y[:, 0] * window).flatten(1)
+            cross = cross + (fy * fx.conj()).real.sum(0)
+            power_y = power_y + fy.abs().square().sum(0)
+        power_x = power_x + n_draws * fx.abs().square().sum(0)
+    per_bin = [torch.zeros(int(bins.max()) + 1, dtype=torch.float64, device=model.device).index_add(
+        0, bins, v.double()) for v in (cross, power_y, power_x)]
+    centre = torch.zeros_like(per_bin[0]).index_add(0, bins, radius.double()) / torch.bincount(bins).double()
+    kappa = centre.cpu().numpy() * fwhm_pix
+    fill = 1.0 - gaussian_transfer(centre.cpu().numpy(), fwhm_pix)
+    cross, power_y, power_x = (v.cpu().numpy() for v in per_bin)
+    keep = fill >= 0.1
+    return {"kappa": [0.0] + kappa[keep].tolist(), "coherent": [0.0] + (cross / power_x * fill)[keep].tolist(),
+            "power": [0.0] + (power_y / power_x * fill**2)[keep].tolist(), "fwhm_pix": float(fwhm_pix),
+            "n_draws": n_draws}
+
+
 def _epoch_generator(seed: int, epoch: int, device) -> tuple[torch.Generator, torch.Generator]:
     """Shuffling/augmentation generator (CPU) and noise generator (model device) of one epoch."""
     cpu = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -453,6 +494,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                     "seconds_to_last_epoch": history[-1]["seconds"] if history else None},
         "history": history,
         "decoder_noise": noise_report or {"calibrated": False},
+        "handover_coherence": handover_coherence(model, sets["val"], cfg.seed,
+                                                 cfg.template_fwhm_deg / PatchGeometry(cfg.npix, cfg.size_deg).pixel_size_deg),
     }
     out = save_weights(cfg.output, {"vae": model.cpu()}, metadata)
     if progress:

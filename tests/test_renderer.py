@@ -38,6 +38,21 @@ def test_handover_keeps_the_power_the_next_level_leaves():
     np.testing.assert_allclose(handover_gain(f, 0.0), 1.0)
 
 
+def test_handover_keeps_only_what_a_coherent_next_level_does_not_repeat():
+    """A next level that repeats the coarser field where its condition holds it (a = 1 - G, the
+    exact conditional mean of a Gaussian field) leaves the coarser level G: the partition of
+    unity; in general h solves (h + a)^2 + s - a^2 = 1."""
+    f = np.linspace(0, 0.5, 50)
+    fwhm = 2.0
+    g = gaussian_transfer(f, fwhm)
+    ideal = {"kappa": f * fwhm, "coherent": 1 - g, "power": (1 - g) ** 2}
+    np.testing.assert_allclose(handover_gain(f, fwhm, ideal), g, atol=1e-12)
+    partial = {"kappa": f * fwhm, "coherent": 0.5 * (1 - g), "power": 0.5 * (1 - g) ** 2 + 0.1 * (1 - g)}
+    h = handover_gain(f, fwhm, partial)
+    a, s = partial["coherent"], partial["power"]
+    np.testing.assert_allclose((h + a) ** 2 + s - a**2, 1.0, atol=1e-12)
+
+
 def windowed_white(rng, count, n, fwhm_pix, box):
     """(count, n, n) white noise (unit variance per sub-sample) seen through the training
     window: a Gaussian of `fwhm_pix` pixels, then the mean of box x box sub-samples."""

@@ -246,3 +246,41 @@ def test_noise_calibration_gives_samples_the_data_power_per_bin(tiny_weights, tm
     assert free[1:].all()
     ratio = (drawn / data)[1:]
     assert float((ratio - 1).abs().max()) < 0.1, ratio
+
+
+def test_handover_coherence_tells_a_copy_from_an_independent_draw(tiny_weights, data_dir):
+    """handover_coherence on stand-in models: samples that copy the target (what an exact
+    conditional mean does where the condition holds the scales) give a = 1 - G, s = (1 - G)^2, so
+    the cascade keeps G of the coarser level; samples drawn independently of it (another patch)
+    give a ~ 0, so it keeps sqrt(1 - s). The recipe stores the measurement in the weights."""
+    from pysm_vaedust.tiling import gaussian_transfer, handover_gain
+    from pysm_vaedust.train import handover_coherence
+
+    sets, _ = build_datasets(TrainConfig.of_weights(load_weights(tiny_weights).metadata))
+    x = sets["train"][0]
+
+    class StandIn:
+        latent_dim, device = 1, torch.device("cpu")
+
+        def __init__(self, shift):
+            self.shift = shift
+
+        def eval(self):
+            return self
+
+        def decode(self, z, c):
+            return torch.roll(c, self.shift, dims=0)
+
+        def decoder_noise(self, eps):
+            return torch.zeros_like(eps)
+
+    fwhm = 4.0
+    copy = handover_coherence(StandIn(0), (x, x), seed=0, fwhm_pix=fwhm, n_draws=1)
+    kappa = np.array(copy["kappa"])
+    fill = 1 - gaussian_transfer(kappa / fwhm, fwhm)
+    np.testing.assert_allclose(copy["coherent"], fill, atol=1e-6)
+    np.testing.assert_allclose(handover_gain(kappa / fwhm, fwhm, copy), 1 - fill, atol=1e-6)
+    other = handover_coherence(StandIn(1), (x, x), seed=0, fwhm_pix=fwhm, n_draws=1)
+    assert np.all(np.abs(other["coherent"][1:]) < 0.25 * fill[1:] + 0.05)
+    stored = load_weights(tiny_weights).metadata["handover_coherence"]
+    assert stored["kappa"][0] == 0 and np.all(np.diff(stored["kappa"]) > 0) and stored["fwhm_pix"] > 0
