@@ -71,30 +71,29 @@ def _degrees(value, name: str) -> float | None:
     return check_real(u.Quantity(value, u.deg).value if isinstance(value, u.Quantity) else value, name, positive=True)
 
 
-def _load_pol_template(pol_template, fwhm_deg: float | None) -> PolarizationTemplate:
-    """The large-scale polarization from None (bundled), 'pysm_gnilc', a FITS path or an array (3, npix)."""
+def _load_pol_template(pol_template, fwhm_deg: float | None, freq_ghz: float | None) -> tuple[np.ndarray, float, float]:
+    """(I, Q, U (3, npix) uK_RJ, beam FWHM deg, frequency GHz) of the large-scale polarization from
+    None (bundled), 'pysm_gnilc', a FITS path or an array / Quantity (3, npix)."""
     if pol_template is None:
-        iqu, fwhm = read_pol_template(default_pol_template_path(), fwhm_deg)
-    elif isinstance(pol_template, str) and pol_template == "pysm_gnilc":
+        return read_pol_template(default_pol_template_path(), fwhm_deg, freq_ghz)
+    if isinstance(pol_template, str) and pol_template == "pysm_gnilc":
         from .sources import fetch
 
         iqu = hp.read_map(fetch("pysm_gnilc_dust_template"), field=(0, 1, 2), dtype=np.float64)
-        fwhm = fwhm_deg or GNILC_POL_FWHM_DEG
-        # GNILC's I has 21.8': brought to the polarization's beam so that P / I is of one resolution
-        iqu[0] = hp.smoothing(iqu[0], fwhm=np.radians(np.sqrt(fwhm**2 - GNILC_FWHM_DEG**2)), iter=0)
-    elif isinstance(pol_template, (str, Path)):
-        iqu, fwhm = read_pol_template(pol_template, fwhm_deg)
-    else:
-        try:
-            iqu = np.asarray(u.Quantity(pol_template).value if isinstance(pol_template, u.Quantity) else pol_template,
-                             dtype=np.float64)
-        except (TypeError, ValueError):
-            raise TypeError(f"pol_template of type {type(pol_template).__name__}: expected None, 'pysm_gnilc', "
-                            "a FITS path or an (3, npix) I, Q, U map") from None
-        if fwhm_deg is None:
-            raise ValueError("an array pol_template needs pol_template_fwhm= (its beam, deg)")
-        fwhm = fwhm_deg
-    return PolarizationTemplate(iqu, fwhm)
+        return iqu, fwhm_deg or GNILC_POL_FWHM_DEG, freq_ghz or 353.0
+    if isinstance(pol_template, (str, Path)):
+        return read_pol_template(pol_template, fwhm_deg, freq_ghz)
+    try:
+        iqu = np.asarray(u.Quantity(pol_template, u.uK_RJ).value if isinstance(pol_template, u.Quantity)
+                         else pol_template, dtype=np.float64)
+    except u.UnitConversionError:
+        raise ValueError(f"pol_template has unit {pol_template.unit}: expected uK_RJ") from None
+    except (TypeError, ValueError):
+        raise TypeError(f"pol_template of type {type(pol_template).__name__}: expected None, 'pysm_gnilc', "
+                        "a FITS path or an (3, npix) I, Q, U map") from None
+    if fwhm_deg is None or freq_ghz is None:
+        raise ValueError("an array pol_template needs pol_template_fwhm= (its beam, deg) and pol_template_freq=")
+    return iqu, fwhm_deg, freq_ghz
 
 
 class VAEDust(Model):
@@ -119,10 +118,12 @@ class VAEDust(Model):
         those tiles (normalised units).
     polarization : return Q, U (`pysm_vaedust.polarization`); False: Q = U = 0. I is the same
         either way.
-    pol_template : the large-scale polarization: None (bundled, from PySM's d1 / Planck 2015 at
-        3.7 deg), "pysm_gnilc" (PySM's GNILC IQU template, 80' in Q/U), a FITS path with I, Q, U,
-        or an array (3, npix) (RING, Galactic, COSMO convention; only P / I is used).
-    pol_template_fwhm : its beam FWHM (deg or Quantity; default: FWHMDEG card / known beam).
+    pol_template : the large-scale Q, U: None (bundled, from PySM's d1 / Planck 2015 at 3.7 deg),
+        "pysm_gnilc" (PySM's GNILC IQU template, 80' in Q/U), a FITS path with I, Q, U, or an
+        array (3, npix) (RING, Galactic, uK_RJ, COSMO convention). The map's large-scale Q, U are
+        the template's; their ratio to the map's own I sets the polarization fraction.
+    pol_template_fwhm, pol_template_freq : its beam FWHM (deg or Quantity) and frequency (default:
+        FWHMDEG / FREQREF cards, or the known values of the bundled and GNILC templates).
     te_correlation : correlation (0..1) of the small-scale E with the map's own ln I.
     max_nside, map_dist : as every pysm3 Model. With polarization, the small scales of Q, U are
         drawn on the whole sky (spherical harmonics): a partial sky computes the full-sky
@@ -132,7 +133,7 @@ class VAEDust(Model):
     def __init__(self, nside=2048, seed=0, template=None, template_freq=None, template_fwhm=None,
                  mbb_temperature=T_DUST_K, mbb_index=BETA_DUST, weights=None, device="auto", cascade=True, batch_size=1024, progress=False, fixed_latents=None,
                  fixed_noise=None, polarization=True, pol_template=None, pol_template_fwhm=None,
-                 te_correlation=TE_CORRELATION, max_nside=8192, map_dist=None):
+                 pol_template_freq=None, te_correlation=TE_CORRELATION, max_nside=8192, map_dist=None):
         nside = check_nside(nside)
         max_nside = check_int(max_nside, "max_nside", minimum=1)
         if nside > max_nside:
@@ -157,15 +158,24 @@ class VAEDust(Model):
         self.te_correlation = check_real(te_correlation, "te_correlation")
         if not 0 <= self.te_correlation <= 1:
             raise ValueError(f"te_correlation={te_correlation!r}: expected a number in [0, 1]")
-        self.pol_template = (_load_pol_template(pol_template, _degrees(pol_template_fwhm, "pol_template_fwhm"))
-                             if self.polarization else None)
         self.mbb_temperature = self._spectral_parameter(mbb_temperature, "mbb_temperature", u.K)
         self.mbb_index = self._spectral_parameter(mbb_index, "mbb_index", u.dimensionless_unscaled)
         # the condition's brightness is in 100 um MJy/sr: converted with scalar SED parameters, or
         # the defaults where they are maps (a partial sky must not see another conversion)
-        log_offset = log_offset_to_100um(
-            self.freq_ref, float(self.mbb_temperature) if np.ndim(self.mbb_temperature) == 0 else T_DUST_K,
-            float(self.mbb_index) if np.ndim(self.mbb_index) == 0 else BETA_DUST)
+        sed = (float(self.mbb_temperature) if np.ndim(self.mbb_temperature) == 0 else T_DUST_K,
+               float(self.mbb_index) if np.ndim(self.mbb_index) == 0 else BETA_DUST)
+        log_offset = log_offset_to_100um(self.freq_ref, *sed)
+        self.pol_template = None
+        if self.polarization:
+            iqu, pol_fwhm, pol_freq = _load_pol_template(
+                pol_template, _degrees(pol_template_fwhm, "pol_template_fwhm"),
+                None if pol_template_freq is None else _scalar_frequency(pol_template_freq, "pol_template_freq"))
+            # the product's I at the pol template's frequency (the modified black body of the
+            # condition's conversion), at the template's resolution F / start
+            to_pol = log_offset_to_100um(self.freq_ref, *sed) - log_offset_to_100um(pol_freq, *sed)
+            self.pol_template = PolarizationTemplate(
+                iqu, pol_fwhm, np.exp(self.log_template + to_pol),
+                float(self.weights.metadata["normalisation"]["template_fwhm_deg"]) / start)
         self.renderer = Renderer(self.weights, log_offset, batch_size, fixed_latents, fixed_noise, start)
         self._check_fixed_tiles()
         self._i_ref = None

@@ -105,11 +105,16 @@ def fit_power_laws(e_alm: np.ndarray, b_alm: np.ndarray, fwhm_deg: float) -> dic
 class PolarizationTemplate:
     """The large-scale polarization: w_L's E/B coefficients and the power laws that continue them.
 
-    iqu: (3, npix) map (RING, Galactic, any unit: only P / I is used) with all three Stokes
-    parameters at beam `fwhm_deg` (deg; the scale where its real information ends)."""
+    iqu: (3, npix) map (RING, Galactic, uK_RJ at one frequency) with all three Stokes parameters
+    at beam `fwhm_deg` (deg; the scale where its real information ends). `intensity`: the
+    product's own I at that frequency (RING, any nside, uK_RJ, beam `intensity_fwhm_deg` <=
+    fwhm_deg), smoothed to fwhm_deg and used in place of the template's I, so that the large-scale
+    Q, U of the map are the template's own (P / I of the product's I, not the template's: two
+    dust intensities differ, by up to 1.5x at high latitude between PySM d1 and the bundled one)."""
 
-    def __init__(self, iqu: np.ndarray, fwhm_deg: float):
-        iqu = np.asarray(iqu, dtype=np.float64)
+    def __init__(self, iqu: np.ndarray, fwhm_deg: float, intensity: np.ndarray | None = None,
+                 intensity_fwhm_deg: float = 0.0):
+        iqu = np.array(iqu, dtype=np.float64)
         if iqu.ndim != 2 or iqu.shape[0] != 3 or not hp.isnpixok(iqu.shape[1]):
             raise ValueError(f"pol template has shape {iqu.shape}: expected (3, 12 nside^2) I, Q, U")
         if not np.all(np.isfinite(iqu)) or not np.all(iqu[0] > 0):
@@ -117,7 +122,16 @@ class PolarizationTemplate:
         if not 0 < fwhm_deg <= 10:
             raise ValueError(f"pol template FWHM {fwhm_deg} deg: expected 0 < FWHM <= 10 deg")
         self.fwhm_deg = float(fwhm_deg)
-        lmax = min(3 * POL_WORK_NSIDE - 1, 3 * hp.npix2nside(iqu.shape[1]) - 1)
+        nside = hp.npix2nside(iqu.shape[1])
+        lmax = min(3 * POL_WORK_NSIDE - 1, 3 * nside - 1)
+        if intensity is not None:
+            if not 0 <= intensity_fwhm_deg <= fwhm_deg:
+                raise ValueError(f"intensity beam {intensity_fwhm_deg} deg: expected 0 <= beam <= {fwhm_deg} deg")
+            alm = hp.map2alm(np.asarray(intensity, dtype=np.float64), lmax=lmax, iter=1)
+            hp.smoothalm(alm, fwhm=np.radians(np.sqrt(fwhm_deg**2 - intensity_fwhm_deg**2)), inplace=True)
+            iqu[0] = hp.alm2map(alm, nside, lmax=lmax)
+            if not np.all(iqu[0] > 0):
+                raise ValueError("the intensity smoothed to the pol template's beam is not > 0 everywhere")
         w = fraction_tensor(iqu)
         self.e_alm, self.b_alm = hp.map2alm_spin(w, 2, lmax=lmax)
         self.fit = fit_power_laws(self.e_alm, self.b_alm, self.fwhm_deg)
@@ -200,9 +214,11 @@ def truncate_alm(alm: np.ndarray, lmax: int) -> np.ndarray:
     return alm[hp.Alm.getlm(hp.Alm.getlmax(len(alm)))[0] <= lmax]
 
 
-def read_pol_template(path, fwhm_deg: float | None = None) -> tuple[np.ndarray, float]:
-    """(I, Q, U (3, npix) float64, FWHM deg) from a FITS map with three fields; the FWHM from
-    `fwhm_deg`, else the file's FWHMDEG card."""
+def read_pol_template(path, fwhm_deg: float | None = None, freq_ghz: float | None = None
+                      ) -> tuple[np.ndarray, float, float]:
+    """(I, Q, U (3, npix) float64 uK_RJ, FWHM deg, frequency GHz) from a FITS map with three
+    fields in uK_RJ (TUNIT1); the FWHM from `fwhm_deg`, else the file's FWHMDEG card; the
+    frequency from `freq_ghz`, else its FREQREF card."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pol template {str(path)!r} does not exist")
@@ -210,13 +226,16 @@ def read_pol_template(path, fwhm_deg: float | None = None) -> tuple[np.ndarray, 
         iqu = np.asarray(hp.read_map(path, field=(0, 1, 2), dtype=np.float64))
     except (IndexError, ValueError) as err:
         raise ValueError(f"pol template {str(path)!r}: expected three fields I, Q, U ({err})") from None
-    if fwhm_deg is None:
-        with fits.open(path) as hdus:
-            header = hdus[1].header if len(hdus) > 1 else hdus[0].header
-        if header.get("FWHMDEG") is None:
-            raise ValueError(f"pol template {str(path)!r} has no FWHMDEG card: pass pol_template_fwhm=")
-        fwhm_deg = float(header["FWHMDEG"])
-    return iqu, float(fwhm_deg)
+    with fits.open(path) as hdus:
+        header = hdus[1].header if len(hdus) > 1 else hdus[0].header
+    unit = str(header.get("TUNIT1", "")).strip()
+    if unit not in ("uK_RJ", "uK RJ"):
+        raise ValueError(f"pol template {str(path)!r} has unit {unit!r}; expected uK_RJ")
+    for value, card, argument in ((fwhm_deg, "FWHMDEG", "pol_template_fwhm"), (freq_ghz, "FREQREF", "pol_template_freq")):
+        if value is None and header.get(card) is None:
+            raise ValueError(f"pol template {str(path)!r} has no {card} card: pass {argument}=")
+    return (iqu, float(header["FWHMDEG"] if fwhm_deg is None else fwhm_deg),
+            float(header["FREQREF"] if freq_ghz is None else freq_ghz))
 
 
 def build_pol_template(d1_path, fwhm_deg: float = POL_TEMPLATE_FWHM_DEG) -> tuple[np.ndarray, dict]:

@@ -15,7 +15,7 @@ NSIDE = 128
 
 @pytest.fixture(scope="module")
 def bundled():
-    return PolarizationTemplate(*read_pol_template(default_pol_template_path()))
+    return PolarizationTemplate(*read_pol_template(default_pol_template_path())[:2])
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +91,10 @@ def test_small_scales_continue_the_power_laws_and_follow_ln_i(bundled):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(te_correlation=1.5), "te_correlation"),
-    (dict(pol_template=np.ones((2, 12 * 16**2)), pol_template_fwhm=2.0), "shape"),
+    (dict(pol_template=np.ones((2, 12 * 16**2)), pol_template_fwhm=2.0, pol_template_freq="353 GHz"), "shape"),
     (dict(pol_template=np.ones((3, 12 * 16**2))), "pol_template_fwhm"),
-    (dict(pol_template=np.stack([-np.ones(12 * 16**2)] * 3), pol_template_fwhm=2.0), "I > 0"),
+    (dict(pol_template=np.ones((3, 12 * 16**2)) * u.K_CMB, pol_template_fwhm=2.0, pol_template_freq="353 GHz"), "uK_RJ"),
+    (dict(pol_template=np.stack([-np.ones(12 * 16**2)] * 3), pol_template_fwhm=2.0, pol_template_freq="353 GHz"), "I > 0"),
     (dict(pol_template="/nonexistent/pol.fits"), "does not exist"),
 ])
 def test_bad_polarization_arguments_are_refused(kwargs, match):
