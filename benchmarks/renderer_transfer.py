@@ -88,7 +88,8 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             start = time.time()
             component = VAEDust(nside=nside, seed=seed, template=np.full(hp.nside2npix(64), 100.0),
-                                template_freq="545 GHz")
+                                template_freq="545 GHz", polarization=False)
+            component.renderer.coherence = None   # synthetic levels are independent of each other
             fwhm0 = float(component.renderer.normalisation["template_fwhm_deg"])
             original = Renderer.decode
             Renderer.decode = synthetic_decode(component.renderer.window, fwhm0)
