@@ -71,6 +71,18 @@ def _degrees(value, name: str) -> float | None:
     return check_real(u.Quantity(value, u.deg).value if isinstance(value, u.Quantity) else value, name, positive=True)
 
 
+def _uk_rj_array(value, name: str, what: str) -> np.ndarray:
+    """float64 array of an array or Quantity in uK_RJ; errors name `name` and what it expects."""
+    try:
+        return np.asarray(u.Quantity(value, u.uK_RJ).value if isinstance(value, u.Quantity) else value,
+                          dtype=np.float64)
+    except u.UnitConversionError:
+        raise ValueError(f"{name} has unit {value.unit}: expected uK_RJ") from None
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} of type {type(value).__name__}: expected None, 'pysm_gnilc', a FITS path "
+                        f"or {what}") from None
+
+
 def _load_pol_template(pol_template, fwhm_deg: float | None, freq_ghz: float | None) -> tuple[np.ndarray, float, float]:
     """(I, Q, U (3, npix) uK_RJ, beam FWHM deg, frequency GHz) of the large-scale polarization from
     None (bundled), 'pysm_gnilc', a FITS path or an array / Quantity (3, npix)."""
@@ -83,14 +95,7 @@ def _load_pol_template(pol_template, fwhm_deg: float | None, freq_ghz: float | N
         return iqu, fwhm_deg or GNILC_POL_FWHM_DEG, freq_ghz or 353.0
     if isinstance(pol_template, (str, Path)):
         return read_pol_template(pol_template, fwhm_deg, freq_ghz)
-    try:
-        iqu = np.asarray(u.Quantity(pol_template, u.uK_RJ).value if isinstance(pol_template, u.Quantity)
-                         else pol_template, dtype=np.float64)
-    except u.UnitConversionError:
-        raise ValueError(f"pol_template has unit {pol_template.unit}: expected uK_RJ") from None
-    except (TypeError, ValueError):
-        raise TypeError(f"pol_template of type {type(pol_template).__name__}: expected None, 'pysm_gnilc', "
-                        "a FITS path or an (3, npix) I, Q, U map") from None
+    iqu = _uk_rj_array(pol_template, "pol_template", "an (3, npix) I, Q, U map")
     if fwhm_deg is None or freq_ghz is None:
         raise ValueError("an array pol_template needs pol_template_fwhm= (its beam, deg) and pol_template_freq=")
     return iqu, fwhm_deg, freq_ghz
@@ -172,9 +177,13 @@ class VAEDust(Model):
                 None if pol_template_freq is None else _scalar_frequency(pol_template_freq, "pol_template_freq"))
             # the product's I at the pol template's frequency (the modified black body of the
             # condition's conversion), at the template's resolution F / start
-            to_pol = log_offset_to_100um(self.freq_ref, *sed) - log_offset_to_100um(pol_freq, *sed)
+            intensity = np.exp(self.log_template + log_offset_to_100um(self.freq_ref, *sed)
+                               - log_offset_to_100um(pol_freq, *sed))
+            if not (np.all(np.isfinite(intensity)) and intensity.min() > 0):
+                raise ValueError(f"mbb_index={sed[1]!r} / mbb_temperature={sed[0]!r} scale the intensity to the pol "
+                                 f"template's {pol_freq} GHz beyond float64: expected dust-like values")
             self.pol_template = PolarizationTemplate(
-                iqu, pol_fwhm, np.exp(self.log_template + to_pol),
+                iqu, pol_fwhm, intensity,
                 float(self.weights.metadata["normalisation"]["template_fwhm_deg"]) / start)
         self.renderer = Renderer(self.weights, log_offset, batch_size, fixed_latents, fixed_noise, start)
         self._check_fixed_tiles()
@@ -220,14 +229,7 @@ class VAEDust(Model):
         else:
             if template_freq is None:
                 raise ValueError("an array template needs template_freq= (e.g. '545 GHz')")
-            try:
-                values = np.asarray(u.Quantity(template, u.uK_RJ).value if isinstance(template, u.Quantity)
-                                    else template, dtype=np.float64)
-            except u.UnitConversionError:
-                raise ValueError(f"template has unit {template.unit}: expected uK_RJ") from None
-            except (TypeError, ValueError):
-                raise TypeError(f"template of type {type(template).__name__}: expected None, 'pysm_gnilc', "
-                                "a FITS path or a HEALPix map (array or Quantity)") from None
+            values = _uk_rj_array(template, "template", "a HEALPix map (array or Quantity)")
             freq = None
         if values.ndim != 1 or not hp.isnpixok(values.size):
             raise ValueError(f"template has shape {values.shape}; expected a HEALPix map (12 nside^2,)")
