@@ -58,6 +58,10 @@ TARGETS = {"median_ratio": (0.8, 1.25), "log_correlation": {"low": 0.85, "high":
            "law_ratio": (0.8, 1.25), "r_te": (0.2, 0.5), "r_te_ranges": ((40, 300), (300, 1000)),
            "p_max_share": 0.999, "p_median": (0.05, 0.15)}
 VERDICT = {True: "PASS", False: "MISS"}
+#: ridge alignment (Clark et al. 2015): 10 discs of 10 deg named before measuring, (lon, lat) deg
+RIDGE_REGIONS = [(lon, lat) for lat in (60, -60) for lon in (0, 72, 144, 216, 288)]
+#: ridges of ln I at this FWHM (arcmin), band-passed against twice it, on the nside-512 map
+RIDGE_FWHM_ARCMIN = 20.0
 
 
 def lensed_cmb_dl() -> np.ndarray:
@@ -196,6 +200,37 @@ def namaster_bb_ee(iqu: np.ndarray, mask: np.ndarray, bins: list) -> dict:
             "dl_bb": dict(zip(keys, bb.tolist())), "bb_ee": dict(zip(keys, (bb / ee).tolist()))}
 
 
+def ridge_alignment(iqu: np.ndarray) -> dict:
+    """Relative orientation of the field (polarization + 90 deg) and the ln-I ridges, per region of
+    RIDGE_REGIONS: ridges from the Hessian spin-2 field H = eth^2 ln I (E_H = sqrt((l-1)l(l+1)(l+2)) t_lm,
+    whose axis is across a ridge: checked on a synthetic meridian ridge, Q_H < 0), both fields
+    smoothed by RIDGE_FWHM_ARCMIN; ridge pixels: band-passed ln I > 0 and |H| above the region's
+    median. phi = (1/2) arg[(Q + iU) conj(H)], 0 = field along the ridge; projected Rayleigh
+    statistic Z_x = sum cos 2 phi / sqrt(N / 2) (Jow et al. 2018), > 3 = significantly parallel."""
+    nside = hp.npix2nside(iqu.shape[1])
+    lmax = 2 * nside
+    ell = np.arange(lmax + 1)
+    smooth = gaussian_beam(lmax, RIDGE_FWHM_ARCMIN)
+    t_alm = hp.map2alm(np.log(iqu[0]), lmax=lmax, iter=1)
+    band = hp.alm2map(hp.almxfl(t_alm, smooth - gaussian_beam(lmax, 2 * RIDGE_FWHM_ARCMIN)), nside, lmax=lmax)
+    eth2 = np.sqrt(np.maximum((ell - 1.0) * ell * (ell + 1) * (ell + 2), 0.0)) * smooth
+    h = hp.alm2map_spin([hp.almxfl(t_alm, eth2), 0 * t_alm], nside, 2, lmax)
+    e_alm, b_alm = hp.map2alm_spin(iqu[1:], 2, lmax=lmax)
+    qu = hp.alm2map_spin([hp.almxfl(e_alm, smooth), hp.almxfl(b_alm, smooth)], nside, 2, lmax)
+    product = (qu[0] + 1j * qu[1]) * (h[0] - 1j * h[1])
+    cos2phi = product.real / np.maximum(np.abs(product), 1e-300)
+    out = {}
+    for lon, lat in RIDGE_REGIONS:
+        disc = hp.query_disc(nside, hp.ang2vec(lon, lat, lonlat=True), np.radians(10.0))
+        strength = np.hypot(h[0][disc], h[1][disc])
+        ridge = disc[(band[disc] > 0) & (strength > np.median(strength))]
+        out[f"{lon},{lat}"] = {"z_x": float(cos2phi[ridge].sum() / np.sqrt(len(ridge) / 2)),
+                               "mean_cos2phi": float(cos2phi[ridge].mean()), "n_pixels": int(len(ridge)),
+                               "histogram_deg": np.histogram(np.degrees(0.5 * np.arccos(np.clip(cos2phi[ridge], -1, 1))),
+                                                             bins=9, range=(0, 90))[0].tolist()}
+    return out
+
+
 def summarise_fields(name: str, stats: dict) -> None:
     lo, hi = TARGETS["median_ratio"]
     for key, s in stats.items():
@@ -260,6 +295,7 @@ def main(argv=None) -> int:
         field_maps[name] = hp.smoothing(hp.ud_grade(iqu, FIELD_NSIDE), fwhm=np.radians(BEAM_ARCMIN / 60), pol=True)
         out["maps"][name], curves[name] = large_mask_statistics(iqu, args.nside)
         out["maps"][name]["get_emission_s"] = seconds
+        out["maps"][name]["ridge_alignment"] = ridge_alignment(hp.ud_grade(iqu, min(args.nside, LOW_NSIDE)))
         print(f"nside {args.nside} seed {seed}: map (first get_emission) {seconds:.0f} s", flush=True)
         del iqu, sky
     spectra = field_spectra(field_maps, lon, lat)
@@ -270,6 +306,10 @@ def main(argv=None) -> int:
         summarise_fields(name, stats)
     for name in curves:
         summarise_large(name, out["maps"][name])
+        ridges = out["maps"][name]["ridge_alignment"]
+        z = [r["z_x"] for r in ridges.values()]
+        print(f"  {name} ridge alignment Z_x per region: {', '.join(f'{v:.1f}' for v in z)}; "
+              f"{sum(v > 3 for v in z)} of {len(z)} > 3 [{VERDICT[sum(v > 3 for v in z) >= 8]}]")
     atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1, default=float)))
     make_figures(args.figure, args.spectra_figure, out, bands(npipe), curves)
     print(f"total {time.time() - t0:.0f} s")
