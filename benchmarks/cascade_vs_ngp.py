@@ -114,7 +114,7 @@ def vaedust_on_ngp_grid(nside: int, seed: int, npix: int, weights: str, beam_arc
     disc = hp.query_disc(nside, np.array([0.0, 0.0, 1.0]), radius)
     start = time.time()
     component = VAEDust(nside=nside, seed=seed, weights=weights, cascade=cascade, progress=progress,
-                        map_dist=MapDistribution(pixel_indices=disc, nside=nside))
+                        map_dist=MapDistribution(pixel_indices=disc, nside=nside), polarization=False)
     full = np.zeros(hp.nside2npix(nside))
     full[disc] = component.reference_map()
     seconds = time.time() - start

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     start = time.time()
     for seed in (0, 1):
         dist = pysm3.MapDistribution(pixel_indices=pixels, nside=args.nside)
-        model = VAEDust(nside=args.nside, seed=seed, weights=args.weights, map_dist=dist)
+        model = VAEDust(nside=args.nside, seed=seed, weights=args.weights, map_dist=dist, polarization=False)
         small = np.full(hp.nside2npix(args.nside), np.nan)
         small[pixels] = np.log(model.get_emission(545 * u.GHz)[0].value) - model.template_at_pixels()
         maps[f"VAEDust seed {seed}"] = small

@@ -29,8 +29,8 @@ from pysm3.models.template import Model
 from .checks import (check_bandpass, check_bool, check_frequency, check_int, check_nside, check_path,
                      check_pixel_indices, check_real, check_seed)
 from .data import BETA_DUST, T_DUST_K, check_positive_finite, log_offset_to_100um
-from .polarization import (GNILC_POL_FWHM_DEG, TE_CORRELATION, PolarizationTemplate, default_pol_template_path,
-                           read_pol_template)
+from .polarization import (GNILC_POL_FWHM_DEG, POL_WORK_NSIDE, TE_CORRELATION, PolarizationTemplate,
+                           default_pol_template_path, read_pol_template)
 from .renderer import Renderer, interpolate_at_pixels, start_factor
 from .template import default_template_path, read_template, smooth_log_map
 from .weights import load_weights, resolve_device
@@ -91,8 +91,14 @@ def _load_pol_template(pol_template, fwhm_deg: float | None, freq_ghz: float | N
     if isinstance(pol_template, str) and pol_template == "pysm_gnilc":
         from .sources import fetch
 
-        iqu = hp.read_map(fetch("pysm_gnilc_dust_template"), field=(0, 1, 2), dtype=np.float64)
-        return iqu, fwhm_deg or GNILC_POL_FWHM_DEG, freq_ghz or 353.0
+        # PySM's file holds fixed-seed synthetic small scales: smoothed (spin 2) to GNILC's
+        # polarization beam and brought to POL_WORK_NSIDE, like the bundled template
+        fwhm = fwhm_deg or GNILC_POL_FWHM_DEG
+        lmax = 3 * POL_WORK_NSIDE - 1
+        alm = hp.map2alm(hp.read_map(fetch("pysm_gnilc_dust_template"), field=(0, 1, 2), dtype=np.float64),
+                         lmax=lmax, pol=True, iter=0)
+        hp.smoothalm(alm, fwhm=np.radians(fwhm), pol=True, inplace=True)
+        return np.asarray(hp.alm2map(alm, POL_WORK_NSIDE, lmax=lmax, pol=True)), fwhm, freq_ghz or 353.0
     if isinstance(pol_template, (str, Path)):
         return read_pol_template(pol_template, fwhm_deg, freq_ghz)
     iqu = _uk_rj_array(pol_template, "pol_template", "an (3, npix) I, Q, U map")
@@ -102,7 +108,7 @@ def _load_pol_template(pol_template, fwhm_deg: float | None, freq_ghz: float | N
 
 
 class VAEDust(Model):
-    """Thermal dust intensity: large-scale template x VAE small scales, modified black body SED.
+    """Thermal dust I, Q, U: large-scale templates x VAE small scales, modified black body SED.
 
     Parameters
     ----------
@@ -171,20 +177,23 @@ class VAEDust(Model):
                float(self.mbb_index) if np.ndim(self.mbb_index) == 0 else BETA_DUST)
         log_offset = log_offset_to_100um(self.freq_ref, *sed)
         self.pol_template = None
+        if not self.polarization and not all(v is None for v in (pol_template, pol_template_fwhm, pol_template_freq)):
+            raise ValueError("pol_template / pol_template_fwhm / pol_template_freq given with polarization=False")
         if self.polarization:
             iqu, pol_fwhm, pol_freq = _load_pol_template(
                 pol_template, _degrees(pol_template_fwhm, "pol_template_fwhm"),
                 None if pol_template_freq is None else _scalar_frequency(pol_template_freq, "pol_template_freq"))
             # the product's I at the pol template's frequency (the modified black body of the
             # condition's conversion), at the template's resolution F / start
-            intensity = np.exp(self.log_template + log_offset_to_100um(self.freq_ref, *sed)
-                               - log_offset_to_100um(pol_freq, *sed))
+            intensity_fwhm = float(self.weights.metadata["normalisation"]["template_fwhm_deg"]) / start
+            if pol_fwhm < intensity_fwhm:
+                raise ValueError(f"pol_template_fwhm {pol_fwhm} deg is finer than the template's resolution "
+                                 f"{intensity_fwhm} deg (template / template_fwhm): expected a coarser pol template")
+            intensity = np.exp(self.log_template + log_offset - log_offset_to_100um(pol_freq, *sed))
             if not (np.all(np.isfinite(intensity)) and intensity.min() > 0):
                 raise ValueError(f"mbb_index={sed[1]!r} / mbb_temperature={sed[0]!r} scale the intensity to the pol "
                                  f"template's {pol_freq} GHz beyond float64: expected dust-like values")
-            self.pol_template = PolarizationTemplate(
-                iqu, pol_fwhm, intensity,
-                float(self.weights.metadata["normalisation"]["template_fwhm_deg"]) / start)
+            self.pol_template = PolarizationTemplate(iqu, pol_fwhm, intensity, intensity_fwhm)
         self.renderer = Renderer(self.weights, log_offset, batch_size, fixed_latents, fixed_noise, start)
         self._check_fixed_tiles()
         self._i_ref = None

@@ -491,7 +491,7 @@ def condition_sky(observed_map, mask, noise, freq, nside, weights=None, seed: in
 
     model = VAEDust(nside=nside, seed=seed, template=template, template_freq=template_freq,
                     mbb_temperature=mbb_temperature, mbb_index=mbb_index, weights=weights, device="cpu",
-                    cascade=cascade)
+                    cascade=cascade, polarization=False)
     vae = model.weights.vae
     level = model.renderer.levels(nside, cascade)[0]
     lookup = np.full(npix, -1, dtype=np.int64)

@@ -50,12 +50,15 @@ D1_FWHM_DEG = 2.6
 POL_TEMPLATE_FWHM_DEG = 3.7
 #: polarization resolution of Planck's GNILC dust maps (Planck 2018 XII), deg
 GNILC_POL_FWHM_DEG = 80 / 60
+#: coarsest pol template accepted: B_l^2 must stay above 1/2 to l = 16 for the amplitude fit
+MAX_FWHM_DEG = 6.0
 #: slopes of the dust EE and BB C_l at 353 GHz (Planck 2018 XI, A&A 641, A11, LR71: -2.42, -2.54)
 ALPHA_EE, ALPHA_BB = -2.42, -2.54
 #: correlation of the small-scale E with the intensity's ln I (Planck 2018 XI: r_TE ~ 0.36 at
 #: l 40-600; a literature prior, not fitted here)
 TE_CORRELATION = 0.36
-#: nside at which the template's fraction tensor is formed (lmax 3 x 128 - 1 covers an 80' beam)
+#: the template's fraction tensor is analysed to lmax 3 x POL_WORK_NSIDE - 1 (covers an 80' beam);
+#: finer templates (GNILC at nside 2048) are brought to this nside first
 POL_WORK_NSIDE = 128
 #: the largest polarization fraction of dust, Planck 2018 XII (A&A 641, A12): p_max = 0.22
 P_MAX = 0.22
@@ -93,7 +96,7 @@ def fit_power_laws(e_alm: np.ndarray, b_alm: np.ndarray, fwhm_deg: float) -> dic
     top = min(lmax, int(np.searchsorted(-beam2, -0.5)))
     if top < 16:
         raise ValueError(f"pol template beam {fwhm_deg} deg leaves no multipoles 8-16 to fit its spectrum")
-    ell = np.arange(8, top + 1)
+    ell = np.arange(8, top)
     fit = {"ell_range": [int(ell[0]), int(ell[-1])]}
     for name, cl, alpha in (("a_E", cl_e, ALPHA_EE), ("a_B", cl_b, ALPHA_BB)):
         fit[name] = float(np.median(cl[ell] / ell.astype(float) ** alpha))
@@ -117,10 +120,11 @@ class PolarizationTemplate:
         iqu = np.array(iqu, dtype=np.float64)
         if iqu.ndim != 2 or iqu.shape[0] != 3 or not hp.isnpixok(iqu.shape[1]):
             raise ValueError(f"pol template has shape {iqu.shape}: expected (3, 12 nside^2) I, Q, U")
-        if not np.all(np.isfinite(iqu)) or not np.all(iqu[0] > 0):
+        if not np.all(np.isfinite(iqu)) or not (intensity is not None or np.all(iqu[0] > 0)):
             raise ValueError("pol template: expected finite I, Q, U with I > 0 everywhere")
-        if not 0 < fwhm_deg <= 10:
-            raise ValueError(f"pol template FWHM {fwhm_deg} deg: expected 0 < FWHM <= 10 deg")
+        if not 0 < fwhm_deg <= MAX_FWHM_DEG:
+            raise ValueError(f"pol template FWHM {fwhm_deg} deg: expected 0 < FWHM <= {MAX_FWHM_DEG} deg "
+                             "(its spectrum is fitted at l >= 8)")
         self.fwhm_deg = float(fwhm_deg)
         nside = hp.npix2nside(iqu.shape[1])
         lmax = min(3 * POL_WORK_NSIDE - 1, 3 * nside - 1)
@@ -136,24 +140,23 @@ class PolarizationTemplate:
         self.e_alm, self.b_alm = hp.map2alm_spin(w, 2, lmax=lmax)
         self.fit = fit_power_laws(self.e_alm, self.b_alm, self.fwhm_deg)
 
-    @property
-    def lmax(self) -> int:
-        return hp.Alm.getlmax(len(self.e_alm))
-
     def small_scale_gains(self, lmax: int, taper_from: int) -> tuple[np.ndarray, np.ndarray]:
         """A_E(l), A_B(l) (lmax + 1,): sqrt(a l^alpha - C_l^{w_L}), what the template's own
         spectrum (smoothed over 11 multipoles) lacks of the power law, tapered (smoothstep) to 0
-        between `taper_from` and lmax; 0 at l < 2."""
+        between `taper_from` and lmax; 0 below the fit's range (the template's own scales)."""
         ell = np.arange(lmax + 1, dtype=np.float64)
         taper = 1.0 - smoothstep((ell - taper_from) / max(lmax - taper_from, 1))
         kernel = np.ones(11) / 11
         gains = []
         for alm, a, alpha in ((self.e_alm, self.fit["a_E"], ALPHA_EE), (self.b_alm, self.fit["a_B"], ALPHA_BB)):
             template = np.zeros(lmax + 1)
-            cl = np.convolve(np.pad(hp.alm2cl(alm), 5, mode="edge"), kernel, mode="valid")[:lmax + 1]
+            own = hp.alm2cl(alm)
+            own[:2] = own[2]   # no monopole / dipole pulling the smoothed l = 2-5 down
+            cl = np.convolve(np.pad(own, 5, mode="edge"), kernel, mode="valid")[:lmax + 1]
             template[:len(cl)] = cl
+            start = self.fit["ell_range"][0]
             gain = np.zeros(lmax + 1)
-            gain[2:] = np.sqrt(np.maximum(a * ell[2:] ** alpha - template[2:], 0.0)) * taper[2:]
+            gain[start:] = np.sqrt(np.maximum(a * ell[start:] ** alpha - template[start:], 0.0)) * taper[start:]
             gains.append(gain)
         return gains[0], gains[1]
 
@@ -224,13 +227,19 @@ def read_pol_template(path, fwhm_deg: float | None = None, freq_ghz: float | Non
         raise FileNotFoundError(f"pol template {str(path)!r} does not exist")
     try:
         iqu = np.asarray(hp.read_map(path, field=(0, 1, 2), dtype=np.float64))
-    except (IndexError, ValueError) as err:
-        raise ValueError(f"pol template {str(path)!r}: expected three fields I, Q, U ({err})") from None
+    except (IndexError, ValueError, OSError) as err:
+        raise ValueError(f"pol template {str(path)!r}: expected a HEALPix FITS map with three fields I, Q, U "
+                         f"({err})") from None
     with fits.open(path) as hdus:
         header = hdus[1].header if len(hdus) > 1 else hdus[0].header
-    unit = str(header.get("TUNIT1", "")).strip()
-    if unit not in ("uK_RJ", "uK RJ"):
-        raise ValueError(f"pol template {str(path)!r} has unit {unit!r}; expected uK_RJ")
+    for column in ("TUNIT1", "TUNIT2", "TUNIT3"):
+        unit = str(header.get(column, "")).strip()
+        if unit not in ("uK_RJ", "uK RJ"):
+            raise ValueError(f"pol template {str(path)!r} has {column} {unit!r}; expected uK_RJ")
+    if str(header.get("COORDSYS", "G")).strip().upper() not in ("G", "GALACTIC"):
+        raise ValueError(f"pol template {str(path)!r} has COORDSYS {header['COORDSYS']!r}; expected Galactic (G)")
+    if str(header.get("POLCCONV", "COSMO")).strip().upper() == "IAU":
+        iqu[2] *= -1   # IAU -> HEALPix/COSMO
     for value, card, argument in ((fwhm_deg, "FWHMDEG", "pol_template_fwhm"), (freq_ghz, "FREQREF", "pol_template_freq")):
         if value is None and header.get(card) is None:
             raise ValueError(f"pol template {str(path)!r} has no {card} card: pass {argument}=")

@@ -70,7 +70,7 @@ def vaedust_dust_map(nside: int, seed: int, weights, device: str = "cpu") -> Dus
 
     from .component import VAEDust
 
-    model = VAEDust(nside=nside, seed=seed, weights=weights, device=device)
+    model = VAEDust(nside=nside, seed=seed, weights=weights, device=device, polarization=False)
     intensity = model.get_emission(FREQ_REF_GHZ * u.GHz)[0].value / MJysr_to_uK_RJ(FREQ_REF_GHZ)
     return DustMap(intensity=intensity, frame="G", nside=nside, source=f"VAEDust nside {nside} seed {seed}",
                    sha256=file_digest(weights), quantity="intensity_MJysr",

@@ -97,7 +97,8 @@ def handover_gain(freq: np.ndarray, fwhm: float, coherence: dict | None = None) 
     the condition still holds), s = <|y|^2> / <|f|^2>. `coherence`: a and s measured on the model
     (`train.handover_coherence`: {"kappa", "coherent", "power"}, kappa = frequency x FWHM); None:
     levels independent, a = 0 and s = (1 - G)^2, h = sqrt(1 - (1 - G)^2). 1 everywhere for fwhm 0;
-    clipped to [0, 1]."""
+    clipped to [0, 1]. `resampling_matrix` applies it per axis, h(f_x) h(f_y): exact for the
+    Gaussian default's product form near G = 1, an approximation of the radial table on diagonals."""
     if coherence is None or fwhm == 0:
         a, power = 0.0, (1 - gaussian_transfer(freq, fwhm)) ** 2
     else:

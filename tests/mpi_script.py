@@ -63,7 +63,9 @@ def main(argv=None) -> int:
     comm = MPI.COMM_WORLD
     dist = pysm3.MapDistribution(mpi_comm=comm, nside=args.nside)
     pixels = np.asarray(dist.pixel_indices, dtype=np.int64)
-    comp = VAEDust(nside=args.nside, seed=args.seed, weights=args.weights, device="cpu", map_dist=dist)
+    # intensity only: each rank renders its own pixels (with polarization every rank draws the full sky)
+    comp = VAEDust(nside=args.nside, seed=args.seed, weights=args.weights, device="cpu", map_dist=dist,
+                   polarization=False)
     local = np.asarray(comp.get_emission(args.freq_GHz * u.GHz).to_value(u.uK_RJ))
     problems = []
     if local.shape != (3, len(pixels)):
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
         owner[rank_pixels] += 1
     if np.any(owner != 1):
         problems.append(f"{int(np.sum(owner == 0))} pixels on no rank, {int(np.sum(owner > 1))} on several")
-    serial = VAEDust(nside=args.nside, seed=args.seed, weights=args.weights, device="cpu")
+    serial = VAEDust(nside=args.nside, seed=args.seed, weights=args.weights, device="cpu", polarization=False)
     reference = np.asarray(serial.get_emission(args.freq_GHz * u.GHz).to_value(u.uK_RJ))
     differ = ~((full == reference) | (np.isnan(full) & np.isnan(reference)))
     if np.any(differ):

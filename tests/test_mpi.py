@@ -63,14 +63,16 @@ def test_partial_sky_equals_full_sky(random_weights):
     rng.shuffle(subset)
     beta = 1.5 + 0.2 * rng.random(npix)
 
-    full = VAEDust(nside=NSIDE, seed=7, weights=random_weights, mbb_index=beta, device="cpu")
-    reference = full.get_emission(FREQ).value
-
     dist = pysm3.MapDistribution(pixel_indices=subset, nside=NSIDE)
-    part = VAEDust(nside=NSIDE, seed=7, weights=random_weights, mbb_index=beta, device="cpu", map_dist=dist)
-    values = part.get_emission(FREQ).value
-    assert values.shape == (3, len(subset))
-    np.testing.assert_array_equal(values, reference[:, subset])
+    for polarization in (False, True):   # False: the renderer's own pixel-subset path
+        full = VAEDust(nside=NSIDE, seed=7, weights=random_weights, mbb_index=beta, device="cpu",
+                       polarization=polarization)
+        reference = full.get_emission(FREQ).value
+        part = VAEDust(nside=NSIDE, seed=7, weights=random_weights, mbb_index=beta, device="cpu", map_dist=dist,
+                       polarization=polarization)
+        values = part.get_emission(FREQ).value
+        assert values.shape == (3, len(subset))
+        np.testing.assert_array_equal(values, reference[:, subset])
 
     sky = build_sky({"components": [{"class": "pysm_vaedust.VAEDust", "seed": 7, "mbb_index": beta,
                                      "weights": str(random_weights), "device": "cpu"}]}, map_dist=dist)

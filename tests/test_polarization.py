@@ -73,6 +73,20 @@ def test_a_pure_e_field_stays_e():
     assert bb[2:].sum() / ee[2:].sum() < 0.01
 
 
+def test_the_template_scales_are_the_templates_own(bundled):
+    """Below the fit's first multipole (l < 8) the tensor field's E / B are the template's exactly:
+    no seed-dependent quadrupole or octupole is drawn."""
+    nside, lmax = 32, 64
+    log_i = np.random.default_rng(2).standard_normal(hp.nside2npix(nside))
+    for seed in (0, 5):
+        w = bundled.tensor_field(log_i, seed=seed, te_correlation=0.36, lmax=lmax)
+        e, b = hp.map2alm_spin(w, 2, lmax=7)
+        ell = hp.Alm.getlm(7)[0]
+        for drawn, template in ((e, bundled.e_alm), (b, bundled.b_alm)):
+            own = template[hp.Alm.getlm(hp.Alm.getlmax(len(template)))[0] <= 7]
+            np.testing.assert_allclose(drawn[ell >= 2], own[ell >= 2], atol=1e-3 * np.abs(own).max())
+
+
 def test_small_scales_continue_the_power_laws_and_follow_ln_i(bundled):
     """With a white ln I, the tensor field's E / B spectra at l 80-150 follow a_X l^alpha_X
     (within 10 %, the draw's scatter) and its E correlates with ln I by te_correlation."""
@@ -94,8 +108,12 @@ def test_small_scales_continue_the_power_laws_and_follow_ln_i(bundled):
     (dict(pol_template=np.ones((2, 12 * 16**2)), pol_template_fwhm=2.0, pol_template_freq="353 GHz"), "shape"),
     (dict(pol_template=np.ones((3, 12 * 16**2))), "pol_template_fwhm"),
     (dict(pol_template=np.ones((3, 12 * 16**2)) * u.K_CMB, pol_template_fwhm=2.0, pol_template_freq="353 GHz"), "uK_RJ"),
-    (dict(pol_template=np.stack([-np.ones(12 * 16**2)] * 3), pol_template_fwhm=2.0, pol_template_freq="353 GHz"), "I > 0"),
+    (dict(pol_template=np.stack([np.ones(12 * 16**2), np.full(12 * 16**2, np.nan), np.zeros(12 * 16**2)]),
+          pol_template_fwhm=2.0, pol_template_freq="353 GHz"), "finite"),
     (dict(pol_template="/nonexistent/pol.fits"), "does not exist"),
+    (dict(pol_template=__file__), "HEALPix FITS"),
+    (dict(pol_template=np.ones((3, 12 * 16**2)), pol_template_fwhm=0.2, pol_template_freq="353 GHz"), "finer"),
+    (dict(polarization=False, pol_template_fwhm=2.0), "polarization=False"),
 ])
 def test_bad_polarization_arguments_are_refused(kwargs, match):
     with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
