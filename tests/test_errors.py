@@ -323,7 +323,8 @@ def test_outputs_are_written_atomically(tmp_path, failing_rename):
     writers = {
         "fitted latents": lambda: fitted.save(tmp_path / "fit.h5"),
         "weights": lambda: write_test_weights(tmp_path / "w.h5"),
-        "demo PNG": lambda: demo.plot_map(tmp_path / "m.png", emission, emission, NSIDE, 545.0),
+        "demo PNG": lambda: demo.plot_map(tmp_path / "m.png", np.stack([emission, 0.1 * emission, 0.05 * emission]),
+                                          emission, NSIDE, 545.0),
         "demo FITS": lambda: demo.main(["--nside", "16", "--no-plot", "--output-dir", str(tmp_path / "d")]),
     }
     for what, write in writers.items():
