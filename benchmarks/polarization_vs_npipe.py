@@ -41,7 +41,7 @@ import pysm3.units as u
 from pysm_vaedust import VAEDust
 from pysm_vaedust.data import atomic_write, gaussian_beam, shared_data_dir, smoothstep
 from pysm_vaedust.mapcheck import band_mean, log_bands
-from pysm_vaedust.polarization import ALPHA_BB, ALPHA_EE, truncate_alm, unit_alm
+from pysm_vaedust.polarization import ALPHA_BB, ALPHA_EE, unit_alm
 
 FIELD_FILE = "planck_npipe353_spectra/npipe353_smallfield_400deg2_north.txt"
 D1_FILE = "pysm_d1_353GHz_IQU_nside64.fits"
@@ -176,7 +176,9 @@ def large_mask_statistics(iqu: np.ndarray, nside: int) -> tuple[dict, dict]:
     out["leakage_bb_ee_e_only"] = per_band(low_bins, lambda lo, hi: band_mean(leak[2], lo, hi) / band_mean(leak[1], lo, hi))
     # a smooth band limit (1 -> 1.5 nside): a sharp one rings the Galactic plane's power into |b| > 30
     taper = 1.0 - smoothstep((np.arange(low_lmax + 1) - nlow) / (low_lmax - nlow))
-    low_map = hp.alm2map([hp.almxfl(truncate_alm(a, low_lmax), taper) for a in alm], nlow, pol=True)
+    in_lmax = hp.Alm.getlmax(len(alm[0]))
+    low_map = hp.alm2map([hp.almxfl(hp.resize_alm(a, in_lmax, in_lmax, low_lmax, low_lmax), taper) for a in alm], nlow,
+                         pol=True)
     out["namaster"] = namaster_bb_ee(low_map, low_mask, low_bins)
     smooth = hp.alm2map([hp.almxfl(a, gaussian_beam(hp.Alm.getlmax(len(a)), 60.0)) for a in alm], nlow, pol=True)
     p_frac = np.hypot(smooth[1], smooth[2]) / smooth[0]

@@ -188,7 +188,8 @@ class PolarizationTemplate:
         hp.almxfl(e_alm, gain_e, inplace=True)
         b_alm = hp.almxfl(unit_alm(rng, lmax), gain_b)
         for small, large in ((e_alm, self.e_alm), (b_alm, self.b_alm)):
-            add_alm(small, large)
+            own_lmax = hp.Alm.getlmax(len(large))
+            small += hp.resize_alm(large, own_lmax, own_lmax, lmax, lmax)   # zero-padded or truncated
         return np.asarray(hp.alm2map_spin([e_alm, b_alm], nside, 2, lmax))
 
 
@@ -198,23 +199,6 @@ def unit_alm(rng: np.random.Generator, lmax: int) -> np.ndarray:
     alm = (rng.standard_normal(size) + 1j * rng.standard_normal(size)) / np.sqrt(2.0)
     alm[:lmax + 1] = np.sqrt(2.0) * alm[:lmax + 1].real   # m = 0 comes first in healpy's order
     return alm
-
-
-def add_alm(target: np.ndarray, source: np.ndarray) -> None:
-    """In place: target (lmax_t) += source (lmax_s <= lmax_t), both in healpy order."""
-    lmax_t, lmax_s = hp.Alm.getlmax(len(target)), hp.Alm.getlmax(len(source))
-    if lmax_s > lmax_t:
-        source = truncate_alm(source, lmax_t)
-        lmax_s = lmax_t
-    for m in range(lmax_s + 1):
-        start_t = hp.Alm.getidx(lmax_t, m, m)
-        start_s = hp.Alm.getidx(lmax_s, m, m)
-        target[start_t:start_t + lmax_s + 1 - m] += source[start_s:start_s + lmax_s + 1 - m]
-
-
-def truncate_alm(alm: np.ndarray, lmax: int) -> np.ndarray:
-    """The coefficients with l <= lmax of `alm` (healpy order)."""
-    return alm[hp.Alm.getlm(hp.Alm.getlmax(len(alm)))[0] <= lmax]
 
 
 def read_pol_template(path, fwhm_deg: float | None = None, freq_ghz: float | None = None

@@ -27,7 +27,7 @@ from .cutouts import (PatchGeometry, condition_input, cut_patches, flat_small_sc
 from .data import (DustMap, NGP_PIXEL_ARCMIN, atomic_write, file_digest, fit_dust_law, load_dust_map, load_ngp_image,
                    masked_spectrum, shared_data_dir)
 from .iris import analysis_mask, iris_mosaic, subtract_zero_level
-from .model import ConditionalVAE, VAEConfig
+from .model import ConditionalVAE, VAEConfig, radial_bins
 from .statistics import default_ell_edges, flat_power_spectrum
 from .template import default_template_path, read_template
 from .tiling import gaussian_transfer
@@ -372,8 +372,8 @@ def handover_coherence(model: ConditionalVAE, data: tuple, seed: int, fwhm_pix: 
     window = torch.hann_window(n, periodic=False, dtype=data[0].dtype, device=model.device)
     window = window[:, None] * window[None, :]
     freq = torch.fft.fftfreq(n, device=model.device)
-    radius = torch.sqrt(freq[:, None] ** 2 + freq[None, :] ** 2).flatten()
-    bins = torch.round(radius * n).long()
+    radius = torch.sqrt(freq[:, None] ** 2 + freq[None, :] ** 2).flatten()   # cycles per pixel
+    bins = radial_bins(n).flatten().to(model.device)
     cross, power_y, power_x = 0.0, 0.0, 0.0
     for x, c in batches(data, batch_size, model.device):
         fx = torch.fft.fft2(x[:, 0] * window).flatten(1)
