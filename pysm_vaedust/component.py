@@ -31,7 +31,8 @@ from .checks import (check_bandpass, check_bool, check_frequency, check_int, che
 from .data import BETA_DUST, T_DUST_K, check_positive_finite, log_offset_to_100um
 from .polarization import (GNILC_POL_FWHM_DEG, POL_WORK_NSIDE, TE_CORRELATION, PolarizationTemplate,
                            default_pol_template_path, read_pol_template)
-from .renderer import Renderer, interpolate_at_pixels, start_factor
+from .healpix import interpolate_at_pixels
+from .renderer import Renderer, start_factor
 from .template import default_template_path, read_template, smooth_log_map
 from .weights import load_weights, resolve_device
 
@@ -142,7 +143,7 @@ class VAEDust(Model):
     """
 
     def __init__(self, nside=2048, seed=0, template=None, template_freq=None, template_fwhm=None,
-                 mbb_temperature=T_DUST_K, mbb_index=BETA_DUST, weights=None, device="auto", cascade=True, batch_size=1024, progress=False, fixed_latents=None,
+                 mbb_temperature=T_DUST_K, mbb_index=BETA_DUST, weights=None, device="auto", cascade=True, batch_size=64, progress=False, fixed_latents=None,
                  fixed_noise=None, polarization=True, pol_template=None, pol_template_fwhm=None,
                  pol_template_freq=None, te_correlation=TE_CORRELATION, max_nside=8192, map_dist=None):
         nside = check_nside(nside)

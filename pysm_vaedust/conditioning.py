@@ -40,7 +40,7 @@ from .data import BETA_DUST, T_DUST_K, atomic_write, file_digest
 from .model import ConditionalVAE
 from .posterior import (MapFit, Posterior, StructureFitting, conditional_mean, decoder_noise_covariance,
                         decoder_pixel_variance, laplace_precision, latent_jacobian, map_fit, posterior_samples)
-from .renderer import interpolate_at_pixels
+from .healpix import interpolate_at_pixels
 from .tiling import UPSAMPLE, CascadeLevel, Footprints, Resampler, blend_torch, footprints
 from .weights import default_weights_path
 from .wiener import ConditionalGaussian, StationaryGaussian, block_mask

@@ -15,6 +15,7 @@ import numpy as np
 
 from .checks import check_choice, check_lonlat, check_real
 from .data import DustMap
+from .healpix import interpolate_at_vectors
 from .statistics import default_ell_edges, flat_power_spectrum
 
 
@@ -93,8 +94,7 @@ def sample_map(values: np.ndarray, frame: str, vec_gal: np.ndarray) -> np.ndarra
     flat = vec_gal.reshape(-1, 3)
     if frame != "G":
         flat = np.asarray(hp.Rotator(coord=["G", frame])(flat.T)).T
-    theta, phi = hp.vec2ang(flat)
-    return hp.get_interp_val(values, theta, phi).reshape(vec_gal.shape[:-1])
+    return interpolate_at_vectors(values, flat).reshape(vec_gal.shape[:-1])
 
 
 def oversampling(nside: int, geometry: PatchGeometry) -> int:

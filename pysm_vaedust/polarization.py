@@ -41,6 +41,7 @@ from astropy.io import fits
 
 from . import __version__
 from .data import atomic_write, file_digest, gaussian_beam, shared_data_dir, smoothstep
+from .healpix import alm2map_spin, map2alm
 
 POL_TEMPLATE_NAME = "pol_template_d1_353GHz_fwhm3.7deg_nside64.fits"
 #: beam of PySM d1's polarization template (Planck 2015 Commander, Thorne et al. 2017), deg
@@ -178,7 +179,7 @@ class PolarizationTemplate:
         nside = hp.npix2nside(len(log_i))
         lmax = POL_LMAX_FACTOR * nside if lmax is None else int(lmax)
         gain_e, gain_b = self.small_scale_gains(lmax, int(0.875 * lmax))
-        t_alm = hp.map2alm(log_i, lmax=lmax, iter=0)
+        t_alm = map2alm(log_i, lmax)
         cl_t = hp.alm2cl(t_alm)
         hp.almxfl(t_alm, np.divide(1.0, np.sqrt(cl_t), out=np.zeros_like(cl_t), where=cl_t > 0), inplace=True)
         rng = np.random.default_rng([int(seed), POL_STREAM])
@@ -190,7 +191,7 @@ class PolarizationTemplate:
         for small, large in ((e_alm, self.e_alm), (b_alm, self.b_alm)):
             own_lmax = hp.Alm.getlmax(len(large))
             small += hp.resize_alm(large, own_lmax, own_lmax, lmax, lmax)   # zero-padded or truncated
-        return np.asarray(hp.alm2map_spin([e_alm, b_alm], nside, 2, lmax))
+        return alm2map_spin([e_alm, b_alm], nside, lmax)
 
 
 def unit_alm(rng: np.random.Generator, lmax: int) -> np.ndarray:

@@ -25,7 +25,6 @@ The result, `Renderer.field`, is R + delta of `component`: ln I_nu_ref = ln T + 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 
 import healpy as hp
 import numpy as np
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from .checks import check_int
 from .cutouts import PatchGeometry, condition_input, oversampling, sample_patches
+from .healpix import interpolate_at_pixels
 from .tiling import (CascadeLevel, PatchSet, Resampler, blended, cascade_levels, patch_normals, resampling_matrix,
                      tile_centres)
 from .weights import Weights
@@ -41,20 +41,8 @@ from .weights import Weights
 #: multipole (in units of nside) where the reprojection's band limit starts (ends at 1.5x):
 #: HEALPix pixels of nside N resolve l ~ 2 N; power above it would alias when point-sampled
 BAND_LIMIT = 2.0
-#: output pixels interpolated per chunk (bounds the temporary theta/phi/weight arrays)
+#: output pixels per chunk when marking the pixels a bilinear interpolation needs (bounds healpy's temporaries)
 PIXEL_CHUNK = 1 << 22
-
-
-def interpolate_at_pixels(values: np.ndarray, nside: int, pixels: np.ndarray | None) -> np.ndarray:
-    """Bilinear samples (float64) of a RING map `values` (any nside) at `pixels` of `nside`
-    (None = all), in chunks of PIXEL_CHUNK pixels."""
-    n = hp.nside2npix(nside) if pixels is None else len(pixels)
-    out = np.empty(n)
-    for start in range(0, n, PIXEL_CHUNK):
-        stop = min(start + PIXEL_CHUNK, n)
-        pix = np.arange(start, stop) if pixels is None else pixels[start:stop]
-        out[start:stop] = hp.get_interp_val(values, *hp.pix2ang(nside, pix))
-    return out
 
 
 def _fixed_table(tables, shape: tuple, name: str) -> dict:
@@ -107,7 +95,7 @@ class Renderer:
     them onto HEALPix pixels. weights: loaded conditional VAE; log_offset: ln of the factor that
     turns the template's unit into 100 um MJy/sr (the unit of the condition's brightness)."""
 
-    def __init__(self, weights: Weights, log_offset: float = 0.0, batch_size: int = 1024,
+    def __init__(self, weights: Weights, log_offset: float = 0.0, batch_size: int = 64,
                  fixed_latents: dict | None = None, fixed_noise: dict | None = None, start_factor: float = 1.0):
         self.weights = weights
         self.vae = weights.vae.to(memory_format=torch.channels_last)  # ~1.7x faster CPU convolutions
@@ -182,10 +170,8 @@ class Renderer:
         conditioned on `coarse_map` (decoded means blended as a partition of unity, decoder noise
         variance-preserving: `tiling.blended`), and None; with `next_fwhm_deg` (the next level's
         conditioning FWHM) instead what this level keeps beside the next one, and the next
-        level's view of it (seen through that Gaussian). Both come from `resampler`.
-
-        Decoding of the next batch overlaps with the (GIL-free) reprojection of the previous one;
-        a single worker keeps the accumulation order, so results are bit-reproducible."""
+        level's view of it (seen through that Gaussian). Both come from `resampler`. Batches of
+        `batch_size` tiles are decoded and blended in order (bit-reproducible)."""
         n_out = hp.nside2npix(nside) if pixels is None else len(pixels)
         lookup = None
         if pixels is not None:
@@ -194,35 +180,24 @@ class Renderer:
         resamplers = ([self.resampler(level, nside)] if next_fwhm_deg is None else
                       [self.resampler(level, nside, handover_fwhm_deg=next_fwhm_deg),
                        self.resampler(level, nside, smooth_fwhm_deg=next_fwhm_deg)])
-        sums = [np.zeros((4, n_out), dtype=np.float32) for _ in resamplers]
-
-        def accumulate(patches, parts):
-            for total, (means, noise) in zip(sums, parts):
-                patches.accumulate(means, noise, total)
-
-        with ThreadPoolExecutor(max_workers=1) as worker:
-            pending = None
-            for start in range(0, level.n_tiles, self.batch_size):
-                ids = np.arange(start, min(start + self.batch_size, level.n_tiles))
-                patches = PatchSet(nside, level, ids, lookup)
-                if len(patches.used):
-                    # the whole batch of tile ids is decoded, used or not: the convolutions' numbers
-                    # depend on the batch, and partial skies (MPI ranks) must equal the full sky bit for bit
-                    decoded = self.decode(level, self.conditions(level, coarse_map, ids),
-                                          patch_normals(seed, level.index, ids, self.normals_size), ids)
-                    with torch.no_grad():
-                        parts = [resample(decoded).cpu().numpy() for resample in resamplers]
-                    if pending is not None:
-                        pending.result()
-                    pending = worker.submit(accumulate, patches, parts)
-                if bar is not None:
-                    bar.update(len(ids))
-            if pending is not None:
-                pending.result()
-        if np.any(sums[0][2] <= 0):
-            raise RuntimeError(f"cascade level {level.index}: {int(np.sum(sums[0][2] <= 0))} pixels "
+        sums = np.zeros((2 * len(resamplers) + 2, n_out), dtype=np.float32)
+        for start in range(0, level.n_tiles, self.batch_size):
+            ids = np.arange(start, min(start + self.batch_size, level.n_tiles))
+            patches = PatchSet(nside, level, ids, lookup)
+            if len(patches.used):
+                # the whole batch of tile ids is decoded, used or not: the convolutions' numbers
+                # depend on the batch, and partial skies (MPI ranks) must equal the full sky bit for bit
+                decoded = self.decode(level, self.conditions(level, coarse_map, ids),
+                                      patch_normals(seed, level.index, ids, self.normals_size), ids)
+                with torch.no_grad():
+                    fields = torch.cat([resample(decoded) for resample in resamplers]).cpu().numpy()
+                patches.accumulate(fields, sums)
+            if bar is not None:
+                bar.update(len(ids))
+        if np.any(sums[-2] <= 0):
+            raise RuntimeError(f"cascade level {level.index}: {int(np.sum(sums[-2] <= 0))} pixels "
                                "not covered by any patch (tiling bug)")
-        return blended(sums[0]), (blended(sums[1]) if len(sums) > 1 else None)
+        return blended(sums, 0), (blended(sums, 1) if len(resamplers) > 1 else None)
 
     def field(self, nside: int, seed: int, pixels: np.ndarray | None, log_template: np.ndarray,
               cascade: bool = True, progress: bool = False) -> np.ndarray:
@@ -241,7 +216,7 @@ class Renderer:
                 work = working_nside(level, nside)
                 own, seen = self.level_field(level, work, seed, None, coarse_map, fwhm0 / following.factor, bar)
                 if kept is not None:
-                    previous = interpolate_at_pixels(kept, work, None).astype(np.float32)
+                    previous = interpolate_at_pixels(kept, work, None, np.float32)
                     own, seen = own + previous, seen + previous
                 kept = own
                 coarse_map = interpolate_at_pixels(log_template, work, None) + seen
@@ -252,7 +227,7 @@ class Renderer:
             else:
                 delta = self.interpolated_level_field(last, work, nside, seed, pixels_out, coarse_map, bar)
         if kept is not None:
-            delta += interpolate_at_pixels(kept, nside, pixels).astype(np.float32)
+            delta += interpolate_at_pixels(kept, nside, pixels, np.float32)
         return delta
 
     def interpolated_level_field(self, level, work_nside, nside, seed, pixels_out, coarse_map, bar):
@@ -267,7 +242,7 @@ class Renderer:
                 pix = pixels_out[start:start + PIXEL_CHUNK]
                 needed[hp.get_interp_weights(work_nside, *hp.pix2ang(nside, pix))[0].ravel()] = True
             full[needed] = self.level_field(level, work_nside, seed, np.flatnonzero(needed), coarse_map, None, bar)[0]
-        return interpolate_at_pixels(full, nside, pixels_out).astype(np.float32)
+        return interpolate_at_pixels(full, nside, pixels_out, np.float32)
 
 
 def start_factor(beam_deg: float, fwhm_deg: float) -> float:
@@ -291,4 +266,4 @@ def working_nside(level: CascadeLevel, nside: int) -> int:
     return work
 
 
-__all__ = ["Renderer", "interpolate_at_pixels"]
+__all__ = ["Renderer"]

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 import healpy as hp
 import numpy as np
 import torch
-from numba import njit
+import numba
+from numba import njit, prange
 
 from .cutouts import PatchGeometry, tangent_basis
+from .healpix import disc_capacity, disc_pixels, discs_pixels, ring_pix2vec
 
 #: tile_nside of level 0 (3.66 deg spacing for 8 deg patches); level n uses BASE_TILE_NSIDE * factor.
 BASE_TILE_NSIDE = 16
@@ -180,39 +182,11 @@ class Footprints:
 
 
 @njit(cache=True, inline="always")
-def _ring_pix2vec(nside, pix):
-    """Unit vector of a RING pixel centre (HEALPix pix2loc, Gorski et al. 2005)."""
-    npix = 12 * nside * nside
-    ncap = 2 * nside * (nside - 1)
-    if pix < ncap:
-        iring = (1 + np.int64(np.sqrt(1 + 2 * pix))) >> 1
-        iphi = pix + 1 - 2 * iring * (iring - 1)
-        z = 1.0 - iring * iring * 4.0 / npix
-        phi = (iphi - 0.5) * 0.5 * np.pi / iring
-    elif pix < npix - ncap:
-        ip = pix - ncap
-        tmp = ip // (4 * nside)
-        iring = tmp + nside
-        iphi = ip - tmp * 4 * nside + 1
-        z = (2 * nside - iring) * 8.0 * nside / npix
-        fodd = 1.0 if (iring + nside) & 1 else 0.5
-        phi = (iphi - fodd) * 0.5 * np.pi / nside
-    else:
-        ip = npix - pix
-        iring = (1 + np.int64(np.sqrt(2 * ip - 1))) >> 1
-        iphi = 4 * iring + 1 - (ip - 2 * iring * (iring - 1))
-        z = iring * iring * 4.0 / npix - 1.0
-        phi = (iphi - 0.5) * 0.5 * np.pi / iring
-    sth = np.sqrt((1.0 - z) * (1.0 + z))
-    return sth * np.cos(phi), sth * np.sin(phi), z
-
-
-@njit(cache=True, inline="always")
 def _project(nside, pix, basis, p, half, pix_rad, npix):
     """(row, col, weight) of pixel `pix` in patch `p`: fractional grid coordinates and the
     blending weight (0 outside the patch). The grid is uniform in x = tan(angle): pixel j is
     centred at (j + 0.5 - n/2) pix_rad."""
-    vx, vy, vz = _ring_pix2vec(nside, pix)
+    vx, vy, vz = ring_pix2vec(nside, pix)
     depth = vx * basis[p, 0, 0] + vy * basis[p, 0, 1] + vz * basis[p, 0, 2]
     x = (vx * basis[p, 1, 0] + vy * basis[p, 1, 1] + vz * basis[p, 1, 2]) / depth
     y = (vx * basis[p, 2, 0] + vy * basis[p, 2, 1] + vz * basis[p, 2, 2]) / depth
@@ -240,22 +214,48 @@ def _footprint_kernel(nside, pixels, patch, basis, half, pix_rad, npix, row, col
         row[m], col[m], weight[m] = _project(nside, pixels[m], basis, patch[m], half, pix_rad, npix)
 
 
-@njit(cache=True, nogil=True)
-def _blend_kernel(nside, pixels, patch, position, basis, half, pix_rad, means, noise, sums):
-    npix = means.shape[1]
-    for m in range(pixels.size):
-        row, col, w = _project(nside, pixels[m], basis, patch[m], half, pix_rad, npix)
-        if w > 0.0:
-            q = position[m]
-            sums[0, q] += w * _bilinear(means, patch[m], row, col)
-            sums[1, q] += w * _bilinear(noise, patch[m], row, col)
-            sums[2, q] += w
-            sums[3, q] += w * w
+#: output positions per block of the blend kernel's interleaved split between threads
+BLEND_BLOCK = 64
+
+
+@njit(cache=True, parallel=True)
+def _blend_kernel(nside, basis, radius, half, pix_rad, lookup, fields, sums, n_parts):
+    """sums (F + 2, n_out) += (w f_0, ..., w f_{F-1}, w, w^2) of every patch p of `fields` (F, P,
+    n, n) at the pixels of its disc (lookup: pixel -> output position, -1 = not computed; empty =
+    identity). Task t of `n_parts` owns the output positions q with (q // BLEND_BLOCK) % n_parts
+    == t; per position the patches add up in their order, so the sums do not depend on n_parts."""
+    n_fields, npix = fields.shape[0], fields.shape[2]
+    identity = lookup.size == 0
+    for part in prange(n_parts):
+        buffer = np.empty(disc_capacity(nside, radius), dtype=np.int64)
+        for p in range(basis.shape[0]):
+            count = disc_pixels(nside, basis[p, 0], radius, buffer)
+            for m in range(count):
+                q = buffer[m] if identity else lookup[buffer[m]]
+                if q < 0 or (q // BLEND_BLOCK) % n_parts != part:
+                    continue
+                row, col, w = _project(nside, buffer[m], basis, p, half, pix_rad, npix)
+                if w > 0.0:
+                    for f in range(n_fields):
+                        sums[f, q] += w * _bilinear(fields[f], p, row, col)
+                    sums[n_fields, q] += w
+                    sums[n_fields + 1, q] += w * w
+
+
+@njit(cache=True)
+def _touched_kernel(nside, basis, radius, lookup, touched):
+    buffer = np.empty(disc_capacity(nside, radius), dtype=np.int64)
+    for p in range(basis.shape[0]):
+        count = disc_pixels(nside, basis[p, 0], radius, buffer)
+        for m in range(count):
+            if lookup[buffer[m]] >= 0:
+                touched[p] = True
+                break
 
 
 class PatchSet:
-    """Candidate (pixel, patch) pairs of the tiles `ids` of a level: every `nside` RING pixel
-    within the patch's circumscribed disc that this process computes (pixel_lookup >= 0). Grid
+    """The tiles `ids` of a level and the `nside` RING pixels each touches: every pixel within
+    the patch's circumscribed disc that this process computes (pixel_lookup >= 0). Grid
     coordinates are on the reprojection's fine grid (UPSAMPLE points per patch pixel).
 
     pixel_lookup: optional (12 nside^2,) int64 map from global pixel to output position (-1 = not
@@ -268,41 +268,42 @@ class PatchSet:
         self.pix_rad = float(np.radians(g.pixel_size_deg)) / UPSAMPLE   # fine-grid spacing
         self.npix = UPSAMPLE * g.npix
         self.basis = np.ascontiguousarray(np.stack(tangent_basis(*tile_centres(level, ids)), 1))  # (P, 3, 3)
-        radius = np.arctan(self.half * np.sqrt(2)) * 1.01
-        lists = [hp.query_disc(nside, self.basis[i, 0], radius) for i in range(len(ids))]
-        self.pixels = np.concatenate(lists) if lists else np.empty(0, np.int64)
-        self.patch = np.repeat(np.arange(len(ids), dtype=np.int32), [len(p) for p in lists])
+        self.radius = float(np.arctan(self.half * np.sqrt(2)) * 1.01)
+        self.lookup = np.empty(0, np.int64) if pixel_lookup is None else np.asarray(pixel_lookup, dtype=np.int64)
         if pixel_lookup is None:
-            self.position = self.pixels
+            self.used = np.arange(len(ids))
         else:
-            self.position = pixel_lookup[self.pixels]
-            keep = self.position >= 0
-            self.pixels, self.patch, self.position = self.pixels[keep], self.patch[keep], self.position[keep]
-        self.used = np.flatnonzero(np.bincount(self.patch, minlength=len(ids)))  # patches touching our pixels
+            touched = np.zeros(len(ids), dtype=bool)
+            _touched_kernel(nside, self.basis, self.radius, self.lookup, touched)
+            self.used = np.flatnonzero(touched)  # patches touching our pixels
 
-    def accumulate(self, means: np.ndarray, noise: np.ndarray, sums: np.ndarray) -> None:
-        """sums (4, n_out) += (w m, w e, w, w^2) at the footprint pixels, for the patches' shared
-        part m and own part e (each (P, U n, U n) on the fine grid, all ids); see `blended`."""
-        _blend_kernel(self.nside, self.pixels, self.patch, self.position, self.basis, self.half, self.pix_rad,
-                      np.ascontiguousarray(means, dtype=np.float32), np.ascontiguousarray(noise, dtype=np.float32),
-                      sums)
+    def accumulate(self, fields: np.ndarray, sums: np.ndarray) -> None:
+        """sums (F + 2, n_out) += (w f_0, ..., w f_{F-1}, w, w^2) at the footprint pixels of the
+        patches' fields (F, P, U n, U n) on the fine grid (all ids): pairs (shared part m, own part
+        e) of one or more views of them (see `blended`)."""
+        _blend_kernel(self.nside, self.basis, self.radius, self.half, self.pix_rad, self.lookup,
+                      np.ascontiguousarray(fields, dtype=np.float32), sums, numba.get_num_threads())
 
     def footprints(self) -> Footprints:
         """The pairs inside the patches, with grid coordinates and weights (for the torch path)."""
-        n = len(self.pixels)
+        pixels, patch = discs_pixels(self.nside, np.ascontiguousarray(self.basis[:, 0]), self.radius)
+        position = pixels if not self.lookup.size else self.lookup[pixels]
+        keep = position >= 0
+        pixels, patch, position = pixels[keep], patch[keep], position[keep]
+        n = len(pixels)
         row, col, weight = np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, np.float32)
-        _footprint_kernel(self.nside, self.pixels, self.patch, self.basis, self.half, self.pix_rad,
-                          self.npix, row, col, weight)
+        _footprint_kernel(self.nside, pixels, patch, self.basis, self.half, self.pix_rad, self.npix, row, col, weight)
         inside = weight > 0
-        return Footprints(pixel=self.position[inside], patch=self.patch[inside],
+        return Footprints(pixel=position[inside], patch=patch[inside],
                           row=row[inside], col=col[inside], weight=weight[inside])
 
 
-def blended(sums: np.ndarray) -> np.ndarray:
-    """The blended field of accumulated sums (4, n_out): sum(w m) / sum(w) + sum(w e) / sqrt(sum w^2).
+def blended(sums: np.ndarray, view: int = 0) -> np.ndarray:
+    """The blended field of view `view` of accumulated sums (F + 2, n_out) (`PatchSet.accumulate`):
+    sum(w m) / sum(w) + sum(w e) / sqrt(sum w^2), m, e = fields 2 view, 2 view + 1.
     What overlapping patches share (predicted from the same large scales: a partition of unity
     keeps it) and what each draws on its own (independent: variance-preserving weights)."""
-    return sums[0] / sums[2] + sums[1] / np.sqrt(sums[3])
+    return sums[2 * view] / sums[-2] + sums[2 * view + 1] / np.sqrt(sums[-1])
 
 
 def footprints(nside: int, level: CascadeLevel, ids: np.ndarray, pixel_lookup: np.ndarray | None = None) -> Footprints:

@@ -15,11 +15,6 @@ import argparse
 import os
 import sys
 
-# one thread per rank: the ranks share the machine's cores
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
-
-
 def write_test_weights(path, seed: int = 0):
     """Write a tiny random-init conditional VAE weights file (16x16-pixel 8-deg patches) to `path`."""
     import torch
@@ -102,6 +97,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # one thread per rank: the ranks share the machine's cores (set here, not on import: test_mpi
+    # imports this module into pytest's process, whose numba and torch keep their threads)
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
     try:
         code = main()
     except BaseException:  # an exception on one rank must not leave the others waiting in gather

@@ -532,8 +532,7 @@ def test_forward_model_with_finer_levels(tiny_weights):
     lookup[pixels] = np.arange(len(pixels))
     from pysm_vaedust.tiling import PatchSet, patch_normals
 
-    tiles = np.flatnonzero(np.bincount(PatchSet(512, levels[0], np.arange(levels[0].n_tiles), lookup).patch,
-                                       minlength=levels[0].n_tiles))
+    tiles = PatchSet(512, levels[0], np.arange(levels[0].n_tiles), lookup).used
     fwd = SkyForwardModel(model, tiles, pixels)
     assert fwd.next_fwhm_deg > 0 and fwd.fine_variance > 0
     normals = torch.from_numpy(patch_normals(4, 0, tiles, gen.normals_size))
