@@ -45,31 +45,59 @@ def ring_pix2vec(nside, pix):
 
 
 @njit(cache=True, inline="always")
-def _ring_info(nside, ring):
-    """(first pixel, pixels in the ring, colatitude, shifted) of RING ring index `ring` (1..4 nside - 1)."""
+def ring_info(nside, ring):
+    """(first pixel, pixels in the ring, cos theta, sin theta, shifted) of RING ring index `ring`
+    (1..4 nside - 1); pixel i of the ring is centred at phi = (i + shifted / 2) 2 pi / length."""
     npix = 12 * nside * nside
     northring = 4 * nside - ring if ring > 2 * nside else ring
     if northring < nside:
         tmp = northring * northring * 4.0 / npix
-        theta = np.arctan2(np.sqrt(tmp * (2.0 - tmp)), 1.0 - tmp)
+        z, sin_theta = 1.0 - tmp, np.sqrt(tmp * (2.0 - tmp))
         ringpix = 4 * northring
         shifted = True
         startpix = 2 * northring * (northring - 1)
     else:
-        theta = np.arccos((2 * nside - northring) * (8.0 * nside / npix))
+        z = (2 * nside - northring) * (8.0 * nside / npix)
+        sin_theta = np.sqrt((1.0 - z) * (1.0 + z))
         ringpix = 4 * nside
         shifted = ((northring - nside) & 1) == 0
         startpix = 2 * nside * (nside - 1) + (northring - nside) * ringpix
     if northring != ring:
-        theta = np.pi - theta
+        z = -z
         startpix = npix - startpix - ringpix
-    return startpix, ringpix, theta, shifted
+    return startpix, ringpix, z, sin_theta, shifted
+
+
+@njit(cache=True)
+def _ring_colatitudes(nside):
+    """(4 nside,) colatitude of every RING ring index 1..4 nside - 1 (entry 0 unused)."""
+    theta = np.zeros(4 * nside)
+    for ring in range(1, 4 * nside):
+        _, _, z, sin_theta, _ = ring_info(nside, ring)
+        theta[ring] = np.arctan2(sin_theta, z)
+    return theta
+
+
+@njit(cache=True, inline="always")
+def _pixel_ring(nside, pix):
+    """(ring index, position i in the ring) of RING pixel `pix`."""
+    npix = 12 * nside * nside
+    ncap = 2 * nside * (nside - 1)
+    if pix < ncap:
+        ring = (1 + np.int64(np.sqrt(1 + 2 * pix))) >> 1
+        return ring, pix - 2 * ring * (ring - 1)
+    if pix < npix - ncap:
+        ip = pix - ncap
+        return ip // (4 * nside) + nside, ip % (4 * nside)
+    ip = npix - pix
+    iring = (1 + np.int64(np.sqrt(2 * ip - 1))) >> 1
+    return 4 * nside - iring, 4 * iring - (ip - 2 * iring * (iring - 1))
 
 
 @njit(cache=True, inline="always")
 def _ring_pair(nside, ring, phi):
-    """The two pixels of ring `ring` around longitude `phi` and the weight of the second; with the ring's colatitude."""
-    start, count, theta, shifted = _ring_info(nside, ring)
+    """The two pixels of ring `ring` around longitude `phi` and the weight of the second."""
+    start, count, _, _, shifted = ring_info(nside, ring)
     dphi = 2 * np.pi / count
     tmp = phi / dphi - 0.5 * shifted
     i1 = np.int64(np.floor(tmp))
@@ -79,17 +107,15 @@ def _ring_pair(nside, ring, phi):
         i1 += count
     if i2 >= count:
         i2 -= count
-    return start + i1, start + i2, w, theta
+    return start + i1, start + i2, w
 
 
 @njit(cache=True, inline="always")
-def _interpolate(values, nside, x, y, z):
-    """healpy's bilinear interpolation (Healpix_Base::get_interpol) of a RING map at a unit vector."""
+def _interpolate(values, nside, ring_theta, theta, phi):
+    """healpy's bilinear interpolation (Healpix_Base::get_interpol) of a RING map at (theta, phi),
+    0 <= phi < 2 pi; ring_theta = `_ring_colatitudes(nside)`."""
     npix = 12 * nside * nside
-    theta = np.arctan2(np.sqrt(x * x + y * y), z)
-    phi = np.arctan2(y, x)
-    if phi < 0.0:
-        phi += 2 * np.pi
+    z = np.cos(theta)
     az = abs(z)
     if az <= 2.0 / 3.0:
         ir1 = np.int64(nside * (2.0 - 1.5 * z))
@@ -100,31 +126,40 @@ def _interpolate(values, nside, x, y, z):
     ir2 = ir1 + 1
     p0 = p1 = p2 = p3 = np.int64(0)
     w0 = w1 = w2 = w3 = 0.0
-    theta1 = theta2 = 0.0
     if ir1 > 0:
-        p0, p1, f, theta1 = _ring_pair(nside, ir1, phi)
+        p0, p1, f = _ring_pair(nside, ir1, phi)
         w0, w1 = 1.0 - f, f
     if ir2 < 4 * nside:
-        p2, p3, f, theta2 = _ring_pair(nside, ir2, phi)
+        p2, p3, f = _ring_pair(nside, ir2, phi)
         w2, w3 = 1.0 - f, f
     if ir1 == 0:
-        wtheta = theta / theta2
+        wtheta = theta / ring_theta[ir2]
         w2 *= wtheta
         w3 *= wtheta
         fac = (1.0 - wtheta) * 0.25
         w0, w1, w2, w3 = fac, fac, w2 + fac, w3 + fac
         p0, p1 = (p2 + 2) & 3, (p3 + 2) & 3
     elif ir2 == 4 * nside:
+        theta1 = ring_theta[ir1]
         wtheta = (theta - theta1) / (np.pi - theta1)
         fac = wtheta * 0.25
         w0, w1 = w0 * (1.0 - wtheta) + fac, w1 * (1.0 - wtheta) + fac
         w2 = w3 = fac
         p2, p3 = ((p0 + 2) & 3) + npix - 4, ((p1 + 2) & 3) + npix - 4
     else:
-        wtheta = (theta - theta1) / (theta2 - theta1)
+        theta1 = ring_theta[ir1]
+        wtheta = (theta - theta1) / (ring_theta[ir2] - theta1)
         w0, w1 = w0 * (1.0 - wtheta), w1 * (1.0 - wtheta)
         w2, w3 = w2 * wtheta, w3 * wtheta
     return w0 * values[p0] + w1 * values[p1] + w2 * values[p2] + w3 * values[p3]
+
+
+@njit(cache=True, inline="always")
+def _interpolate_at_pixel(values, nside_in, ring_theta, nside, out_theta, pix):
+    """`_interpolate` at the centre of RING pixel `pix` of `nside` (out_theta: its ring colatitudes)."""
+    ring, i = _pixel_ring(nside, pix)
+    _, length, _, _, shifted = ring_info(nside, ring)
+    return _interpolate(values, nside_in, ring_theta, out_theta[ring], (i + 0.5 * shifted) * (2 * np.pi / length))
 
 
 @njit(cache=True, inline="always")
@@ -145,21 +180,23 @@ def disc_capacity(nside, radius):
 
 
 @njit(cache=True)
-def disc_pixels(nside, centre, radius, out):
-    """RING pixels whose centres lie within `radius` (rad, < pi / 2) of unit vector `centre`,
-    ring by ring (north first), written to `out` (at least `disc_capacity` long); returns their
-    count."""
-    theta_c = np.arctan2(np.sqrt(centre[0] ** 2 + centre[1] ** 2), centre[2])
+def disc_runs(nside, centre, radius, runs):
+    """The RING pixels whose centres lie within `radius` (rad, < pi / 2) of unit vector `centre`
+    as runs (ring, first, last) written to `runs` (at least 4 nside rows), north first: pixels
+    i = first..last of the ring (i modulo the ring's length); returns the number of runs."""
+    z_c = centre[2]
+    sin_c = np.sqrt(centre[0] ** 2 + centre[1] ** 2)
+    theta_c = np.arctan2(sin_c, z_c)
     phi_c = np.arctan2(centre[1], centre[0])
     cos_r = np.cos(radius)
     ring_lo = max(_ring_above(nside, np.cos(max(theta_c - radius, 0.0))), 1)
     ring_hi = min(_ring_above(nside, np.cos(min(theta_c + radius, np.pi))) + 1, 4 * nside - 1)
     count = 0
     for ring in range(ring_lo, ring_hi + 1):
-        start, length, theta, shifted = _ring_info(nside, ring)
+        start, length, z, sin_theta, shifted = ring_info(nside, ring)
         # phi - phi_c within dphi: cos(dphi) = (cos r - cos theta cos theta_c) / (sin theta sin theta_c)
-        numerator = cos_r - np.cos(theta) * np.cos(theta_c)
-        denominator = np.sin(theta) * np.sin(theta_c)
+        numerator = cos_r - z * z_c
+        denominator = sin_theta * sin_c
         if numerator > denominator:                 # |theta - theta_c| > r: the ring misses the disc
             continue
         if numerator <= -denominator:               # the whole ring is inside (the disc holds a pole)
@@ -171,7 +208,23 @@ def disc_pixels(nside, centre, radius, out):
             last = np.int64(np.floor((phi_c + dphi) / step - 0.5 * shifted))
             if last - first + 1 > length:
                 first, last = 0, length - 1
-        for i in range(first, last + 1):
+            if last < first:
+                continue
+        runs[count, 0], runs[count, 1], runs[count, 2] = ring, first, last
+        count += 1
+    return count
+
+
+@njit(cache=True)
+def disc_pixels(nside, centre, radius, out):
+    """RING pixels whose centres lie within `radius` (rad, < pi / 2) of unit vector `centre`,
+    ring by ring (north first), written to `out` (at least `disc_capacity` long); returns their
+    count."""
+    runs = np.empty((4 * nside, 3), dtype=np.int64)
+    count = 0
+    for r in range(disc_runs(nside, centre, radius, runs)):
+        start, length, _, _, _ = ring_info(nside, runs[r, 0])
+        for i in range(runs[r, 1], runs[r, 2] + 1):
             out[count] = start + (i % length)
             count += 1
     return count
@@ -198,22 +251,26 @@ def discs_pixels(nside, centres, radius):
 
 @njit(cache=True, parallel=True)
 def _interpolate_vectors(values, nside, vectors, out):
+    ring_theta = _ring_colatitudes(nside)
     for m in prange(vectors.shape[0]):
-        out[m] = _interpolate(values, nside, vectors[m, 0], vectors[m, 1], vectors[m, 2])
+        x, y, z = vectors[m, 0], vectors[m, 1], vectors[m, 2]
+        phi = np.arctan2(y, x)
+        out[m] = _interpolate(values, nside, ring_theta, np.arctan2(np.sqrt(x * x + y * y), z),
+                              phi + 2 * np.pi if phi < 0.0 else phi)
 
 
 @njit(cache=True, parallel=True)
-def _interpolate_pixels(values, nside_in, nside_out, pixels, out):
+def _interpolate_pixels(values, nside_in, nside, pixels, out):
+    ring_theta, out_theta = _ring_colatitudes(nside_in), _ring_colatitudes(nside)
     for m in prange(pixels.size):
-        x, y, z = ring_pix2vec(nside_out, pixels[m])
-        out[m] = _interpolate(values, nside_in, x, y, z)
+        out[m] = _interpolate_at_pixel(values, nside_in, ring_theta, nside, out_theta, pixels[m])
 
 
 @njit(cache=True, parallel=True)
-def _interpolate_all_pixels(values, nside_in, nside_out, out):
+def _interpolate_all_pixels(values, nside_in, nside, out):
+    ring_theta, out_theta = _ring_colatitudes(nside_in), _ring_colatitudes(nside)
     for m in prange(out.size):
-        x, y, z = ring_pix2vec(nside_out, m)
-        out[m] = _interpolate(values, nside_in, x, y, z)
+        out[m] = _interpolate_at_pixel(values, nside_in, ring_theta, nside, out_theta, m)
 
 
 def _map_nside(values: np.ndarray) -> tuple[np.ndarray, int]:
@@ -236,8 +293,10 @@ def interpolate_at_vectors(values: np.ndarray, vectors: np.ndarray) -> np.ndarra
 def interpolate_at_pixels(values: np.ndarray, nside: int, pixels: np.ndarray | None = None,
                           dtype=np.float64) -> np.ndarray:
     """Bilinear samples of a RING map `values` (any nside) at the centres of RING `pixels` of
-    `nside` (None = all), as `dtype`."""
+    `nside` (None = all), as `dtype` (a new array); at its own nside the map's values themselves."""
     values, nside_in = _map_nside(values)
+    if nside_in == nside:   # at its own pixel centres a map interpolates to itself
+        return (values if pixels is None else values[pixels]).astype(dtype, copy=True)
     if pixels is None:
         out = np.empty(hp.nside2npix(nside), dtype=dtype)
         _interpolate_all_pixels(values, nside_in, int(nside), out)
@@ -265,4 +324,4 @@ def alm2map_spin(alms, nside: int, lmax: int) -> np.ndarray:
                                **geometry)
 
 
-__all__ = ["alm2map_spin", "map2alm", "disc_capacity", "disc_pixels", "discs_pixels", "interpolate_at_pixels", "interpolate_at_vectors", "ring_pix2vec"]
+__all__ = ["alm2map_spin", "map2alm", "disc_capacity", "disc_pixels", "disc_runs", "ring_info", "discs_pixels", "interpolate_at_pixels", "interpolate_at_vectors", "ring_pix2vec"]

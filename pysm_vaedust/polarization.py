@@ -38,6 +38,7 @@ from pathlib import Path
 import healpy as hp
 import numpy as np
 from astropy.io import fits
+from numba import njit, prange
 
 from . import __version__
 from .data import atomic_write, file_digest, gaussian_beam, shared_data_dir, smoothstep
@@ -166,9 +167,7 @@ class PolarizationTemplate:
         """(q, u) = p_max tanh(|w| / p_max) w / |w| (2, npix) float64, Q = q I, U = u I, of the
         field w of `tensor_field`."""
         w = self.tensor_field(log_i, seed, te_correlation, lmax)
-        amplitude = np.hypot(w[0], w[1])
-        w *= np.divide(P_MAX * np.tanh(amplitude / P_MAX), amplitude, out=np.ones_like(amplitude),
-                       where=amplitude > 0)
+        _saturate(w, P_MAX)
         return w
 
     def tensor_field(self, log_i: np.ndarray, seed: int, te_correlation: float = TE_CORRELATION,
@@ -192,6 +191,17 @@ class PolarizationTemplate:
             own_lmax = hp.Alm.getlmax(len(large))
             small += hp.resize_alm(large, own_lmax, own_lmax, lmax, lmax)   # zero-padded or truncated
         return alm2map_spin([e_alm, b_alm], nside, lmax)
+
+
+@njit(cache=True, parallel=True)
+def _saturate(w, p_max):
+    """In place: w (2, npix) -> p_max tanh(|w| / p_max) w / |w| (0 stays 0)."""
+    for i in prange(w.shape[1]):
+        amplitude = np.hypot(w[0, i], w[1, i])
+        if amplitude > 0:
+            gain = p_max * np.tanh(amplitude / p_max) / amplitude
+            w[0, i] *= gain
+            w[1, i] *= gain
 
 
 def unit_alm(rng: np.random.Generator, lmax: int) -> np.ndarray:

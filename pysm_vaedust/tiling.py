@@ -17,6 +17,8 @@ sum(w e) / sqrt(sum(w^2)) (independent: the variance stays uniform over the sky)
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import healpy as hp
@@ -26,7 +28,7 @@ import numba
 from numba import njit, prange
 
 from .cutouts import PatchGeometry, tangent_basis
-from .healpix import disc_capacity, disc_pixels, discs_pixels, ring_pix2vec
+from .healpix import disc_capacity, disc_pixels, disc_runs, discs_pixels, ring_info, ring_pix2vec
 
 #: tile_nside of level 0 (3.66 deg spacing for 8 deg patches); level n uses BASE_TILE_NSIDE * factor.
 BASE_TILE_NSIDE = 16
@@ -159,13 +161,24 @@ def tile_centres(level: CascadeLevel, ids: np.ndarray):
     return hp.pix2ang(level.tile_nside, ids, lonlat=True)
 
 
+def _fill_normals(out: np.ndarray, seed: int, level: int, ids: np.ndarray) -> None:
+    for row, tile in enumerate(ids):
+        key = (int(seed) & 0xFFFFFFFF) | (int(level) << 32), int(tile)
+        np.random.Generator(np.random.Philox(key=key)).standard_normal(dtype=np.float32, out=out[row])
+
+
 def patch_normals(seed: int, level: int, ids: np.ndarray, size: int) -> np.ndarray:
     """Standard normals (len(ids), size) float32, one Philox stream per (seed, level, tile id):
-    a patch gets the same numbers whatever subset or order of patches is computed."""
+    a patch gets the same numbers whatever subset or order of patches is computed (rows drawn
+    on all cores: numpy fills them without the GIL)."""
+    ids = np.asarray(ids, dtype=np.int64)
     out = np.empty((len(ids), size), dtype=np.float32)
-    for row, tile in enumerate(np.asarray(ids, dtype=np.int64)):
-        key = (int(seed) & 0xFFFFFFFF) | (int(level) << 32), int(tile)
-        out[row] = np.random.Generator(np.random.Philox(key=key)).standard_normal(size, dtype=np.float32)
+    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+    parts = np.array_split(np.arange(len(ids)), workers)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for done in [pool.submit(_fill_normals, out[rows[0]:rows[-1] + 1], seed, level, ids[rows])
+                     for rows in parts if len(rows)]:
+            done.result()
     return out
 
 
@@ -182,11 +195,10 @@ class Footprints:
 
 
 @njit(cache=True, inline="always")
-def _project(nside, pix, basis, p, half, pix_rad, npix):
-    """(row, col, weight) of pixel `pix` in patch `p`: fractional grid coordinates and the
-    blending weight (0 outside the patch). The grid is uniform in x = tan(angle): pixel j is
-    centred at (j + 0.5 - n/2) pix_rad."""
-    vx, vy, vz = ring_pix2vec(nside, pix)
+def _project(vx, vy, vz, basis, p, half, pix_rad, npix):
+    """(row, col, weight) of unit vector (vx, vy, vz) in patch `p`: fractional grid coordinates
+    and the blending weight (0 outside the patch). The grid is uniform in x = tan(angle): pixel j
+    is centred at (j + 0.5 - n/2) pix_rad."""
     depth = vx * basis[p, 0, 0] + vy * basis[p, 0, 1] + vz * basis[p, 0, 2]
     x = (vx * basis[p, 1, 0] + vy * basis[p, 1, 1] + vz * basis[p, 1, 2]) / depth
     y = (vx * basis[p, 2, 0] + vy * basis[p, 2, 1] + vz * basis[p, 2, 2]) / depth
@@ -211,35 +223,48 @@ def _bilinear(values, p, row, col):
 @njit(cache=True)
 def _footprint_kernel(nside, pixels, patch, basis, half, pix_rad, npix, row, col, weight):
     for m in range(pixels.size):
-        row[m], col[m], weight[m] = _project(nside, pixels[m], basis, patch[m], half, pix_rad, npix)
-
-
-#: output positions per block of the blend kernel's interleaved split between threads
-BLEND_BLOCK = 64
+        vx, vy, vz = ring_pix2vec(nside, pixels[m])
+        row[m], col[m], weight[m] = _project(vx, vy, vz, basis, patch[m], half, pix_rad, npix)
 
 
 @njit(cache=True, parallel=True)
 def _blend_kernel(nside, basis, radius, half, pix_rad, lookup, fields, sums, n_parts):
     """sums (F + 2, n_out) += (w f_0, ..., w f_{F-1}, w, w^2) of every patch p of `fields` (F, P,
     n, n) at the pixels of its disc (lookup: pixel -> output position, -1 = not computed; empty =
-    identity). Task t of `n_parts` owns the output positions q with (q // BLEND_BLOCK) % n_parts
-    == t; per position the patches add up in their order, so the sums do not depend on n_parts."""
+    identity). Task t of `n_parts` owns the pixels of the rings r with r % n_parts == t; per
+    pixel the patches add up in their order, so the sums do not depend on n_parts."""
     n_fields, npix = fields.shape[0], fields.shape[2]
     identity = lookup.size == 0
     for part in prange(n_parts):
-        buffer = np.empty(disc_capacity(nside, radius), dtype=np.int64)
+        runs = np.empty((4 * nside, 3), dtype=np.int64)
         for p in range(basis.shape[0]):
-            count = disc_pixels(nside, basis[p, 0], radius, buffer)
-            for m in range(count):
-                q = buffer[m] if identity else lookup[buffer[m]]
-                if q < 0 or (q // BLEND_BLOCK) % n_parts != part:
+            for r in range(disc_runs(nside, basis[p, 0], radius, runs)):
+                if runs[r, 0] % n_parts != part:
                     continue
-                row, col, w = _project(nside, buffer[m], basis, p, half, pix_rad, npix)
-                if w > 0.0:
-                    for f in range(n_fields):
-                        sums[f, q] += w * _bilinear(fields[f], p, row, col)
-                    sums[n_fields, q] += w
-                    sums[n_fields + 1, q] += w * w
+                start, length, vz, sin_theta, shifted = ring_info(nside, runs[r, 0])
+                step = 2 * np.pi / length
+                phi = (runs[r, 1] + 0.5 * shifted) * step
+                cos_phi, sin_phi = np.cos(phi), np.sin(phi)           # advanced by rotation along the run
+                cos_step, sin_step = np.cos(step), np.sin(step)
+                for i in range(runs[r, 1], runs[r, 2] + 1):
+                    pixel = start + (i % length)
+                    q = pixel if identity else lookup[pixel]
+                    if q >= 0:
+                        row, col, w = _project(sin_theta * cos_phi, sin_theta * sin_phi, vz, basis, p, half,
+                                               pix_rad, npix)
+                        if w > 0.0:
+                            for f in range(n_fields):
+                                sums[f, q] += w * _bilinear(fields[f], p, row, col)
+                            sums[n_fields, q] += w
+                            sums[n_fields + 1, q] += w * w
+                    cos_phi, sin_phi = cos_phi * cos_step - sin_phi * sin_step, sin_phi * cos_step + cos_phi * sin_step
+
+
+@njit(cache=True, parallel=True)
+def _blended_kernel(sums, view, out):
+    n_fields = sums.shape[0] - 2
+    for q in prange(out.size):
+        out[q] = sums[2 * view, q] / sums[n_fields, q] + sums[2 * view + 1, q] / np.sqrt(sums[n_fields + 1, q])
 
 
 @njit(cache=True)
@@ -303,7 +328,9 @@ def blended(sums: np.ndarray, view: int = 0) -> np.ndarray:
     sum(w m) / sum(w) + sum(w e) / sqrt(sum w^2), m, e = fields 2 view, 2 view + 1.
     What overlapping patches share (predicted from the same large scales: a partition of unity
     keeps it) and what each draws on its own (independent: variance-preserving weights)."""
-    return sums[2 * view] / sums[-2] + sums[2 * view + 1] / np.sqrt(sums[-1])
+    out = np.empty(sums.shape[1], dtype=sums.dtype)
+    _blended_kernel(sums, int(view), out)
+    return out
 
 
 def footprints(nside: int, level: CascadeLevel, ids: np.ndarray, pixel_lookup: np.ndarray | None = None) -> Footprints:

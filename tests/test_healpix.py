@@ -1,0 +1,70 @@
+"""The numba / ducc0 HEALPix kernels give healpy's numbers (interpolation, discs, transforms)."""
+
+import healpy as hp
+import numpy as np
+import pytest
+
+from pysm_vaedust.healpix import (alm2map_spin, discs_pixels, interpolate_at_pixels, interpolate_at_vectors,
+                                  map2alm, ring_pix2vec)
+
+
+@pytest.mark.parametrize("nside_in, nside_out", [(1, 4), (2, 16), (16, 64), (64, 32), (8, 2), (128, 512)])
+def test_interpolation_is_healpys_bilinear_interpolation(nside_in, nside_out):
+    rng = np.random.default_rng(nside_in * 1000 + nside_out)
+    values = rng.normal(size=hp.nside2npix(nside_in))
+    pixels = rng.permutation(hp.nside2npix(nside_out))
+    expected = hp.get_interp_val(values, *hp.pix2ang(nside_out, pixels))
+    np.testing.assert_allclose(interpolate_at_pixels(values, nside_out, pixels), expected, rtol=0, atol=1e-11)
+    full = interpolate_at_pixels(values.astype(np.float32), nside_out, None, np.float32)
+    assert full.dtype == np.float32
+    np.testing.assert_allclose(full[pixels], expected, rtol=0, atol=1e-5)
+    vectors = rng.normal(size=(500, 3))
+    vectors[:4] = [[0, 0, 1], [0, 0, -1], [1, 0, 0], [0, -1, 0]]   # poles and phi = 0, 3 pi / 2
+    vectors /= np.linalg.norm(vectors, axis=1)[:, None]
+    np.testing.assert_allclose(interpolate_at_vectors(values, vectors.reshape(5, 100, 3)).ravel(),
+                               hp.get_interp_val(values, *hp.vec2ang(vectors)), rtol=0, atol=1e-11)
+
+
+def test_interpolation_at_the_maps_own_nside_returns_its_values():
+    values = np.random.default_rng(0).normal(size=hp.nside2npix(16))
+    out = interpolate_at_pixels(values, 16, np.array([5, 3, 3000]))
+    np.testing.assert_array_equal(out, values[[5, 3, 3000]])
+    assert interpolate_at_pixels(values, 16) is not values
+
+
+def test_interpolation_refuses_what_is_not_a_map():
+    with pytest.raises(ValueError, match="HEALPix map"):
+        interpolate_at_pixels(np.zeros(100), 4)
+
+
+@pytest.mark.parametrize("nside", [1, 4, 64, 2048])
+def test_discs_are_query_discs(nside):
+    rng = np.random.default_rng(nside)
+    centres = rng.normal(size=(20, 3))
+    centres[:3] = [[0, 0, 1], [0, 0, -1], [1, 0, 0]]
+    centres /= np.linalg.norm(centres, axis=1)[:, None]
+    for radius in (0.004, 0.05, 0.3, 1.2):
+        if nside * radius > 300:
+            continue
+        pixels, disc = discs_pixels(nside, centres, radius)
+        for i, centre in enumerate(centres):
+            np.testing.assert_array_equal(np.sort(pixels[disc == i]), np.sort(hp.query_disc(nside, centre, radius)))
+
+
+def test_pixel_centres_are_healpys():
+    nside = 8
+    pixels = np.arange(hp.nside2npix(nside))
+    ours = np.array([ring_pix2vec(nside, p) for p in pixels])
+    np.testing.assert_allclose(ours, np.array(hp.pix2vec(nside, pixels)).T, atol=1e-14)
+
+
+def test_transforms_are_healpys():
+    nside, lmax = 32, 64
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=hp.nside2npix(nside))
+    np.testing.assert_allclose(map2alm(values, lmax), hp.map2alm(values, lmax=lmax, iter=0), rtol=0, atol=1e-12)
+    size = hp.Alm.getsize(lmax)
+    alms = rng.normal(size=(2, size)) + 1j * rng.normal(size=(2, size))
+    alms[:, :lmax + 1] = alms[:, :lmax + 1].real
+    np.testing.assert_allclose(alm2map_spin(alms, nside, lmax), np.array(hp.alm2map_spin(list(alms), nside, 2, lmax)),
+                               rtol=0, atol=1e-10)
