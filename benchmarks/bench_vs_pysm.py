@@ -273,7 +273,8 @@ def _vmhwm_bytes() -> int | None:
     return None
 
 
-def run_case(case: str, nside: int, freqs_ghz, weights: str | None, seed: int, data_dir: Path) -> dict:
+def run_case(case: str, nside: int, freqs_ghz, weights: str | None, seed: int, data_dir: Path,
+             device: str = "auto") -> dict:
     """Build the Sky and time the two frequencies; returns a result record (in this process)."""
     os.environ["PYSM_LOCAL_DATA"] = str(data_dir)
     import pysm3  # noqa: F401  (imports are not timed)
@@ -292,7 +293,8 @@ def run_case(case: str, nside: int, freqs_ghz, weights: str | None, seed: int, d
         if case == "vaedust_maps":  # per-pixel beta_d, T_d: d10's maps (as d10 itself uses)
             kwargs = dict(mbb_index=D10_FILES["beta"].format(nside=TEMPLATE_NSIDE),
                           mbb_temperature=D10_FILES["Td"].format(nside=TEMPLATE_NSIDE))
-        sky = pysm3.Sky(nside=nside, component_objects=[VAEDust(nside=nside, weights=weights, seed=seed, **kwargs)])
+        component = VAEDust(nside=nside, weights=weights, seed=seed, device=device, **kwargs)
+        sky = pysm3.Sky(nside=nside, component_objects=[component])
     t_build = time.perf_counter() - t0
     m1 = sky.get_emission(f1)
     t_first = time.perf_counter() - t0
@@ -309,7 +311,15 @@ def run_case(case: str, nside: int, freqs_ghz, weights: str | None, seed: int, d
         "rss_after_imports_gb": rss_imports / GB, "peak_self_maxrss_gb": _maxrss_bytes() / GB,
         "peak_self_vmhwm_gb": None if _vmhwm_bytes() is None else _vmhwm_bytes() / GB,
         "output_shape": shape, "output_I_finite": finite,
+        "decode_device": None if case in ("d10", "d11") else _device_name(component.renderer.vae.device),
     }
+
+
+def _device_name(device) -> str:
+    """'cpu', or the CUDA device's name."""
+    import torch
+
+    return "cpu" if device.type == "cpu" else f"cuda ({torch.cuda.get_device_name(device)})"
 
 
 def spawn_case(case: str, nside: int, args) -> dict:
@@ -321,6 +331,7 @@ def spawn_case(case: str, nside: int, args) -> dict:
            "--result-file", str(result_file)]
     if args.weights:
         cmd += ["--weights", str(args.weights)]
+    cmd += ["--device", args.device]
     env = dict(os.environ, PYSM_LOCAL_DATA=str(args.data_dir))
     load_before = os.getloadavg()
     t0 = time.perf_counter()
@@ -465,6 +476,8 @@ def parse_args(argv=None):
     p.add_argument("--freqs", type=float, nargs=2, default=list(DEFAULT_FREQS_GHZ), metavar=("F1", "F2"),
                    help="first and second frequency in GHz (default 143 217)")
     p.add_argument("--seed", type=int, default=0, help="VAEDust seed")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="VAEDust's decoding device (default auto: CUDA when present)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="fake PySM data folder (cached)")
     p.add_argument("--regenerate-fake-data", action="store_true", help="rewrite the fake PySM files")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="JSON output")
@@ -482,7 +495,7 @@ def main(argv=None) -> int:
         ensure_fake_data(args.data_dir, args.cases, args.regenerate_fake_data)
         return 0
     if args.case:  # child: one case, one nside
-        rec = run_case(args.case, args.nside[0], args.freqs, args.weights, args.seed, args.data_dir)
+        rec = run_case(args.case, args.nside[0], args.freqs, args.weights, args.seed, args.data_dir, args.device)
         args.result_file.write_text(json.dumps(rec))
         return 0
 
@@ -520,7 +533,7 @@ def main(argv=None) -> int:
         "cpu_count": os.cpu_count(), "machine": platform.platform(), "python": platform.python_version(),
         "pysm3": importlib.metadata.version("pysm3"),
         "torch": importlib.metadata.version("torch"), "weights": args.weights, "freqs_ghz": list(args.freqs),
-        "seed": args.seed, "fake_data_dir": str(args.data_dir),
+        "seed": args.seed, "device": args.device, "fake_data_dir": str(args.data_dir),
         "peak_memory_method": "peak RSS (ru_maxrss) of one fresh child process per case, "
                               "from the rusage os.wait4 returns for that child",
     }

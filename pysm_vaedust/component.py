@@ -21,8 +21,7 @@ from pathlib import Path
 import healpy as hp
 import numpy as np
 import pysm3.units as u
-from numba import njit
-from pysm3 import utils as pysm_utils
+from numba import njit, prange
 from pysm3.models.dust import blackbody_ratio
 from pysm3.models.template import Model
 
@@ -55,14 +54,34 @@ def _scalar_frequency(value, name: str) -> float:
     return float(freq.value)
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _mbb_intensity(freqs, weights, i_ref, freq_ref, mbb_index, mbb_temperature, out):
-    """Bandpass-integrated modified black body of the intensity, in place into `out` (uK_RJ)."""
-    step = np.empty_like(i_ref)
-    for i in range(len(freqs)):
+    """Bandpass-integrated modified black body of the intensity, in place into `out` (uK_RJ), by
+    pysm3's trapezoidal steps (`pysm3.utils.trapz_step_inplace`); mbb_index / mbb_temperature
+    arrays of one value (the whole sky) or one per pixel."""
+    n = len(freqs)
+    for i in range(n):
+        if n == 1:
+            delta_freq = 2.0
+        elif i == 0:
+            delta_freq = freqs[1] - freqs[0]
+        elif i == n - 1:
+            delta_freq = freqs[-1] - freqs[-2]
+        else:
+            delta_freq = freqs[i + 1] - freqs[i - 1]
+        step = 0.5 * weights[i] * delta_freq
         # -2: the black body is in flux units, the template in K_RJ (as pysm3's dust models)
-        step[:] = i_ref * (freqs[i] / freq_ref) ** (mbb_index - 2.0) * blackbody_ratio(freqs[i], freq_ref, mbb_temperature)
-        pysm_utils.trapz_step_inplace(freqs, weights, i, step, out)
+        if mbb_index.size == 1 and mbb_temperature.size == 1:
+            gain = step * (freqs[i] / freq_ref) ** (mbb_index[0] - 2.0) * blackbody_ratio(freqs[i], freq_ref,
+                                                                                         mbb_temperature[0])
+            for p in prange(i_ref.size):
+                out[p] += gain * i_ref[p]
+        else:
+            for p in prange(i_ref.size):
+                index = mbb_index[0] if mbb_index.size == 1 else mbb_index[p]
+                temperature = mbb_temperature[0] if mbb_temperature.size == 1 else mbb_temperature[p]
+                out[p] += step * i_ref[p] * (freqs[i] / freq_ref) ** (index - 2.0) * blackbody_ratio(
+                    freqs[i], freq_ref, temperature)
 
 
 def _degrees(value, name: str) -> float | None:
@@ -290,22 +309,26 @@ class VAEDust(Model):
         return interpolate_at_pixels(self.log_template, self.nside, self.pixel_indices)
 
     def reference_map(self) -> np.ndarray:
-        """Intensity at the reference frequency (uK_RJ, float64, own pixels); computed once, cached
+        """Intensity at the reference frequency (uK_RJ, float32, own pixels); computed once, cached
         (with the polarization fractions, which need the full-sky ln I)."""
         if self._i_ref is None:
             pixels = None if self.polarization else self.pixel_indices
+            small_scales = self.renderer.field(self.nside, self.seed, pixels, self.log_template, self.cascade,
+                                               self.progress)   # first: the renderer's peak without log_i beside it
             log_i = interpolate_at_pixels(self.log_template, self.nside, pixels)
-            log_i += self.renderer.field(self.nside, self.seed, pixels, self.log_template, self.cascade, self.progress)
+            log_i += small_scales
+            del small_scales
             if self.polarization:
                 fractions = self.pol_template.fractions(log_i, self.seed, self.te_correlation)
                 if self.pixel_indices is not None:
                     log_i, fractions = log_i[self.pixel_indices], fractions[:, self.pixel_indices]
-                self._pol_fractions = fractions
-            self._i_ref = np.exp(log_i, out=log_i)
+                self._pol_fractions = fractions.astype(np.float32)   # half the memory; Q, U to 1e-7
+                del fractions
+            self._i_ref = np.exp(log_i, out=log_i).astype(np.float32)   # PySM's templates' precision, half the memory
         return self._i_ref
 
     def polarization_fractions(self) -> np.ndarray | None:
-        """(Q / I, U / I) (2, npix) float64 at own pixels (None without polarization): the same at
+        """(Q / I, U / I) (2, npix) float32 at own pixels (None without polarization): the same at
         every frequency (Q and U share I's modified black body)."""
         self.reference_map()
         return self._pol_fractions
@@ -317,13 +340,8 @@ class VAEDust(Model):
         i_ref = self.reference_map()
         out = np.zeros((3, len(i_ref)), dtype=np.float64)
         try:
-            if np.ndim(self.mbb_index) == 0 and np.ndim(self.mbb_temperature) == 0:
-                _mbb_intensity(freqs, weights, i_ref, self.freq_ref, float(self.mbb_index),
-                               float(self.mbb_temperature), out[0])
-            else:
-                _mbb_intensity(freqs, weights, i_ref, self.freq_ref,
-                               np.ascontiguousarray(np.broadcast_to(self.mbb_index, i_ref.shape)),
-                               np.ascontiguousarray(np.broadcast_to(self.mbb_temperature, i_ref.shape)), out[0])
+            _mbb_intensity(freqs, weights, i_ref, self.freq_ref, np.atleast_1d(np.asarray(self.mbb_index, dtype=np.float64)),
+                           np.atleast_1d(np.asarray(self.mbb_temperature, dtype=np.float64)), out[0])
         except ZeroDivisionError:  # numba's: a black body underflowed to 0 (reported below)
             out[0] = np.nan
         if out.shape[1] and not (out[0].min() > 0 and np.isfinite(out[0].sum())):

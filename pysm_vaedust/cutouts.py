@@ -15,7 +15,7 @@ import numpy as np
 
 from .checks import check_choice, check_lonlat, check_real
 from .data import DustMap
-from .healpix import interpolate_at_vectors
+from .healpix import interpolate_on_grids
 from .statistics import default_ell_edges, flat_power_spectrum
 
 
@@ -58,15 +58,6 @@ def tangent_basis(lon_deg, lat_deg):
     return n0, east, north
 
 
-def gnomonic_directions(lon_deg, lat_deg, geometry: PatchGeometry) -> np.ndarray:
-    """Unit vectors of every patch pixel, (N, npix, npix, 3), for N centres (degrees)."""
-    n0, east, north = tangent_basis(lon_deg, lat_deg)
-    off = geometry.offsets_rad()
-    vec = (n0[:, None, None, :] + off[None, None, :, None] * east[:, None, None, :]
-           + off[None, :, None, None] * north[:, None, None, :])
-    return vec / np.linalg.norm(vec, axis=-1, keepdims=True)
-
-
 def gnomonic_coordinates(vec: np.ndarray, lon_deg: float, lat_deg: float):
     """Tangent-plane (x, y) in radians of unit vectors (..., 3) about one centre; NaN behind it."""
     n0, east, north = (b[0] for b in tangent_basis(lon_deg, lat_deg))
@@ -89,14 +80,6 @@ def patch_centres(lat_min_deg: float = 15.0, spacing_deg: float = 3.7):
     return np.concatenate(lon), np.concatenate(lat)
 
 
-def sample_map(values: np.ndarray, frame: str, vec_gal: np.ndarray) -> np.ndarray:
-    """Bilinear samples of a RING map in `frame` at Galactic unit vectors (..., 3)."""
-    flat = vec_gal.reshape(-1, 3)
-    if frame != "G":
-        flat = np.asarray(hp.Rotator(coord=["G", frame])(flat.T)).T
-    return interpolate_at_vectors(values, flat).reshape(vec_gal.shape[:-1])
-
-
 def oversampling(nside: int, geometry: PatchGeometry) -> int:
     """Sub-pixels per patch pixel (per axis) so that sampling keeps up with the map's pixels:
     round(patch pixel / map pixel), at least 1 (1 for the nside-256 Planck map at 15')."""
@@ -107,8 +90,10 @@ def sample_patches(values: np.ndarray, frame: str, lon_deg, lat_deg, geometry: P
                    oversample: int = 1) -> np.ndarray:
     """Fine samples (N, npix k, npix k), k = oversample: bilinear samples of a RING map on the
     patch grid refined k times (NaN in the map propagates to the samples it touches)."""
-    fine = PatchGeometry(geometry.npix * oversample, geometry.size_deg)
-    return sample_map(values, frame, gnomonic_directions(lon_deg, lat_deg, fine))
+    basis = np.stack(tangent_basis(lon_deg, lat_deg), 1)   # (N, 3: centre, east, north, 3)
+    if frame != "G":   # a rotation carries the grid's directions with the basis (norms kept)
+        basis = np.asarray(hp.Rotator(coord=["G", frame])(basis.reshape(-1, 3).T)).T.reshape(basis.shape)
+    return interpolate_on_grids(values, basis, PatchGeometry(geometry.npix * oversample, geometry.size_deg).offsets_rad())
 
 
 def box_average(fine: np.ndarray, oversample: int) -> np.ndarray:

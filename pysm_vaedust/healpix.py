@@ -1,8 +1,9 @@
 """HEALPix on all cores: RING geometry kernels (numba) and spherical harmonic transforms (ducc0).
 
-- `interpolate_at_vectors` / `interpolate_at_pixels` give healpy's `get_interp_val` numbers (the
-  same four pixels and weights, Healpix_Base::get_interpol) to float64 rounding, in parallel and
-  without the (theta, phi) and weight arrays healpy allocates.
+- `interpolate_at_pixels` / `interpolate_on_grids` (gnomonic patch grids, directions made on
+  the fly) give healpy's `get_interp_val` numbers (the same four pixels and weights,
+  Healpix_Base::get_interpol) to float64 rounding, in parallel and without the direction,
+  (theta, phi) and weight arrays healpy needs.
 - `disc_pixels` / `discs_pixels`: `hp.query_disc`'s pixel sets, callable inside numba kernels.
 - `map2alm` / `alm2map_spin`: healpy's `map2alm(iter=0)` / `alm2map_spin` (same alm layout,
   agreement to 1e-11), multithreaded.
@@ -19,29 +20,10 @@ from numba import njit, prange
 @njit(cache=True, inline="always")
 def ring_pix2vec(nside, pix):
     """Unit vector (x, y, z) of a RING pixel centre (HEALPix pix2loc, Gorski et al. 2005)."""
-    npix = 12 * nside * nside
-    ncap = 2 * nside * (nside - 1)
-    if pix < ncap:
-        iring = (1 + np.int64(np.sqrt(1 + 2 * pix))) >> 1
-        iphi = pix + 1 - 2 * iring * (iring - 1)
-        z = 1.0 - iring * iring * 4.0 / npix
-        phi = (iphi - 0.5) * 0.5 * np.pi / iring
-    elif pix < npix - ncap:
-        ip = pix - ncap
-        tmp = ip // (4 * nside)
-        iring = tmp + nside
-        iphi = ip - tmp * 4 * nside + 1
-        z = (2 * nside - iring) * 8.0 * nside / npix
-        fodd = 1.0 if (iring + nside) & 1 else 0.5
-        phi = (iphi - fodd) * 0.5 * np.pi / nside
-    else:
-        ip = npix - pix
-        iring = (1 + np.int64(np.sqrt(2 * ip - 1))) >> 1
-        iphi = 4 * iring + 1 - (ip - 2 * iring * (iring - 1))
-        z = iring * iring * 4.0 / npix - 1.0
-        phi = (iphi - 0.5) * 0.5 * np.pi / iring
-    sth = np.sqrt((1.0 - z) * (1.0 + z))
-    return sth * np.cos(phi), sth * np.sin(phi), z
+    ring, i = _pixel_ring(nside, pix)
+    _, length, z, sin_theta, shifted = ring_info(nside, ring)
+    phi = (i + 0.5 * shifted) * (2 * np.pi / length)
+    return sin_theta * np.cos(phi), sin_theta * np.sin(phi), z
 
 
 @njit(cache=True, inline="always")
@@ -250,16 +232,6 @@ def discs_pixels(nside, centres, radius):
 
 
 @njit(cache=True, parallel=True)
-def _interpolate_vectors(values, nside, vectors, out):
-    ring_theta = _ring_colatitudes(nside)
-    for m in prange(vectors.shape[0]):
-        x, y, z = vectors[m, 0], vectors[m, 1], vectors[m, 2]
-        phi = np.arctan2(y, x)
-        out[m] = _interpolate(values, nside, ring_theta, np.arctan2(np.sqrt(x * x + y * y), z),
-                              phi + 2 * np.pi if phi < 0.0 else phi)
-
-
-@njit(cache=True, parallel=True)
 def _interpolate_pixels(values, nside_in, nside, pixels, out):
     ring_theta, out_theta = _ring_colatitudes(nside_in), _ring_colatitudes(nside)
     for m in prange(pixels.size):
@@ -273,6 +245,21 @@ def _interpolate_all_pixels(values, nside_in, nside, out):
         out[m] = _interpolate_at_pixel(values, nside_in, ring_theta, nside, out_theta, m)
 
 
+@njit(cache=True, parallel=True)
+def _interpolate_grids(values, nside, basis, offsets, out):
+    ring_theta = _ring_colatitudes(nside)
+    n = offsets.size
+    for k in prange(basis.shape[0] * n):
+        p, row = k // n, k % n
+        for col in range(n):
+            x = basis[p, 0, 0] + offsets[col] * basis[p, 1, 0] + offsets[row] * basis[p, 2, 0]
+            y = basis[p, 0, 1] + offsets[col] * basis[p, 1, 1] + offsets[row] * basis[p, 2, 1]
+            z = basis[p, 0, 2] + offsets[col] * basis[p, 1, 2] + offsets[row] * basis[p, 2, 2]
+            phi = np.arctan2(y, x)
+            out[p, row, col] = _interpolate(values, nside, ring_theta, np.arctan2(np.sqrt(x * x + y * y), z),
+                                            phi + 2 * np.pi if phi < 0.0 else phi)
+
+
 def _map_nside(values: np.ndarray) -> tuple[np.ndarray, int]:
     values = np.ascontiguousarray(values, dtype=None if np.asarray(values).dtype in (np.float32, np.float64)
                                   else np.float64)
@@ -281,13 +268,16 @@ def _map_nside(values: np.ndarray) -> tuple[np.ndarray, int]:
     return values, hp.npix2nside(values.size)
 
 
-def interpolate_at_vectors(values: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """Bilinear samples (float64, shape vectors.shape[:-1]) of a RING map at unit vectors (..., 3)."""
+def interpolate_on_grids(values: np.ndarray, basis: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Bilinear samples (P, n, n) float64 of a RING map on gnomonic grids: point (row, col) of grid
+    p is the direction of basis[p, 0] + offsets[col] basis[p, 1] + offsets[row] basis[p, 2]
+    (basis (P, 3, 3): centre, x and y unit vectors; offsets (n,) tangent-plane coordinates)."""
     values, nside = _map_nside(values)
-    flat = np.ascontiguousarray(np.asarray(vectors, dtype=np.float64).reshape(-1, 3))
-    out = np.empty(len(flat))
-    _interpolate_vectors(values, nside, flat, out)
-    return out.reshape(np.shape(vectors)[:-1])
+    basis = np.ascontiguousarray(basis, dtype=np.float64)
+    offsets = np.ascontiguousarray(offsets, dtype=np.float64)
+    out = np.empty((len(basis), len(offsets), len(offsets)))
+    _interpolate_grids(values, nside, basis, offsets, out)
+    return out
 
 
 def interpolate_at_pixels(values: np.ndarray, nside: int, pixels: np.ndarray | None = None,
@@ -311,8 +301,8 @@ def map2alm(values: np.ndarray, lmax: int) -> np.ndarray:
     """healpy's `map2alm(values, lmax, iter=0)` (complex128, healpy order) of a RING map."""
     values, nside = _map_nside(values)
     geometry = ducc0.healpix.Healpix_Base(nside, "RING").sht_info()
-    alm = ducc0.sht.adjoint_synthesis(map=values[None].astype(np.float64), lmax=int(lmax), spin=0, nthreads=0,
-                                      **geometry)[0]
+    alm = ducc0.sht.adjoint_synthesis(map=np.asarray(values, dtype=np.float64)[None], lmax=int(lmax), spin=0,
+                                      nthreads=0, **geometry)[0]
     alm *= 4 * np.pi / values.size
     return alm
 
@@ -324,4 +314,4 @@ def alm2map_spin(alms, nside: int, lmax: int) -> np.ndarray:
                                **geometry)
 
 
-__all__ = ["alm2map_spin", "map2alm", "disc_capacity", "disc_pixels", "disc_runs", "ring_info", "discs_pixels", "interpolate_at_pixels", "interpolate_at_vectors", "ring_pix2vec"]
+__all__ = ["alm2map_spin", "map2alm", "disc_capacity", "disc_pixels", "disc_runs", "ring_info", "discs_pixels", "interpolate_at_pixels", "interpolate_on_grids", "ring_pix2vec"]

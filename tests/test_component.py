@@ -200,3 +200,26 @@ def test_a_coarse_template_starts_the_cascade_one_level_earlier():
     assert power["early"] > 3 * power["default"], power
     with pytest.raises(ValueError, match="coarser than 4x the conditioning"):
         VAEDust(nside=NSIDE, template=coarse, template_freq="545 GHz", template_fwhm=3.0)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="no CUDA device here (the GPU path runs only where one is)")
+def test_gpu_map_equals_the_cpu_map_of_the_same_seed():
+    """Decoding on the GPU (TF32 off) gives the CPU's map to |delta ln I| <= 1e-3 per pixel, I, Q, U."""
+    import torch
+
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        maps = {device: VAEDust(nside=512, seed=7, device=device).get_emission(353 * u.GHz).value
+                for device in ("cpu", "cuda")}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    assert np.max(np.abs(np.log(maps["cuda"][0] / maps["cpu"][0]))) <= 1e-3
+    p_cpu = np.hypot(maps["cpu"][1], maps["cpu"][2])
+    assert np.max(np.abs(np.hypot(maps["cuda"][1], maps["cuda"][2]) - p_cpu) / maps["cpu"][0]) <= 1e-3

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pysm_vaedust.cutouts import (Cutouts, PatchGeometry, dihedral, cut_patches, fill_invalid, gnomonic_directions,
+from pysm_vaedust.cutouts import (Cutouts, PatchGeometry, dihedral, cut_patches, fill_invalid,
                                   near_extragalactic, noise_floor_ell, patch_centres, random_dihedral, region_split,
-                                  sample_map, tangent_basis)
+                                  sample_patches, tangent_basis)
 from pysm_vaedust.data import (MJysr_to_uK_RJ, load_dust_map, planck_nu, read_healpix_map,
                                tau353_to_intensity)
 
@@ -39,7 +39,7 @@ def test_cutout_of_latitude_map_has_right_corners_and_centre(frame):
     geometry = PatchGeometry(32, 8.0)
     values = galactic_latitude_map(256, frame)
     lon0, lat0 = np.array([40.0, 200.0]), np.array([45.0, -30.0])
-    patches = sample_map(values, frame, gnomonic_directions(lon0, lat0, geometry))
+    patches = sample_patches(values, frame, lon0, lat0, geometry)
     off = geometry.offsets_rad()
     for k in range(2):
         # centre: mean of the 4 central pixels = lat0 to second order

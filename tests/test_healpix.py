@@ -4,8 +4,8 @@ import healpy as hp
 import numpy as np
 import pytest
 
-from pysm_vaedust.healpix import (alm2map_spin, discs_pixels, interpolate_at_pixels, interpolate_at_vectors,
-                                  map2alm, ring_pix2vec)
+from pysm_vaedust.healpix import (alm2map_spin, discs_pixels, interpolate_at_pixels, interpolate_on_grids, map2alm,
+                                  ring_pix2vec)
 
 
 @pytest.mark.parametrize("nside_in, nside_out", [(1, 4), (2, 16), (16, 64), (64, 32), (8, 2), (128, 512)])
@@ -18,11 +18,14 @@ def test_interpolation_is_healpys_bilinear_interpolation(nside_in, nside_out):
     full = interpolate_at_pixels(values.astype(np.float32), nside_out, None, np.float32)
     assert full.dtype == np.float32
     np.testing.assert_allclose(full[pixels], expected, rtol=0, atol=1e-5)
-    vectors = rng.normal(size=(500, 3))
-    vectors[:4] = [[0, 0, 1], [0, 0, -1], [1, 0, 0], [0, -1, 0]]   # poles and phi = 0, 3 pi / 2
-    vectors /= np.linalg.norm(vectors, axis=1)[:, None]
-    np.testing.assert_allclose(interpolate_at_vectors(values, vectors.reshape(5, 100, 3)).ravel(),
-                               hp.get_interp_val(values, *hp.vec2ang(vectors)), rtol=0, atol=1e-11)
+    basis = rng.normal(size=(6, 3, 3))
+    basis[:4, 0] = [[0, 0, 1], [0, 0, -1], [1, 0, 0], [0, -1, 0]]   # poles and phi = 0, 3 pi / 2
+    basis /= np.linalg.norm(basis, axis=2)[:, :, None]
+    offsets = np.linspace(-0.2, 0.2, 9)
+    directions = (basis[:, None, None, 0] + offsets[None, None, :, None] * basis[:, None, None, 1]
+                  + offsets[None, :, None, None] * basis[:, None, None, 2])
+    np.testing.assert_allclose(interpolate_on_grids(values, basis, offsets).ravel(),
+                               hp.get_interp_val(values, *hp.vec2ang(directions.reshape(-1, 3))), rtol=0, atol=1e-11)
 
 
 def test_interpolation_at_the_maps_own_nside_returns_its_values():
