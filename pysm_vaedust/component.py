@@ -16,6 +16,7 @@ bandpass-integrated with pysm3's own utilities.
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import healpy as hp
@@ -39,6 +40,10 @@ from .weights import load_weights, resolve_device
 TEMPLATE_WORK_NSIDE = 256
 #: beam of the PySM GNILC dust template (deg)
 GNILC_FWHM_DEG = 21.8 / 60
+
+
+#: maps from this many pixels (nside 1024) collect cyclic garbage before allocating the output
+LARGE_MAP_PIXELS = 12 * 1024**2
 
 
 def _scalar_frequency(value, name: str) -> float:
@@ -338,6 +343,10 @@ class VAEDust(Model):
         Quantity (n,), weights None (top hat) or (n,) finite, >= 0, not all zero."""
         freqs, weights = check_bandpass(freqs, weights)
         i_ref = self.reference_map()
+        if len(i_ref) >= LARGE_MAP_PIXELS:
+            # pysm3.Sky's unit conversion leaves astropy UnitsError tracebacks whose frames hold the
+            # previous call's (3, npix) output until the cyclic collector runs: free it first
+            gc.collect()
         out = np.zeros((3, len(i_ref)), dtype=np.float64)
         try:
             _mbb_intensity(freqs, weights, i_ref, self.freq_ref, np.atleast_1d(np.asarray(self.mbb_index, dtype=np.float64)),

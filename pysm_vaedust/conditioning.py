@@ -339,10 +339,8 @@ def _mbb_ratio(model: VAEDust, freq, bandpass_weights, pixels) -> np.ndarray:
     def at(p):
         return float(p) if np.ndim(p) == 0 else np.ascontiguousarray(np.asarray(p)[pixels])
 
-    index, temperature = at(model.mbb_index), at(model.mbb_temperature)
-    if np.ndim(index) or np.ndim(temperature):
-        index = np.broadcast_to(index, ones.shape).copy()
-        temperature = np.broadcast_to(temperature, ones.shape).copy()
+    index, temperature = (np.atleast_1d(np.asarray(at(p), dtype=np.float64))
+                          for p in (model.mbb_index, model.mbb_temperature))
     _mbb_intensity(freqs, weights, ones, model.freq_ref, index, temperature, out)
     return out
 
