@@ -11,7 +11,7 @@ as much as it keeps beside the next, see `renderer`); delta: level K's blended p
 the cascade R = 0 and delta = level 0.
 T is exp of a log-smoothed map (as the bundled template): the added scales have zero mean in
 ln I, as in the data. MBB: modified black body (mbb_index beta_d, mbb_temperature T_d),
-bandpass-integrated with pysm3's own utilities.
+bandpass-integrated by pysm3's trapezoid steps (`pysm3.utils.trapz_step_inplace`), on all cores.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def _mbb_intensity(freqs, weights, i_ref, freq_ref, mbb_index, mbb_temperature, 
                                                                                          mbb_temperature[0])
             for p in prange(i_ref.size):
                 out[p] += gain * i_ref[p]
-        else:
-            for p in prange(i_ref.size):
+        else:   # serial: a black body that underflows raises ZeroDivisionError, which prange would not pass on
+            for p in range(i_ref.size):
                 index = mbb_index[0] if mbb_index.size == 1 else mbb_index[p]
                 temperature = mbb_temperature[0] if mbb_temperature.size == 1 else mbb_temperature[p]
                 out[p] += step * i_ref[p] * (freqs[i] / freq_ref) ** (index - 2.0) * blackbody_ratio(

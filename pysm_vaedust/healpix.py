@@ -87,6 +87,8 @@ def _ring_pair(nside, ring, phi):
     i2 = i1 + 1
     if i1 < 0:
         i1 += count
+    if i1 >= count:      # phi rounded to 2 pi
+        i1 -= count
     if i2 >= count:
         i2 -= count
     return start + i1, start + i2, w
@@ -97,14 +99,7 @@ def _interpolate(values, nside, ring_theta, theta, phi):
     """healpy's bilinear interpolation (Healpix_Base::get_interpol) of a RING map at (theta, phi),
     0 <= phi < 2 pi; ring_theta = `_ring_colatitudes(nside)`."""
     npix = 12 * nside * nside
-    z = np.cos(theta)
-    az = abs(z)
-    if az <= 2.0 / 3.0:
-        ir1 = np.int64(nside * (2.0 - 1.5 * z))
-    else:
-        ir1 = np.int64(nside * np.sqrt(3.0 * (1.0 - az)))
-        if z <= 0.0:
-            ir1 = 4 * nside - ir1 - 1
+    ir1 = _ring_above(nside, np.cos(theta))
     ir2 = ir1 + 1
     p0 = p1 = p2 = p3 = np.int64(0)
     w0 = w1 = w2 = w3 = 0.0
@@ -206,6 +201,8 @@ def disc_pixels(nside, centre, radius, out):
     count = 0
     for r in range(disc_runs(nside, centre, radius, runs)):
         start, length, _, _, _ = ring_info(nside, runs[r, 0])
+        if count + runs[r, 2] - runs[r, 1] + 1 > out.size:
+            raise ValueError("disc_pixels: the output buffer is shorter than the disc")
         for i in range(runs[r, 1], runs[r, 2] + 1):
             out[count] = start + (i % length)
             count += 1
@@ -292,6 +289,8 @@ def interpolate_at_pixels(values: np.ndarray, nside: int, pixels: np.ndarray | N
         _interpolate_all_pixels(values, nside_in, int(nside), out)
     else:
         pixels = np.ascontiguousarray(pixels, dtype=np.int64)
+        if pixels.size and (pixels.min() < 0 or pixels.max() >= hp.nside2npix(nside)):
+            raise ValueError(f"pixels outside 0..{hp.nside2npix(nside) - 1} (nside {nside})")
         out = np.empty(len(pixels), dtype=dtype)
         _interpolate_pixels(values, nside_in, int(nside), pixels, out)
     return out
@@ -314,4 +313,5 @@ def alm2map_spin(alms, nside: int, lmax: int) -> np.ndarray:
                                **geometry)
 
 
-__all__ = ["alm2map_spin", "map2alm", "disc_capacity", "disc_pixels", "disc_runs", "ring_info", "discs_pixels", "interpolate_at_pixels", "interpolate_on_grids", "ring_pix2vec"]
+__all__ = ["alm2map_spin", "disc_capacity", "disc_pixels", "disc_runs", "discs_pixels", "interpolate_at_pixels",
+           "interpolate_on_grids", "map2alm", "ring_info", "ring_pix2vec"]

@@ -12,19 +12,20 @@ the patch's band flat up to its Nyquist frequency); every HEALPix pixel inside t
 footprint then receives the bilinear interpolation of that fine grid at its tangent-plane
 position, weighted by w = c(x) c(y) with c(t) = cos^2(pi t / 2) over the half-width. Overlaps
 blend what the overlapping patches share as sum(w m) / sum(w) and what each draws on its own as
-sum(w e) / sqrt(sum(w^2)) (independent: the variance stays uniform over the sky).
+sum(w e) / sqrt(sum(w^2)) (independent: the variance stays uniform over the sky). The blend
+kernel walks each patch's disc ring by ring on all cores, threads owning whole rings, so every
+pixel adds its patches in their order whatever the threads or the pixels computed.
 """
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import healpy as hp
+import numba
 import numpy as np
 import torch
-import numba
 from numba import njit, prange
 
 from .cutouts import PatchGeometry, tangent_basis
@@ -173,7 +174,10 @@ def patch_normals(seed: int, level: int, ids: np.ndarray, size: int) -> np.ndarr
     on all cores: numpy fills them without the GIL)."""
     ids = np.asarray(ids, dtype=np.int64)
     out = np.empty((len(ids), size), dtype=np.float32)
-    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+    workers = numba.get_num_threads()   # the threads the kernels use (NUMBA_NUM_THREADS: one per MPI rank)
+    if workers == 1:
+        _fill_normals(out, seed, level, ids)
+        return out
     parts = np.array_split(np.arange(len(ids)), workers)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for done in [pool.submit(_fill_normals, out[rows[0]:rows[-1] + 1], seed, level, ids[rows])
@@ -279,9 +283,10 @@ def _touched_kernel(nside, basis, radius, lookup, touched):
 
 
 class PatchSet:
-    """The tiles `ids` of a level and the `nside` RING pixels each touches: every pixel within
-    the patch's circumscribed disc that this process computes (pixel_lookup >= 0). Grid
-    coordinates are on the reprojection's fine grid (UPSAMPLE points per patch pixel).
+    """The tiles `ids` of a level, their tangent bases and the disc (circumscribing each patch)
+    whose `nside` RING pixels they blend into, those this process computes (pixel_lookup >= 0);
+    `used`: the tiles touching any of them. Grid coordinates are on the reprojection's fine grid
+    (UPSAMPLE points per patch pixel).
 
     pixel_lookup: optional (12 nside^2,) int64 map from global pixel to output position (-1 = not
     computed here, e.g. another MPI rank's pixel); default identity (full sky)."""

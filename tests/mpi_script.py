@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 
+
 def write_test_weights(path, seed: int = 0):
     """Write a tiny random-init conditional VAE weights file (16x16-pixel 8-deg patches) to `path`."""
     import torch

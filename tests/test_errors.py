@@ -118,6 +118,13 @@ def test_frequency_slips(dust, freqs, error, message):
         dust.get_emission(freqs)
 
 
+def test_a_black_body_underflow_with_per_pixel_temperatures_is_reported():
+    per_pixel = VAEDust(nside=NSIDE, seed=1, polarization=False,
+                        mbb_temperature=np.full(hp.nside2npix(NSIDE), 0.02))
+    with pytest.raises(ValueError, match="overflows or underflows float64"):
+        per_pixel.get_emission(3000 * u.GHz)
+
+
 # ----------------------------------------------------------------------------- property-based
 
 numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**6, 10**15), st.just(0.0))

@@ -19,7 +19,8 @@ def test_interpolation_is_healpys_bilinear_interpolation(nside_in, nside_out):
     assert full.dtype == np.float32
     np.testing.assert_allclose(full[pixels], expected, rtol=0, atol=1e-5)
     basis = rng.normal(size=(6, 3, 3))
-    basis[:4, 0] = [[0, 0, 1], [0, 0, -1], [1, 0, 0], [0, -1, 0]]   # poles and phi = 0, 3 pi / 2
+    basis[:5, 0] = [[0, 0, 1], [0, 0, -1], [1, 0, 0], [0, -1, 0], [1, -1e-17, 0.54]]   # poles, phi = 0, 3 pi / 2,
+    basis[4, 1:] = [[0, 1, 0], [0, 0, 1]]                                                # phi rounding to 2 pi
     basis /= np.linalg.norm(basis, axis=2)[:, :, None]
     offsets = np.linspace(-0.2, 0.2, 9)
     directions = (basis[:, None, None, 0] + offsets[None, None, :, None] * basis[:, None, None, 1]
@@ -38,6 +39,8 @@ def test_interpolation_at_the_maps_own_nside_returns_its_values():
 def test_interpolation_refuses_what_is_not_a_map():
     with pytest.raises(ValueError, match="HEALPix map"):
         interpolate_at_pixels(np.zeros(100), 4)
+    with pytest.raises(ValueError, match="pixels outside"):
+        interpolate_at_pixels(np.zeros(12), 4, np.array([0, 192]))
 
 
 @pytest.mark.parametrize("nside", [1, 4, 64, 2048])
