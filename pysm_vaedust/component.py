@@ -11,7 +11,7 @@ as much as it keeps beside the next, see `renderer`); delta: level K's blended p
 the cascade R = 0 and delta = level 0.
 T is exp of a log-smoothed map (as the bundled template): the added scales have zero mean in
 ln I, as in the data. MBB: modified black body (mbb_index beta_d, mbb_temperature T_d),
-bandpass-integrated by pysm3's trapezoid steps (`pysm3.utils.trapz_step_inplace`), on all cores.
+bandpass-integrated with pysm3's trapezoid steps (`pysm3.utils.trapz_step_inplace`), on all cores.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import healpy as hp
 import numpy as np
 import pysm3.units as u
 from numba import njit, prange
+from pysm3 import utils as pysm_utils
 from pysm3.models.dust import blackbody_ratio
 from pysm3.models.template import Model
 
@@ -59,22 +60,22 @@ def _scalar_frequency(value, name: str) -> float:
     return float(freq.value)
 
 
+def trapezoid_steps(freqs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(n,) weight of each frequency in pysm3's trapezoidal bandpass integral
+    (`pysm3.utils.trapz_step_inplace` applied to a unit map)."""
+    steps = np.zeros(len(freqs))
+    for i in range(len(freqs)):
+        pysm_utils.trapz_step_inplace(freqs, weights, i, np.ones(1), steps[i:i + 1])
+    return steps
+
+
 @njit(cache=True, parallel=True)
-def _mbb_intensity(freqs, weights, i_ref, freq_ref, mbb_index, mbb_temperature, out):
-    """Bandpass-integrated modified black body of the intensity, in place into `out` (uK_RJ), by
-    pysm3's trapezoidal steps (`pysm3.utils.trapz_step_inplace`); mbb_index / mbb_temperature
+def _mbb_intensity(freqs, steps, i_ref, freq_ref, mbb_index, mbb_temperature, out):
+    """Bandpass-integrated modified black body of the intensity, in place into `out` (uK_RJ):
+    sum over frequencies of `steps` (`trapezoid_steps`) x the MBB; mbb_index / mbb_temperature
     arrays of one value (the whole sky) or one per pixel."""
-    n = len(freqs)
-    for i in range(n):
-        if n == 1:
-            delta_freq = 2.0
-        elif i == 0:
-            delta_freq = freqs[1] - freqs[0]
-        elif i == n - 1:
-            delta_freq = freqs[-1] - freqs[-2]
-        else:
-            delta_freq = freqs[i + 1] - freqs[i - 1]
-        step = 0.5 * weights[i] * delta_freq
+    for i in range(len(freqs)):
+        step = steps[i]
         # -2: the black body is in flux units, the template in K_RJ (as pysm3's dust models)
         if mbb_index.size == 1 and mbb_temperature.size == 1:
             gain = step * (freqs[i] / freq_ref) ** (mbb_index[0] - 2.0) * blackbody_ratio(freqs[i], freq_ref,
@@ -349,7 +350,7 @@ class VAEDust(Model):
             gc.collect()
         out = np.zeros((3, len(i_ref)), dtype=np.float64)
         try:
-            _mbb_intensity(freqs, weights, i_ref, self.freq_ref, np.atleast_1d(np.asarray(self.mbb_index, dtype=np.float64)),
+            _mbb_intensity(freqs, trapezoid_steps(freqs, weights), i_ref, self.freq_ref, np.atleast_1d(np.asarray(self.mbb_index, dtype=np.float64)),
                            np.atleast_1d(np.asarray(self.mbb_temperature, dtype=np.float64)), out[0])
         except ZeroDivisionError:  # numba's: a black body underflowed to 0 (reported below)
             out[0] = np.nan

@@ -35,7 +35,7 @@ import torch
 from . import __version__
 from .checks import (check_bandpass, check_bool, check_frequency, check_int, check_nside, check_path, check_real,
                      check_seed)
-from .component import VAEDust, _mbb_intensity
+from .component import VAEDust, _mbb_intensity, trapezoid_steps
 from .data import BETA_DUST, T_DUST_K, atomic_write, file_digest
 from .model import ConditionalVAE
 from .posterior import (MapFit, Posterior, StructureFitting, conditional_mean, decoder_noise_covariance,
@@ -341,7 +341,7 @@ def _mbb_ratio(model: VAEDust, freq, bandpass_weights, pixels) -> np.ndarray:
 
     index, temperature = (np.atleast_1d(np.asarray(at(p), dtype=np.float64))
                           for p in (model.mbb_index, model.mbb_temperature))
-    _mbb_intensity(freqs, weights, ones, model.freq_ref, index, temperature, out)
+    _mbb_intensity(freqs, trapezoid_steps(freqs, weights), ones, model.freq_ref, index, temperature, out)
     return out
 
 
