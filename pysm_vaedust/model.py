@@ -16,7 +16,10 @@ the prior in eps is N(0, I), so sampling, seeding per tile and MAP fits work on 
 The decoder sees the condition at every scale (features of c added at each resolution) and is
 a plain convolutional network (SiLU, bilinear upsampling: no transpose convolutions and their
 checkerboards, no linear shortcut). The likelihood p(x | eps, c) is Gaussian around the decoded
-mean with a stationary noise whose spectrum is learned per radial Fourier bin; samples add it.
+mean with a noise whose spectrum is learned per radial Fourier bin (stationary within a patch)
+and whose amplitude follows the condition (`log_noise_gain`: log-linear in the patch-mean level
+and in the log contrast of the coarse structure, zero while training, set by
+`train.calibrate_decoder_noise`); samples add it.
 """
 
 from __future__ import annotations
@@ -155,6 +158,14 @@ def gaussian_kl(mean_q, logvar_q, mean_p, logvar_p) -> torch.Tensor:
     return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mean_q - mean_p) ** 2) * (-logvar_p).exp() - 1)
 
 
+def noise_gain_features(c: torch.Tensor) -> torch.Tensor:
+    """(B, 2) what the decoder noise's amplitude follows in conditions c (B, 2, m, m): the level
+    plane (normalised patch-mean ln I) and the log standard deviation of the coarse structure."""
+    level = c[:, 1].mean((-2, -1))
+    contrast = torch.log(c[:, 0].flatten(1).std(1) + 1e-6)
+    return torch.stack([level, contrast], 1)
+
+
 class ConditionalVAE(nn.Module):
     """p(x | eps, c) p(eps) with the top-down hierarchical latent described in the module doc."""
 
@@ -189,6 +200,10 @@ class ConditionalVAE(nn.Module):
         self.register_buffer("filters", wavelet_filters(cfg.npix), persistent=False)
         self.register_buffer("pairs", texture_pairs(), persistent=False)
         self.decoder_logvar = nn.Parameter(torch.full((int(self.noise_bin.max()) + 1,), float(cfg.decoder_logvar_init)))
+        #: log gain of the decoder-noise power on [1, *noise_gain_features(c)], the features clamped to
+        #: noise_gain_range (rows: features; columns: the calibration split's min, max): 0 (gain 1) until calibrated
+        self.register_buffer("noise_gain", torch.zeros(3))
+        self.register_buffer("noise_gain_range", torch.tensor([[-1.0, 1.0], [-1.0, 1.0]]))
 
     @property
     def device(self) -> torch.device:
@@ -275,18 +290,28 @@ class ConditionalVAE(nn.Module):
         bins = self.noise_bin if torus == 1 else radial_bins(self.config.npix, torus).to(self.noise_bin.device)
         return self.decoder_logvar[bins]
 
-    def decoder_noise(self, white: torch.Tensor) -> torch.Tensor:
-        """Decoder-noise draws (B, 1, n, n) coloured from standard normals `white`: of shape
-        (B, 1, n, n), periodic over the patch (training, sampling, the component: the blend's taper
-        hides the wrap-around); of shape (B, 1, 2n, 2n), the n x n corner of the field on a torus
-        of twice the side, so that correlations do not wrap across the patch edges (conditioning:
-        `posterior.decoder_noise_covariance` is its covariance)."""
+    def log_noise_gain(self, c: torch.Tensor) -> torch.Tensor:
+        """(B,) log of the factor on the decoder-noise power of patches with conditions c: linear
+        (`noise_gain`) in their `noise_gain_features`, each clamped to `noise_gain_range` (a sky
+        brighter, fainter or more contrasted than the calibration's keeps its end's gain)."""
+        f = noise_gain_features(c)
+        f = torch.minimum(torch.maximum(f, self.noise_gain_range[:, 0]), self.noise_gain_range[:, 1])
+        return self.noise_gain[0] + f @ self.noise_gain[1:]
+
+    def decoder_noise(self, white: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Decoder-noise draws (B, 1, n, n) of patches with conditions c (B, 2, n/2, n/2), coloured
+        from standard normals `white`: of shape (B, 1, n, n), periodic over the patch (training,
+        sampling, the component: the blend's taper hides the wrap-around); of shape (B, 1, 2n, 2n),
+        the n x n corner of the field on a torus of twice the side, so that correlations do not
+        wrap across the patch edges (conditioning: `posterior.decoder_noise_covariance` times
+        exp(`log_noise_gain`) is its covariance)."""
         n, m = self.config.npix, white.shape[-1]
         if m not in (n, 2 * n) or white.shape[-2] != m:
             raise ValueError(f"white noise of shape {tuple(white.shape)}: expected (..., {n}, {n}) or "
                              f"(..., {2 * n}, {2 * n})")
         spectrum = torch.fft.fft2(white, norm="ortho") * (0.5 * self.noise_logvar(m // n)).exp()
-        return torch.fft.ifft2(spectrum, norm="ortho").real[..., :n, :n]
+        amplitude = (0.5 * self.log_noise_gain(c)).exp().reshape(-1, *([1] * (white.dim() - 1)))
+        return amplitude * torch.fft.ifft2(spectrum, norm="ortho").real[..., :n, :n]
 
     def sample(self, c: torch.Tensor, generator: torch.Generator | None = None, eps: torch.Tensor | None = None,
                noise: bool = True) -> torch.Tensor:
@@ -296,17 +321,17 @@ class ConditionalVAE(nn.Module):
             eps = torch.randn((len(c), self.latent_dim), generator=generator, device=c.device)
         out = self.decode(eps, c)
         if noise:
-            out = out + self.decoder_noise(torch.randn(out.shape, generator=generator, device=c.device))
+            out = out + self.decoder_noise(torch.randn(out.shape, generator=generator, device=c.device), c)
         return out
 
     def reconstruct(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Decoder mean at the posterior mean of the latents: (B, 1, n, n)."""
         return self.decode(self.encode(x, c), c)
 
-    def neg_log_likelihood(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-        """-log p(x | mean) per image (B,), nats: x - mean is the stationary decoder noise."""
+    def neg_log_likelihood(self, x: torch.Tensor, mean: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """-log p(x | mean, c) per image (B,), nats: x - mean is the decoder noise."""
         power = torch.fft.fft2(x - mean, norm="ortho").abs().square().flatten(1)
-        logvar = self.noise_logvar().flatten()
+        logvar = self.noise_logvar().flatten() + self.log_noise_gain(c)[:, None]
         return 0.5 * (power * torch.exp(-logvar) + logvar + math.log(2 * math.pi)).sum(1)
 
     def elbo_terms(self, x: torch.Tensor, c: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0,
@@ -319,7 +344,7 @@ class ConditionalVAE(nn.Module):
         conditional sample (prior latents, decoder noise) and the real x of each c, summed over
         the statistics, for the first STATS_BATCH images (0: the plain negative ELBO)."""
         mean, stats, _ = self._top_down(c, enc=self.encoder_features(x, c), generator=generator)
-        recon = self.neg_log_likelihood(x, mean)
+        recon = self.neg_log_likelihood(x, mean, c)
         kl_groups = [gaussian_kl(*s).flatten(1).sum(1) for s in stats]
         kl = sum(kl_groups)
         penalised = 0.0

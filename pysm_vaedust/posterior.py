@@ -54,13 +54,20 @@ def _check_condition(vae: ConditionalVAE, c, batch: int) -> torch.Tensor:
 
 
 def decoder_pixel_variance(vae: ConditionalVAE) -> float:
-    """Per-pixel variance of the decoder noise (normalised units^2): the mean over orthonormal-FFT
-    modes of exp(noise_logvar) (on the torus of `decoder_noise_covariance`: its diagonal)."""
+    """Per-pixel variance of the decoder noise at gain 1 (normalised units^2; a patch's is
+    `noise_gain` times it): the mean over orthonormal-FFT modes of exp(noise_logvar) (on the
+    torus of `decoder_noise_covariance`: its diagonal)."""
     return float(vae.noise_logvar(torus=2).detach().exp().mean())
 
 
+def noise_gain(vae: ConditionalVAE, c: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 factor on the decoder-noise covariance of patches with conditions c."""
+    return vae.log_noise_gain(c).detach().double().exp().cpu()
+
+
 def decoder_noise_covariance(vae: ConditionalVAE) -> torch.Tensor:
-    """(n^2, n^2) float64 covariance of one patch's decoder noise, pixels in row-major order: the
+    """(n^2, n^2) float64 covariance of one patch's decoder noise at gain 1 (`noise_gain` scales
+    it per patch), pixels in row-major order: the
     stationary field of the decoder's noise spectrum seen through the patch, not periodic (the
     corner of a torus of twice the side: `vae.decoder_noise` of (B, 1, 2n, 2n) white noise). The
     periodic covariance would couple opposite patch edges: on the IRIS test split the Wiener
@@ -71,7 +78,7 @@ def decoder_noise_covariance(vae: ConditionalVAE) -> torch.Tensor:
 
 def _observed_system(cov, m, s2, i):
     """For patch i: (observed pixel indices, Cholesky factor of C_oo + diag sigma_o^2), or None
-    when no pixel is observed."""
+    when no pixel is observed; cov (n^2, n^2) is patch i's decoder-noise covariance."""
     idx = torch.nonzero(m[i].flatten() > 0).flatten()
     if len(idx) == 0:
         return None
@@ -80,8 +87,8 @@ def _observed_system(cov, m, s2, i):
 
 class _DataTerm:
     """-2 log p(d | eps, c) + const of B patches as a function of the residual r = mu - d:
-    sum w r^2 (white: w = m / (sigma^2 + sigma_dec^2)) or r^T K^-1 r, K = C_oo + diag sigma_o^2
-    (exact; masked pixels get zero rows). `repeats`: the residuals hold that many stacked copies
+    sum w r^2 (white: w = m / (sigma^2 + g sigma_dec^2)) or r^T K^-1 r, K = g C_oo + diag sigma_o^2
+    (exact; masked pixels get zero rows; g the patch's `noise_gain`). `repeats`: the residuals hold that many stacked copies
     (restarts / chains) of the B patches."""
 
     def __init__(self, weight: torch.Tensor, precision: torch.Tensor | None = None, repeats: int = 1):
@@ -90,14 +97,16 @@ class _DataTerm:
         self.repeats = int(repeats)
 
     @classmethod
-    def build(cls, vae, m, s2, decoder_noise: bool, noise_model: str) -> "_DataTerm":
+    def build(cls, vae, m, s2, c, decoder_noise: bool, noise_model: str) -> "_DataTerm":
         logvar = vae.noise_logvar().detach()
+        gain = noise_gain(vae, c)
         if not decoder_noise or noise_model == "white" or bool(torch.all(logvar == logvar.flatten()[0])):
-            return cls(m / (s2 + (decoder_pixel_variance(vae) if decoder_noise else 0.0)))
+            dec = decoder_pixel_variance(vae) * gain.float()[:, None, None, None] if decoder_noise else 0.0
+            return cls(m / (s2 + dec))
         cov = decoder_noise_covariance(vae).cpu()
         prec = torch.zeros(len(m), cov.shape[0], cov.shape[0])
         for i in range(len(m)):
-            system = _observed_system(cov, m, s2, i)
+            system = _observed_system(gain[i] * cov, m, s2, i)
             if system is not None:
                 idx, chol = system
                 prec[i].index_put_((idx[:, None].expand(-1, len(idx)), idx[None, :].expand(len(idx), -1)),
@@ -226,8 +235,11 @@ class StructureFitting(torch.nn.Module):
     def noise_logvar(self, torus: int = 1) -> torch.Tensor:
         return self.vae.noise_logvar(torus)
 
-    def decoder_noise(self, white: torch.Tensor) -> torch.Tensor:
-        return self.vae.decoder_noise(white)
+    def log_noise_gain(self, c: torch.Tensor) -> torch.Tensor:
+        return self.vae.log_noise_gain(c)
+
+    def decoder_noise(self, white: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.vae.decoder_noise(white, c)
 
 
 # ----------------------------------------------------------------------------- MAP fit
@@ -242,7 +254,7 @@ class MapFit:
     |d loss / d eps| at eps_map; converged (B,) grad_norm < gtol; mean (B, 1, n, n) decoder mean
     mu(eps_map, c); data (B, 1, n, n) the validated observation (0 at masked pixels); mask, sigma2
     (B, 1, n, n); condition (B, 2, n/2, n/2); noise_model 'exact' | 'white' | 'none';
-    sigma_dec2: decoder-noise pixel variance (0 for 'none').
+    sigma_dec2: (B,) decoder-noise pixel variance of each patch (0 for 'none').
     """
 
     eps_map: torch.Tensor
@@ -260,7 +272,7 @@ class MapFit:
     sigma2: torch.Tensor
     condition: torch.Tensor
     noise_model: str
-    sigma_dec2: float
+    sigma_dec2: torch.Tensor
     data_term: _DataTerm = field(repr=False, default=None)
     method: str = "lbfgs"
 
@@ -308,7 +320,7 @@ def map_fit(vae: ConditionalVAE, d, mask, sigma, c, n_restarts: int = 4, steps: 
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     d, m, s2 = _check_patch_inputs(vae.config.npix, d, mask, sigma)
     c = _check_condition(vae, c, len(d))
-    data_term = _DataTerm.build(vae, m, s2, decoder_noise, noise_model)
+    data_term = _DataTerm.build(vae, m, s2, c, decoder_noise, noise_model)
     starts, labels = _starts(vae, d, c, m, data_term, n_restarts, generator)
     eps, restart_losses, grad, n_iter, n_eval = _optimise(vae, starts, c, d, data_term, method, steps, gtol, lr)
     best = restart_losses.argmin(0)
@@ -320,7 +332,7 @@ def map_fit(vae: ConditionalVAE, d, mask, sigma, c, n_restarts: int = 4, steps: 
                   restart_labels=labels, best_restart=best, n_iter=int(n_iter), n_eval=int(n_eval),
                   grad_norm=g_best, converged=g_best < gtol, mean=mean, data=d, mask=m, sigma2=s2, condition=c,
                   noise_model=noise_model if decoder_noise else "none",
-                  sigma_dec2=decoder_pixel_variance(vae) if decoder_noise else 0.0, data_term=data_term,
+                  sigma_dec2=decoder_pixel_variance(vae) * noise_gain(vae, c) * decoder_noise, data_term=data_term,
                   method=method)
 
 
@@ -406,13 +418,15 @@ class Posterior:
         return lo, hi
 
 
-def _conditional_decoder_noise(vae, residual, m, s2, prior_draws=None, generator=None):
+def _conditional_decoder_noise(vae, residual, m, s2, c, prior_draws=None, generator=None):
     """Decoder noise e given r = d - mu = A e + n on the observed pixels, residual (S, B, 1, n, n),
-    covariance C: with prior_draws e0 (S, B, 1, n, n), draws e = e0 + C A^T (A C A^T + N)^-1
-    (r - A e0 - n0) (n0 drawn from `generator`); without, the mean C A^T (A C A^T + N)^-1 r."""
+    covariance C (patch b's: noise_gain_b times the stationary one, conditions c): with
+    prior_draws e0 (S, B, 1, n, n), draws e = e0 + C A^T (A C A^T + N)^-1 (r - A e0 - n0) (n0
+    drawn from `generator`); without, the mean C A^T (A C A^T + N)^-1 r."""
     s, b = residual.shape[:2]
     n = vae.config.npix
     cov = decoder_noise_covariance(vae).cpu()
+    gain = noise_gain(vae, c)
     r = residual.reshape(s, b, n * n).double()
     if prior_draws is None:
         e0 = n0 = torch.zeros_like(r)
@@ -421,12 +435,12 @@ def _conditional_decoder_noise(vae, residual, m, s2, prior_draws=None, generator
         n0 = torch.randn((s, b, n * n), generator=generator, dtype=torch.float64) * s2.flatten(1).double().sqrt()
     out = e0.clone()
     for i in range(b):
-        system = _observed_system(cov, m, s2, i)
+        system = _observed_system(gain[i] * cov, m, s2, i)
         if system is None:
             continue
         idx, chol = system
         rhs = (r[:, i, idx] - e0[:, i, idx] - n0[:, i, idx]).T      # (n_obs, S)
-        out[:, i] += (cov[:, idx] @ torch.cholesky_solve(rhs, chol)).T
+        out[:, i] += (gain[i] * cov[:, idx] @ torch.cholesky_solve(rhs, chol)).T
     return out.reshape(s, b, 1, n, n).float()
 
 
@@ -437,7 +451,8 @@ def conditional_mean(vae: ConditionalVAE, fit: MapFit) -> torch.Tensor:
     if fit.noise_model == "none":
         return fit.mean.clone()
     with torch.no_grad():
-        return fit.mean + _conditional_decoder_noise(vae, (fit.data - fit.mean)[None], fit.mask, fit.sigma2)[0]
+        return fit.mean + _conditional_decoder_noise(vae, (fit.data - fit.mean)[None], fit.mask, fit.sigma2,
+                                                     fit.condition)[0]
 
 
 def _check_same_observation(vae, fit: MapFit, d, mask, sigma, c) -> None:
@@ -488,8 +503,9 @@ def posterior_samples(vae: ConditionalVAE, d, mask, sigma, c, n_samples: int = 6
         real = vae.decode(eps.reshape(-1, dim), fit.condition.repeat(n_samples, 1, 1, 1)).reshape(shape)
         if fit.noise_model != "none":
             white = torch.randn((n_samples * b, 1, 2 * shape[-2], 2 * shape[-1]), generator=generator)
-            draws = vae.decoder_noise(white).reshape(shape)        # not periodic: decoder_noise_covariance
-            real = real + _conditional_decoder_noise(vae, fit.data[None] - real, fit.mask, fit.sigma2, draws, generator)
+            draws = vae.decoder_noise(white, fit.condition.repeat(n_samples, 1, 1, 1)).reshape(shape)  # not periodic
+            real = real + _conditional_decoder_noise(vae, fit.data[None] - real, fit.mask, fit.sigma2, fit.condition,
+                                                     draws, generator)
     return Posterior(eps=eps, realizations=real, mean=real.mean(0), std=real.std(0), fit=fit, method=method,
                      acceptance=acceptance)
 
@@ -543,4 +559,4 @@ def _langevin(vae, eps0, fit: MapFit, chol, steps, step_size, generator, adjust=
 
 
 __all__ = ["map_fit", "MapFit", "conditional_mean", "posterior_samples", "Posterior", "laplace_precision",
-           "latent_jacobian", "decoder_pixel_variance", "decoder_noise_covariance", "StructureFitting"]
+           "latent_jacobian", "decoder_pixel_variance", "decoder_noise_covariance", "noise_gain", "StructureFitting"]

@@ -158,7 +158,7 @@ class Renderer:
             z = eps[:, :d].clone()
             _replace_rows(z, self.fixed_latents.get(level.index), ids)
             mean = self.vae.decode(z, c).contiguous()[:, 0]
-            noise = self.vae.decoder_noise(eps[:, d:].reshape(-1, 1, n, n))[:, 0]
+            noise = self.vae.decoder_noise(eps[:, d:].reshape(-1, 1, n, n), c)[:, 0]
             _replace_rows(noise, self.fixed_noise.get(level.index), ids)
         norm = self.normalisation
         scale = level.amplitude * norm["log_scale"]

@@ -128,7 +128,7 @@ def conditional_samples(vae, c: torch.Tensor, draws: int, generator: torch.Gener
     each condition c (N, 2, n/2, n/2), eps ~ N(0, I), samples = decoder mean + decoder noise."""
     def draw(cb):
         mean = _prior_mean(vae, cb, generator)
-        return torch.cat([mean + vae.decoder_noise(torch.randn(mean.shape, generator=generator, device=cb.device)),
+        return torch.cat([mean + vae.decoder_noise(torch.randn(mean.shape, generator=generator, device=cb.device), cb),
                           mean], 1)
 
     out = _batched(draw, (c.repeat_interleave(draws, 0),), vae.device).numpy()

@@ -20,8 +20,9 @@ import torch
 from .data import atomic_write
 from .model import ConditionalVAE, VAEConfig
 
-#: 3: the conditional VAE (2: the unconditional VAE + latent flow of pysm_vaedust <= 0.1, refused)
-FORMAT_VERSION = 3
+#: 4: the conditional VAE with a brightness-dependent decoder noise (3: its stationary noise; 2: the
+#: unconditional VAE + latent flow of pysm_vaedust <= 0.1; both refused)
+FORMAT_VERSION = 4
 DEFAULT_WEIGHTS_NAME = "vaedust_default.h5"
 
 
@@ -90,8 +91,9 @@ def read_weights_file(path) -> tuple[dict, dict[str, np.ndarray]]:
     except (OSError, KeyError) as err:
         raise ValueError(f"{str(path)!r} is not a pysm_vaedust weights file: {err}") from err
     if version != FORMAT_VERSION:
-        what = (" (the unconditional VAE of earlier pysm_vaedust versions, whose small scales ignore the large "
-                "scales)" if version < FORMAT_VERSION else "")
+        what = {2: " (the unconditional VAE of earlier pysm_vaedust versions, whose small scales ignore the large "
+                   "scales)", 3: " (the conditional VAE with one decoder noise for all skies, too weak on bright "
+                   "dust)"}.get(version, "")
         raise ValueError(f"{str(path)!r} has weights format version {version}{what}; this pysm_vaedust "
                          f"reads version {FORMAT_VERSION} (the conditional VAE): retrain with pysm_vaedust-train")
     actual = _digest(text, tensors)

@@ -41,7 +41,7 @@ from pysm_vaedust.conditioning import (
     posterior_samples,
 )
 from pysm_vaedust.model import radial_bins, up
-from pysm_vaedust.posterior import StructureFitting
+from pysm_vaedust.posterior import StructureFitting, noise_gain
 from pysm_vaedust.weights import load_weights, save_weights
 from pysm_vaedust.wiener import ConditionalGaussian
 
@@ -54,7 +54,13 @@ SKY_NOISE = 0.002   # relative
 
 @pytest.fixture(scope="module")
 def weights(tiny_weights):
-    return load_weights(tiny_weights)
+    """The tiny model with a decoder-noise gain that differs from patch to patch, so that every
+    per-patch covariance below is exercised."""
+    w = load_weights(tiny_weights)
+    with torch.no_grad():
+        w.vae.noise_gain.copy_(torch.tensor([0.2, 0.6, 0.4]))
+        w.vae.noise_gain_range.copy_(torch.tensor([[-5.0, 5.0], [-5.0, 5.0]]))
+    return w
 
 
 @pytest.fixture(scope="module")
@@ -72,21 +78,22 @@ def masks():
     return np.stack([block_mask(0.3, rng) for _ in range(N_PATCHES)])[:, None]
 
 
-def noise_covariance(vae) -> torch.Tensor:
-    """(n^2, n^2) covariance of vae.decoder_noise on (2n)^2 white noise (not periodic), built from
-    its action on unit vectors."""
+def noise_covariance(vae, c) -> torch.Tensor:
+    """(n^2, n^2) covariance of vae.decoder_noise on (2n)^2 white noise (not periodic) of a patch of
+    condition c (1, 2, m, m), built from its action on unit vectors."""
     n = vae.config.npix
     basis = torch.eye(4 * n * n, dtype=torch.float32).reshape(-1, 1, 2 * n, 2 * n)
-    a = vae.decoder_noise(basis).reshape(4 * n * n, n * n).double()   # row k: the response to unit vector k
-    return a.T @ a
+    a = vae.decoder_noise(basis, c.expand(len(basis), -1, -1, -1)).reshape(4 * n * n, n * n).double()
+    return a.T @ a   # row k of a: the response to unit vector k
 
 
-def exact_loss(vae, fit, cov) -> torch.Tensor:
+def exact_loss(vae, fit) -> torch.Tensor:
     """|eps|^2 + r_o^T (C_oo + diag sigma^2)^-1 r_o of a fit, computed independently (dense)."""
     out = []
     for i in range(len(fit.eps_map)):
         o = fit.mask[i].flatten() > 0
         r = (fit.data[i] - vae.decode(fit.eps_map[i:i + 1], fit.condition[i:i + 1])[0]).flatten()[o].double()
+        cov = noise_covariance(vae, fit.condition[i:i + 1])
         k = cov[o][:, o] + torch.diag(fit.sigma2[i].flatten()[o].double())
         out.append(fit.eps_map[i].double().square().sum() + r @ torch.linalg.solve(k, r))
     return torch.stack(out)
@@ -116,8 +123,11 @@ class AffineDecoder(torch.nn.Module):
     def noise_logvar(self, torus=1):
         return self.inner.noise_logvar(torus)
 
-    def decoder_noise(self, white):
-        return self.inner.decoder_noise(white)
+    def log_noise_gain(self, c):
+        return self.inner.log_noise_gain(c)
+
+    def decoder_noise(self, white, c):
+        return self.inner.decoder_noise(white, c)
 
 
 @pytest.fixture(scope="module")
@@ -126,13 +136,13 @@ def affine(weights, conditions, masks):
     model = AffineDecoder(weights.vae, conditions)
     gen = torch.Generator().manual_seed(11)
     eps = torch.randn((N_PATCHES, model.latent_dim), generator=gen)
-    x = model.decode(eps, conditions) + model.decoder_noise(torch.randn((N_PATCHES, 1, 64, 64), generator=gen))
+    x = model.decode(eps, conditions) + model.decoder_noise(torch.randn((N_PATCHES, 1, 64, 64), generator=gen), conditions)
     sigma = 0.05
     d = (x + sigma * torch.randn(x.shape, generator=gen)).numpy()
-    cov = noise_covariance(weights.vae)
     w = model.weight.double()
     means, precisions = [], []
     for i in range(N_PATCHES):
+        cov = noise_covariance(weights.vae, conditions[i:i + 1])
         o = torch.from_numpy(masks[i].flatten())
         k_inv = torch.linalg.inv(cov[o][:, o] + sigma**2 * torch.eye(int(o.sum()), dtype=torch.float64))
         b = model.decode(torch.zeros(1, model.latent_dim), conditions[i:i + 1]).flatten()[o].double()
@@ -143,23 +153,28 @@ def affine(weights, conditions, masks):
     return model, eps, x, d, sigma, torch.stack(means), torch.stack(precisions)
 
 
-def test_decoder_noise_covariance_is_not_periodic(weights):
-    """The conditioning's decoder-noise covariance is that of the (2n)^2-torus draws and does not
-    couple opposite patch edges as the periodic draws do (a red spectrum: correlated neighbours)."""
+def test_decoder_noise_covariance_is_not_periodic(weights, conditions):
+    """The conditioning's decoder-noise covariance (times each patch's gain) is that of the
+    (2n)^2-torus draws and does not couple opposite patch edges as the periodic draws do (a red
+    spectrum: correlated neighbours)."""
     vae = copy.deepcopy(weights.vae)
     n = vae.config.npix
     with torch.no_grad():
         vae.decoder_logvar.copy_(-0.3 * torch.arange(len(vae.decoder_logvar), dtype=torch.float32))
-    cov = decoder_noise_covariance(vae)
-    torch.testing.assert_close(cov, noise_covariance(vae), rtol=1e-4, atol=1e-6)
-    periodic = vae.decoder_noise(torch.eye(n * n).reshape(-1, 1, n, n)).reshape(n * n, n * n).double()
+    gains = noise_gain(vae, conditions)
+    assert float(gains.max() / gains.min()) > 1.2        # the patches' gains differ
+    c = conditions[:1]
+    cov = decoder_noise_covariance(vae) * gains[0]
+    torch.testing.assert_close(cov, noise_covariance(vae, c), rtol=1e-4, atol=1e-6)
+    periodic = vae.decoder_noise(torch.eye(n * n).reshape(-1, 1, n, n), c.expand(n * n, -1, -1, -1))
+    periodic = periodic.reshape(n * n, n * n).double()
     periodic = periodic.T @ periodic
     left, right, neighbour = 0, n - 1, 1                  # pixels (0, 0), (0, n - 1), (0, 1)
     assert abs(float(periodic[left, right] - periodic[left, neighbour])) < 1e-5    # wraps around
     assert abs(float(cov[left, right])) < 0.1 * abs(float(cov[left, neighbour]))
-    assert float(cov[left, left]) == pytest.approx(decoder_pixel_variance(vae), rel=1e-5)
+    assert float(cov[left, left]) == pytest.approx(decoder_pixel_variance(vae) * float(gains[0]), rel=1e-5)
     with pytest.raises(ValueError, match="white noise of shape"):
-        vae.decoder_noise(torch.zeros(1, 1, n + 1, n + 1))
+        vae.decoder_noise(torch.zeros(1, 1, n + 1, n + 1), c)
 
 
 def test_structure_fitting_recovers_the_large_scales(weights, masks):
@@ -182,7 +197,7 @@ def test_structure_fitting_recovers_the_large_scales(weights, masks):
         direct = (vae.decode(theta[:, :vae.latent_dim], torch.cat([s_true, c[:, 1:]], 1)) + 2.0 * up(s_true)
                   + fitting.offset_scale * theta[:, -1:, None, None])
         torch.testing.assert_close(fitting.decode(theta, c), direct)
-        f = direct + vae.decoder_noise(torch.randn((N_PATCHES, 1, 2 * n, 2 * n), generator=gen))
+        f = direct + vae.decoder_noise(torch.randn((N_PATCHES, 1, 2 * n, 2 * n), generator=gen), c)
     d = (f + 0.05 * torch.randn(f.shape, generator=gen)).numpy()
     fit = map_fit(fitting, d, masks, 0.05, c, n_restarts=3, steps=50)
     err_fit = float((fitting.structure(fit.eps_map) - s_true).square().mean())
@@ -301,13 +316,13 @@ def test_exact_and_white_data_terms(weights, conditions, masks):
     d = (x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))).numpy()
     fit = map_fit(vae, d, masks, 0.05, c, n_restarts=2)
     assert fit.converged.all() and fit.data_term.precision is not None
-    cov = noise_covariance(vae)
-    np.testing.assert_allclose(fit.loss.numpy(), exact_loss(vae, fit, cov).numpy(), rtol=1e-4)
+    np.testing.assert_allclose(fit.loss.numpy(), exact_loss(vae, fit).numpy(), rtol=1e-4)
     white = map_fit(vae, d, masks, 0.05, c, n_restarts=1, noise_model="white")
     assert white.data_term.precision is None
-    assert white.sigma_dec2 == pytest.approx(float(torch.diagonal(cov).mean()), rel=1e-5)
+    pixel_variance = torch.stack([torch.diagonal(noise_covariance(vae, c[i:i + 1])).mean() for i in range(len(c))])
+    torch.testing.assert_close(white.sigma_dec2, pixel_variance, rtol=1e-5, atol=0)
     with torch.no_grad():
-        resid = (white.mean - white.data).square() * white.mask / (white.sigma2 + white.sigma_dec2)
+        resid = (white.mean - white.data).square() * white.mask / (white.sigma2 + white.sigma_dec2[:, None, None, None])
     np.testing.assert_allclose(white.loss.numpy(), (white.eps_map.double().square().sum(1)
                                                     + resid.double().sum((1, 2, 3))).numpy(), rtol=1e-5)
     m = torch.from_numpy(masks)
@@ -390,16 +405,17 @@ def test_affine_decoder_posterior_draws(affine, conditions, masks, method):
 
 # ----------------------------------------------------------------------------- Gaussian baseline
 
-def test_stationary_gaussian_on_a_known_gaussian(weights, masks):
-    """Fitted on draws of the decoder noise (a known stationary Gaussian), the periodic model
-    recovers its covariance and its constrained realizations cover held-out draws at 68 %."""
-    vae = weights.vae
+def test_stationary_gaussian_on_a_known_gaussian(weights, conditions, masks):
+    """Fitted on draws of the decoder noise of one condition (a known stationary Gaussian), the
+    periodic model recovers its covariance and its constrained realizations cover held-out draws
+    at 68 %."""
+    vae, c = weights.vae, conditions[:1]
     gen = torch.Generator().manual_seed(8)
-    draws = vae.decoder_noise(torch.randn((2000, 1, 32, 32), generator=gen))
+    draws = vae.decoder_noise(torch.randn((2000, 1, 32, 32), generator=gen), c.expand(2000, -1, -1, -1))
     g = StationaryGaussian.fit(draws, periodic=True)
-    cov = noise_covariance(vae).numpy()
+    cov = noise_covariance(vae, c).numpy()
     assert np.abs(g.covariance() - cov).max() < 0.1 * cov.max()
-    truth = vae.decoder_noise(torch.randn((N_PATCHES, 1, 32, 32), generator=gen))
+    truth = vae.decoder_noise(torch.randn((N_PATCHES, 1, 32, 32), generator=gen), c.expand(N_PATCHES, -1, -1, -1))
     d = truth + 0.05 * torch.randn(truth.shape, generator=gen)
     mean, std, samples = g.condition(d.numpy(), masks, 0.05, n_samples=64, std=True)
     assert torch.all(std[torch.from_numpy(~masks)] > std[torch.from_numpy(masks)].mean())
@@ -537,7 +553,7 @@ def test_forward_model_with_finer_levels(tiny_weights):
     assert fwd.next_fwhm_deg > 0 and fwd.fine_variance > 0
     normals = torch.from_numpy(patch_normals(4, 0, tiles, gen.normals_size))
     d, n = fwd.vae.latent_dim, fwd.vae.config.npix
-    noise = fwd.vae.decoder_noise(normals[:, d:].reshape(-1, 1, n, n))[:, 0]
+    noise = fwd.vae.decoder_noise(normals[:, d:].reshape(-1, 1, n, n), fwd.conditions)[:, 0]
     with torch.no_grad():
         delta = fwd.delta(normals[:, :d], noise).numpy()
     fwhm = float(gen.normalisation["template_fwhm_deg"]) / levels[1].factor

@@ -163,23 +163,32 @@ def test_elbo_kl_and_free_bits():
 
 
 def test_decoder_noise_likelihood_is_the_dense_gaussian_density():
-    """-log p(x | mean) equals the density of N(mean, C), C the circulant covariance of the
-    learned per-bin spectrum, and noise draws have C's pixel variance."""
-    model = small_model(npix=8, widths=(2, 2, 2), latent_channels=(1, 1))
+    """-log p(x | mean, c) equals the density of N(mean, g(c) C), C the circulant covariance of the
+    learned per-bin spectrum and g the condition's gain (log-linear in the level and the log
+    contrast of the structure, clamped to its range), and noise draws have g C's pixel variance."""
+    model = small_model(npix=8, widths=(2, 2, 2), latent_channels=(1, 1)).double()
     with torch.no_grad():
         model.decoder_logvar.copy_(torch.linspace(-1.0, 0.5, len(model.decoder_logvar)))
+        model.noise_gain.copy_(torch.tensor([0.1, 0.5, 0.3]))
+        model.noise_gain_range.copy_(torch.tensor([[-1.0, 1.0], [-3.0, 3.0]]))
     n = 8
     eye = torch.eye(n * n, dtype=torch.float64).reshape(n * n, 1, n, n)
     spectrum = model.noise_logvar().exp()
     cov = torch.fft.ifft2(torch.fft.fft2(eye, norm="ortho") * spectrum, norm="ortho").real.reshape(n * n, n * n)
     gen = torch.Generator().manual_seed(3)
-    x, mean = torch.randn(2, 1, n, n, generator=gen, dtype=torch.float64), torch.randn(2, 1, n, n, generator=gen,
+    x, mean = torch.randn(3, 1, n, n, generator=gen, dtype=torch.float64), torch.randn(3, 1, n, n, generator=gen,
                                                                                      dtype=torch.float64)
-    dense = torch.distributions.MultivariateNormal(mean.flatten(1), covariance_matrix=cov)
-    assert torch.allclose(model.neg_log_likelihood(x, mean).detach(), -dense.log_prob(x.flatten(1)), rtol=1e-8)
+    c = torch.randn(3, 2, n // 2, n // 2, generator=gen, dtype=torch.float64)
+    c[:, 1] = torch.tensor([-0.5, 0.2, 4.0])[:, None, None]     # the last level beyond the range: clamped to 1
+    contrast = torch.log(c[:, 0].flatten(1).std(1)).clamp(-3.0, 3.0)
+    gain = torch.exp(0.1 + 0.5 * torch.tensor([-0.5, 0.2, 1.0], dtype=torch.float64) + 0.3 * contrast)
+    for i in range(3):
+        dense = torch.distributions.MultivariateNormal(mean[i].flatten(), covariance_matrix=gain[i] * cov)
+        nll = model.neg_log_likelihood(x[i:i + 1], mean[i:i + 1], c[i:i + 1]).detach()
+        assert torch.allclose(nll, -dense.log_prob(x[i].flatten())[None], rtol=1e-6)   # the contrast: log(std + 1e-6)
     white = torch.randn(20000, 1, n, n, generator=gen, dtype=torch.float64)
-    draws = model.decoder_noise(white).detach()
-    assert float(draws.var()) == pytest.approx(float(torch.diagonal(cov).mean()), rel=0.03)
+    draws = model.decoder_noise(white, c[2:].expand(20000, -1, -1, -1)).detach()
+    assert float(draws.var()) == pytest.approx(float(gain[2] * torch.diagonal(cov).mean()), rel=0.03)
 
 
 def test_texture_statistics_tell_lines_from_a_gaussian_field():
@@ -246,6 +255,41 @@ def test_noise_calibration_gives_samples_the_data_power_per_bin(tiny_weights, tm
     assert free[1:].all()
     ratio = (drawn / data)[1:]
     assert float((ratio - 1).abs().max()) < 0.1, ratio
+    gains = [q["gain"] for q in report["by_level_quintile"]]
+    assert len(gains) == 5 and report["floor"] is None
+
+
+def test_log_gain_fit_recovers_a_known_law_and_matches_the_mean():
+    """_fit_log_gain on ratios drawn as exp(theta . phi) times a chi^2 scatter recovers theta, and
+    its gains sum to the ratios' sum (the moment the calibration keeps)."""
+    from pysm_vaedust.train import _fit_log_gain
+
+    rng = np.random.default_rng(2)
+    phi = np.stack([np.ones(4000), rng.normal(0, 1, 4000), rng.normal(0, 0.5, 4000)], 1)
+    theta = np.array([-0.2, 0.6, 0.9])
+    ratio = np.exp(phi @ theta) * rng.chisquare(20, 4000) / 20
+    fitted = _fit_log_gain(torch.from_numpy(phi), torch.from_numpy(ratio)).numpy()
+    np.testing.assert_allclose(fitted, theta, atol=0.03)
+    assert np.exp(phi @ fitted).sum() == pytest.approx(ratio.sum(), rel=1e-8)
+
+
+def test_floor_power_is_the_white_floor_in_ln_i_through_the_window():
+    """floor_power: a white floor C_l = F in intensity is F / (I^2 Omega_pix log_scale^2) per
+    orthonormal-FFT mode in normalised ln I, at every mode without a window; the beam and the
+    box average take it down at high frequency, never at the mean."""
+    from pysm_vaedust.train import floor_power
+
+    norm = {"level_mean": 1.0, "level_scale": 0.5, "log_scale": 0.05}
+    c = torch.zeros(2, 2, 8, 8)
+    c[:, 1] = torch.tensor([0.0, 2.0])[:, None, None]            # ln I = 1 and 2
+    pixel_deg = 0.125
+    expect = 1e-8 / (np.radians(pixel_deg) ** 2 * 0.05**2) * np.exp(-2 * np.array([1.0, 2.0]))
+    flat = floor_power(c, norm, {"F": 1e-8, "beam_fwhm_arcmin": 0.0, "box": 1}, 16, pixel_deg)
+    assert flat.shape == (2, 16, 16)
+    np.testing.assert_allclose(flat.flatten(1).numpy(), np.repeat(expect[:, None], 256, 1), rtol=1e-6)
+    seen = floor_power(c, norm, {"F": 1e-8, "beam_fwhm_arcmin": 5.0, "box": 4}, 16, pixel_deg)
+    np.testing.assert_allclose(seen[:, 0, 0].numpy(), expect, rtol=1e-6)
+    assert float(seen[0, 8, 8]) < 0.3 * float(flat[0, 8, 8])
 
 
 def test_handover_coherence_tells_a_copy_from_an_independent_draw(tiny_weights, data_dir):
@@ -271,7 +315,7 @@ def test_handover_coherence_tells_a_copy_from_an_independent_draw(tiny_weights, 
         def decode(self, z, c):
             return torch.roll(c, self.shift, dims=0)
 
-        def decoder_noise(self, eps):
+        def decoder_noise(self, eps, c):
             return torch.zeros_like(eps)
 
     fwhm = 4.0
