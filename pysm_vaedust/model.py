@@ -18,7 +18,7 @@ a plain convolutional network (SiLU, bilinear upsampling: no transpose convoluti
 checkerboards, no linear shortcut). The likelihood p(x | eps, c) is Gaussian around the decoded
 mean with a noise whose spectrum is learned per radial Fourier bin (stationary within a patch)
 and whose amplitude follows the condition (`log_noise_gain`: log-linear in the patch-mean level
-and in the log contrast of the coarse structure, zero while training, set by
+and in the log amplitude of the condition's finest scales, zero while training, set by
 `train.calibrate_decoder_noise`); samples add it.
 """
 
@@ -160,10 +160,14 @@ def gaussian_kl(mean_q, logvar_q, mean_p, logvar_p) -> torch.Tensor:
 
 def noise_gain_features(c: torch.Tensor) -> torch.Tensor:
     """(B, 2) what the decoder noise's amplitude follows in conditions c (B, 2, m, m): the level
-    plane (normalised patch-mean ln I) and the log standard deviation of the coarse structure."""
+    plane (normalised patch-mean ln I) and the log standard deviation of the coarse structure's
+    five-point Laplacian (the amplitude of the finest scales the condition holds, which the
+    small scales continue; on the IRIS validation split it predicts their power far better than
+    the structure's standard deviation, which the largest scales of the patch set)."""
     level = c[:, 1].mean((-2, -1))
-    contrast = torch.log(c[:, 0].flatten(1).std(1) + 1e-6)
-    return torch.stack([level, contrast], 1)
+    s = c[:, 0]
+    laplacian = (4 * s[:, 1:-1, 1:-1] - s[:, :-2, 1:-1] - s[:, 2:, 1:-1] - s[:, 1:-1, :-2] - s[:, 1:-1, 2:])
+    return torch.stack([level, torch.log(laplacian.flatten(1).std(1) + 1e-6)], 1)
 
 
 class ConditionalVAE(nn.Module):

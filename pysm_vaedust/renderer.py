@@ -5,9 +5,9 @@ with the subset plus a halo of the patches touching it, not with the sky):
 
 - levels (`tiling.cascade_levels`): k = 0..K, pixels and patches 2^k finer (self-similar);
   level k supplies every scale finer than F / f_k (F the weights' conditioning FWHM, 30'), as
-  (1 - G_k) of the sky, G_k the Gaussian of FWHM F / f_k; below it keeps of its own patches
-  sqrt(1 - (1 - G_{k+1})^2) (`tiling.handover_gain`), so the levels' powers sum to the sky's
-  across every handover (no dip where they meet).
+  (1 - G_k) of the sky, G_k the Gaussian of FWHM F / f_k; below it keeps h of its own patches
+  (`tiling.handover_gain` from the model's measured coherence with the field it is conditioned
+  on), so the levels' powers sum to the sky's across every handover (no dip where they meet).
 - conditions: level k's tiles read the field so far (log template + what levels < k added, the
   last of them seen at F / f_k) on their condition grids (`Renderer.conditions`).
 - decode: whitened latents and decoder-noise normals from a counter keyed by (seed, level, tile)

@@ -376,14 +376,14 @@ def calibrate_decoder_noise(model: ConditionalVAE, data: tuple, seed: int, floor
     prior draw per c) minus the data's noise + CIB floor (`floor_power`, when `floor` is given
     with the weights' `normalisation` and patch `pixel_deg`: the model then carries dust only).
     The noise power of patch i is g_i N(k): log g_i = theta . [1, f_i] (f: `noise_gain_features`
-    of c, the brightness and the coarse structure's contrast) fitted by `_fit_log_gain` to the
+    of c, the brightness and the amplitude of the condition's finest scales) fitted by `_fit_log_gain` to the
     patches' target power in the bins where the decoded means carry less than half of the data's
     (the fine scales that are noise), then N(k) so that sum_i g_i N(k) = sum_i target_i(k),
     floored at 1 % of the data's. (The ELBO alone sets one stationary noise for all patches: on
     the IRIS validation split samples then had 0.63x the real power at l 600-1000 in the
-    brightest fifth of the patches, 1.3x in the next. The brightness alone, as a quadratic, left
-    the brightest fifth of the validation split at 0.45x its I^2-weighted dust power at l
-    600-1440; with the contrast, 0.69x.)
+    brightest fifth of the patches, 1.3x in the next. Fitted on the train split, the brightness
+    alone left the validation split's brightest fifth at 0.45x its I^2-weighted dust power at
+    l 600-1440; with the structure's standard deviation 0.7x; with its Laplacian's 0.95x.)
     data: (x, c) of the train split. Returns the spectra and gains before and after."""
     model.eval()
     gen = torch.Generator(device=model.device).manual_seed(seed)

@@ -6,6 +6,7 @@ import math
 import h5py
 import numpy as np
 import pytest
+from scipy import ndimage
 import torch
 
 from pysm_vaedust.cutouts import condition_input, random_dihedral
@@ -165,7 +166,7 @@ def test_elbo_kl_and_free_bits():
 def test_decoder_noise_likelihood_is_the_dense_gaussian_density():
     """-log p(x | mean, c) equals the density of N(mean, g(c) C), C the circulant covariance of the
     learned per-bin spectrum and g the condition's gain (log-linear in the level and the log
-    contrast of the structure, clamped to its range), and noise draws have g C's pixel variance."""
+    amplitude of the structure's finest scales, clamped to its range), and noise draws have g C's pixel variance."""
     model = small_model(npix=8, widths=(2, 2, 2), latent_channels=(1, 1)).double()
     with torch.no_grad():
         model.decoder_logvar.copy_(torch.linspace(-1.0, 0.5, len(model.decoder_logvar)))
@@ -180,12 +181,13 @@ def test_decoder_noise_likelihood_is_the_dense_gaussian_density():
                                                                                      dtype=torch.float64)
     c = torch.randn(3, 2, n // 2, n // 2, generator=gen, dtype=torch.float64)
     c[:, 1] = torch.tensor([-0.5, 0.2, 4.0])[:, None, None]     # the last level beyond the range: clamped to 1
-    contrast = torch.log(c[:, 0].flatten(1).std(1)).clamp(-3.0, 3.0)
-    gain = torch.exp(0.1 + 0.5 * torch.tensor([-0.5, 0.2, 1.0], dtype=torch.float64) + 0.3 * contrast)
+    fine = torch.stack([torch.from_numpy(ndimage.laplace(s.numpy(), mode="constant")[1:-1, 1:-1]) for s in c[:, 0]])
+    fine = torch.log(fine.flatten(1).std(1)).clamp(-3.0, 3.0)     # the 5-point Laplacian of the structure
+    gain = torch.exp(0.1 + 0.5 * torch.tensor([-0.5, 0.2, 1.0], dtype=torch.float64) + 0.3 * fine)
     for i in range(3):
         dense = torch.distributions.MultivariateNormal(mean[i].flatten(), covariance_matrix=gain[i] * cov)
         nll = model.neg_log_likelihood(x[i:i + 1], mean[i:i + 1], c[i:i + 1]).detach()
-        assert torch.allclose(nll, -dense.log_prob(x[i].flatten())[None], rtol=1e-6)   # the contrast: log(std + 1e-6)
+        assert torch.allclose(nll, -dense.log_prob(x[i].flatten())[None], rtol=1e-6)   # the feature is log(std + 1e-6)
     white = torch.randn(20000, 1, n, n, generator=gen, dtype=torch.float64)
     draws = model.decoder_noise(white, c[2:].expand(20000, -1, -1, -1)).detach()
     assert float(draws.var()) == pytest.approx(float(gain[2] * torch.diagonal(cov).mean()), rel=0.03)
