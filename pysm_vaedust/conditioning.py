@@ -39,8 +39,7 @@ from .component import VAEDust, _mbb_intensity, trapezoid_steps
 from .data import BETA_DUST, T_DUST_K, atomic_write, file_digest
 from .model import ConditionalVAE
 from .posterior import (MapFit, Posterior, StructureFitting, conditional_mean, decoder_noise_covariance,
-                        decoder_pixel_variance, laplace_precision, latent_jacobian, map_fit, noise_gain,
-                        posterior_samples)
+                        decoder_pixel_variance, laplace_precision, latent_jacobian, map_fit, posterior_samples)
 from .healpix import interpolate_at_pixels
 from .tiling import UPSAMPLE, CascadeLevel, Footprints, Resampler, blend_torch, footprints
 from .weights import default_weights_path
@@ -369,26 +368,25 @@ def _fit_tiles(fwd: SkyForwardModel, target, n_var, eps0, e0, steps, cg_tol, cg_
     """Minimise Phi = |eps - eps0|^2 + (e - e0)^T C^-1 (e - e0) + |t - L_m mu(eps) - L e|^2 / N over
     latents eps (P, D) and decoder-noise patches e (P, n, n) (L_m / L = fwd.blend of the means /
     of the noise, C the decoder-noise
-    covariance, each tile's `noise_gain` times the stationary one, N = n_var (n_pixels,), t the target in ln I minus fwd.offset) by Gauss-Newton:
+    covariance of each tile (`ConditionalVAE.noise_variance`), N = n_var (n_pixels,), t the target in ln I minus fwd.offset) by Gauss-Newton:
     at eps_k the linearised problem is solved exactly in data space by conjugate gradients,
     (L_m J J^T L_m^T + L C L^T + N) a = t - L_m(mu_k + J (eps0 - eps_k)) - L e0, then
     eps = eps0 + J^T L_m^T a, e = e0 + C L^T a (J the decoder Jacobian at eps_k), with step halving if Phi does not
     decrease. Returns (eps, e, [{phi, cg_iterations, cg_residual, step, accepted}], the first entry
     the start)."""
-    spectrum = fwd.vae.noise_logvar().detach().exp()
-    gain = noise_gain(fwd.vae, fwd.conditions).float()[:, None, None]   # each tile's factor on C
+    spectrum = fwd.vae.noise_variance(fwd.conditions).detach()          # (P, n, n): each tile's
 
     def cov(x):
-        return gain * torch.fft.ifft2(torch.fft.fft2(x, norm="ortho") * spectrum, norm="ortho").real
+        return torch.fft.ifft2(torch.fft.fft2(x, norm="ortho") * spectrum, norm="ortho").real
 
     def phi(eps, e, mu):
         resid = target - fwd.blend(mu, shared=True) - fwd.blend(e)
-        prior_e = (torch.fft.fft2(e - e0, norm="ortho").abs().square() / spectrum / gain).sum()
+        prior_e = (torch.fft.fft2(e - e0, norm="ortho").abs().square() / spectrum).sum()
         return float((eps - eps0).double().square().sum() + prior_e.double() + (resid.double().square() / n_var).sum())
 
     # a fine-grid pixel's variance of resampled stationary noise, approximated as white: spectrum mean x (sum R^2 / U n)^2
     resampled = float(fwd.resampler.matrix.square().sum() / fwd.resampler.matrix.shape[0]) ** 2
-    diag = (n_var + fwd.scale**2 * float(spectrum.mean() * gain.mean()) * resampled * fwd.operator.row_sq_sum).float()
+    diag = (n_var + fwd.scale**2 * float(spectrum.mean()) * resampled * fwd.operator.row_sq_sum).float()
     n_var_f = n_var.float()
     eps, e = eps0.clone(), e0.clone()
     with torch.no_grad():

@@ -17,9 +17,9 @@ The decoder sees the condition at every scale (features of c added at each resol
 a plain convolutional network (SiLU, bilinear upsampling: no transpose convolutions and their
 checkerboards, no linear shortcut). The likelihood p(x | eps, c) is Gaussian around the decoded
 mean with a noise whose spectrum is learned per radial Fourier bin (stationary within a patch)
-and whose amplitude follows the condition (`log_noise_gain`: log-linear in the patch-mean level
-and in the log amplitude of the condition's finest scales, zero while training, set by
-`train.calibrate_decoder_noise`); samples add it.
+and whose power on the fine scales follows the condition (`log_noise_gain`: log-linear in the
+patch-mean level and in the log amplitude of the condition's finest scales, zero while training,
+set by `train.calibrate_decoder_noise` on the bins `noise_gain_bins`); samples add it.
 """
 
 from __future__ import annotations
@@ -208,6 +208,8 @@ class ConditionalVAE(nn.Module):
         #: noise_gain_range (rows: features; columns: the calibration split's min, max): 0 (gain 1) until calibrated
         self.register_buffer("noise_gain", torch.zeros(3))
         self.register_buffer("noise_gain_range", torch.tensor([[-1.0, 1.0], [-1.0, 1.0]]))
+        #: 1 in the radial bins the gain applies to (the fine scales it was fitted on), 0 elsewhere
+        self.register_buffer("noise_gain_bins", torch.ones(int(self.noise_bin.max()) + 1))
 
     @property
     def device(self) -> torch.device:
@@ -302,20 +304,30 @@ class ConditionalVAE(nn.Module):
         f = torch.minimum(torch.maximum(f, self.noise_gain_range[:, 0]), self.noise_gain_range[:, 1])
         return self.noise_gain[0] + f @ self.noise_gain[1:]
 
+    def noise_gain_mask(self, torus: int = 1) -> torch.Tensor:
+        """(m, m) 1 on the FFT modes (grid as `noise_logvar`) whose power the gain scales, else 0."""
+        bins = self.noise_bin if torus == 1 else radial_bins(self.config.npix, torus).to(self.noise_bin.device)
+        return self.noise_gain_bins[bins]
+
+    def noise_variance(self, c: torch.Tensor, torus: int = 1) -> torch.Tensor:
+        """(B, m, m) decoder-noise variance per FFT mode of patches with conditions c: exp(noise_logvar)
+        times the gain exp(log_noise_gain(c)) on the modes of `noise_gain_mask`."""
+        gain = self.log_noise_gain(c).exp()[:, None, None]
+        return self.noise_logvar(torus).exp() * (1 + self.noise_gain_mask(torus) * (gain - 1))
+
     def decoder_noise(self, white: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Decoder-noise draws (B, 1, n, n) of patches with conditions c (B, 2, n/2, n/2), coloured
         from standard normals `white`: of shape (B, 1, n, n), periodic over the patch (training,
         sampling, the component: the blend's taper hides the wrap-around); of shape (B, 1, 2n, 2n),
         the n x n corner of the field on a torus of twice the side, so that correlations do not
-        wrap across the patch edges (conditioning: `posterior.decoder_noise_covariance` times
-        exp(`log_noise_gain`) is its covariance)."""
+        wrap across the patch edges (conditioning: `posterior.noise_covariance` is its covariance).
+        Its per-mode variance is `noise_variance`."""
         n, m = self.config.npix, white.shape[-1]
         if m not in (n, 2 * n) or white.shape[-2] != m:
             raise ValueError(f"white noise of shape {tuple(white.shape)}: expected (..., {n}, {n}) or "
                              f"(..., {2 * n}, {2 * n})")
-        spectrum = torch.fft.fft2(white, norm="ortho") * (0.5 * self.noise_logvar(m // n)).exp()
-        amplitude = (0.5 * self.log_noise_gain(c)).exp().reshape(-1, *([1] * (white.dim() - 1)))
-        return amplitude * torch.fft.ifft2(spectrum, norm="ortho").real[..., :n, :n]
+        amplitude = self.noise_variance(c, m // n).sqrt().reshape(white.shape)
+        return torch.fft.ifft2(torch.fft.fft2(white, norm="ortho") * amplitude, norm="ortho").real[..., :n, :n]
 
     def sample(self, c: torch.Tensor, generator: torch.Generator | None = None, eps: torch.Tensor | None = None,
                noise: bool = True) -> torch.Tensor:
@@ -335,7 +347,7 @@ class ConditionalVAE(nn.Module):
     def neg_log_likelihood(self, x: torch.Tensor, mean: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """-log p(x | mean, c) per image (B,), nats: x - mean is the decoder noise."""
         power = torch.fft.fft2(x - mean, norm="ortho").abs().square().flatten(1)
-        logvar = self.noise_logvar().flatten() + self.log_noise_gain(c)[:, None]
+        logvar = self.noise_variance(c).flatten(1).log()
         return 0.5 * (power * torch.exp(-logvar) + logvar + math.log(2 * math.pi)).sum(1)
 
     def elbo_terms(self, x: torch.Tensor, c: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0,

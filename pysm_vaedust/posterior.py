@@ -53,11 +53,13 @@ def _check_condition(vae: ConditionalVAE, c, batch: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
 
 
-def decoder_pixel_variance(vae: ConditionalVAE) -> float:
-    """Per-pixel variance of the decoder noise at gain 1 (normalised units^2; a patch's is
-    `noise_gain` times it): the mean over orthonormal-FFT modes of exp(noise_logvar) (on the
-    torus of `decoder_noise_covariance`: its diagonal)."""
-    return float(vae.noise_logvar(torus=2).detach().exp().mean())
+def decoder_pixel_variance(vae: ConditionalVAE, gain=1.0):
+    """Per-pixel variance of the decoder noise of a patch of `noise_gain` `gain` (float, or a
+    (B,) tensor for B patches; normalised units^2): the mean over orthonormal-FFT modes of its
+    per-mode variance (on the torus of `decoder_noise_covariance`: its diagonal)."""
+    var = vae.noise_logvar(torus=2).detach().exp().double()
+    gained = float((var * vae.noise_gain_mask(torus=2).detach()).mean())
+    return float(var.mean()) + (gain - 1) * gained
 
 
 def noise_gain(vae: ConditionalVAE, c: torch.Tensor) -> torch.Tensor:
@@ -65,15 +67,16 @@ def noise_gain(vae: ConditionalVAE, c: torch.Tensor) -> torch.Tensor:
     return vae.log_noise_gain(c).detach().double().exp().cpu()
 
 
-def decoder_noise_covariance(vae: ConditionalVAE) -> torch.Tensor:
-    """(n^2, n^2) float64 covariance of one patch's decoder noise at gain 1 (`noise_gain` scales
-    it per patch), pixels in row-major order: the
+def decoder_noise_covariance(vae: ConditionalVAE, gain: float = 1.0) -> torch.Tensor:
+    """(n^2, n^2) float64 covariance of the decoder noise of a patch of `noise_gain` `gain`,
+    pixels in row-major order: the
     stationary field of the decoder's noise spectrum seen through the patch, not periodic (the
     corner of a torus of twice the side: `vae.decoder_noise` of (B, 1, 2n, 2n) white noise). The
     periodic covariance would couple opposite patch edges: on the IRIS test split the Wiener
     filter about the decoder mean at eps = 0 then had 1.00-1.10x the masked-pixel MSE of the
     Gaussian baseline with the same c, against 0.91-0.94x without the wrap-around."""
-    return torus_covariance(vae.noise_logvar(torus=2).detach().exp(), vae.config.npix)
+    var = vae.noise_logvar(torus=2).detach().exp()
+    return torus_covariance(var * (1 + vae.noise_gain_mask(torus=2).detach() * (gain - 1)), vae.config.npix)
 
 
 def _observed_system(cov, m, s2, i):
@@ -87,8 +90,8 @@ def _observed_system(cov, m, s2, i):
 
 class _DataTerm:
     """-2 log p(d | eps, c) + const of B patches as a function of the residual r = mu - d:
-    sum w r^2 (white: w = m / (sigma^2 + g sigma_dec^2)) or r^T K^-1 r, K = g C_oo + diag sigma_o^2
-    (exact; masked pixels get zero rows; g the patch's `noise_gain`). `repeats`: the residuals hold that many stacked copies
+    sum w r^2 (white: w = m / (sigma^2 + sigma_dec^2)) or r^T K^-1 r, K = C_oo + diag sigma_o^2
+    (exact; masked pixels get zero rows; sigma_dec^2 and C the patch's, of its `noise_gain`). `repeats`: the residuals hold that many stacked copies
     (restarts / chains) of the B patches."""
 
     def __init__(self, weight: torch.Tensor, precision: torch.Tensor | None = None, repeats: int = 1):
@@ -101,12 +104,12 @@ class _DataTerm:
         logvar = vae.noise_logvar().detach()
         gain = noise_gain(vae, c)
         if not decoder_noise or noise_model == "white" or bool(torch.all(logvar == logvar.flatten()[0])):
-            dec = decoder_pixel_variance(vae) * gain.float()[:, None, None, None] if decoder_noise else 0.0
+            dec = decoder_pixel_variance(vae, gain).float()[:, None, None, None] if decoder_noise else 0.0
             return cls(m / (s2 + dec))
-        cov = decoder_noise_covariance(vae).cpu()
-        prec = torch.zeros(len(m), cov.shape[0], cov.shape[0])
+        n2 = vae.config.npix ** 2
+        prec = torch.zeros(len(m), n2, n2)
         for i in range(len(m)):
-            system = _observed_system(gain[i] * cov, m, s2, i)
+            system = _observed_system(decoder_noise_covariance(vae, float(gain[i])).cpu(), m, s2, i)
             if system is not None:
                 idx, chol = system
                 prec[i].index_put_((idx[:, None].expand(-1, len(idx)), idx[None, :].expand(len(idx), -1)),
@@ -332,7 +335,7 @@ def map_fit(vae: ConditionalVAE, d, mask, sigma, c, n_restarts: int = 4, steps: 
                   restart_labels=labels, best_restart=best, n_iter=int(n_iter), n_eval=int(n_eval),
                   grad_norm=g_best, converged=g_best < gtol, mean=mean, data=d, mask=m, sigma2=s2, condition=c,
                   noise_model=noise_model if decoder_noise else "none",
-                  sigma_dec2=decoder_pixel_variance(vae) * noise_gain(vae, c) * decoder_noise, data_term=data_term,
+                  sigma_dec2=decoder_pixel_variance(vae, noise_gain(vae, c)) * decoder_noise, data_term=data_term,
                   method=method)
 
 
@@ -420,12 +423,11 @@ class Posterior:
 
 def _conditional_decoder_noise(vae, residual, m, s2, c, prior_draws=None, generator=None):
     """Decoder noise e given r = d - mu = A e + n on the observed pixels, residual (S, B, 1, n, n),
-    covariance C (patch b's: noise_gain_b times the stationary one, conditions c): with
+    covariance C (patch b's, of its `noise_gain` under conditions c): with
     prior_draws e0 (S, B, 1, n, n), draws e = e0 + C A^T (A C A^T + N)^-1 (r - A e0 - n0) (n0
     drawn from `generator`); without, the mean C A^T (A C A^T + N)^-1 r."""
     s, b = residual.shape[:2]
     n = vae.config.npix
-    cov = decoder_noise_covariance(vae).cpu()
     gain = noise_gain(vae, c)
     r = residual.reshape(s, b, n * n).double()
     if prior_draws is None:
@@ -435,12 +437,13 @@ def _conditional_decoder_noise(vae, residual, m, s2, c, prior_draws=None, genera
         n0 = torch.randn((s, b, n * n), generator=generator, dtype=torch.float64) * s2.flatten(1).double().sqrt()
     out = e0.clone()
     for i in range(b):
-        system = _observed_system(gain[i] * cov, m, s2, i)
+        cov = decoder_noise_covariance(vae, float(gain[i])).cpu()
+        system = _observed_system(cov, m, s2, i)
         if system is None:
             continue
         idx, chol = system
         rhs = (r[:, i, idx] - e0[:, i, idx] - n0[:, i, idx]).T      # (n_obs, S)
-        out[:, i] += (gain[i] * cov[:, idx] @ torch.cholesky_solve(rhs, chol)).T
+        out[:, i] += (cov[:, idx] @ torch.cholesky_solve(rhs, chol)).T
     return out.reshape(s, b, 1, n, n).float()
 
 

@@ -375,11 +375,13 @@ def calibrate_decoder_noise(model: ConditionalVAE, data: tuple, seed: int, floor
     and patch, the target power is the data's minus that of the conditional decoder mean (one
     prior draw per c) minus the data's noise + CIB floor (`floor_power`, when `floor` is given
     with the weights' `normalisation` and patch `pixel_deg`: the model then carries dust only).
-    The noise power of patch i is g_i N(k): log g_i = theta . [1, f_i] (f: `noise_gain_features`
-    of c, the brightness and the amplitude of the condition's finest scales) fitted by `_fit_log_gain` to the
-    patches' target power in the bins where the decoded means carry less than half of the data's
-    (the fine scales that are noise), then N(k) so that sum_i g_i N(k) = sum_i target_i(k),
-    floored at 1 % of the data's. (The ELBO alone sets one stationary noise for all patches: on
+    In the bins where the decoded means carry less than half of the data's power (the fine
+    scales that are noise; `noise_gain_bins`) the noise power of patch i is g_i N(k): log g_i =
+    theta . [1, f_i] (f: `noise_gain_features` of c, the brightness and the amplitude of the
+    condition's finest scales) fitted by `_fit_log_gain` to the patches' target power there,
+    N(k) so that sum_i g_i N(k) = sum_i target_i(k); elsewhere N(k) is the mean target (g = 1,
+    as the patch-scale modes there are the conditional mean's: a gain on them makes tile-sized
+    offsets); floored at 1 % of the data's. (The ELBO alone sets one stationary noise for all patches: on
     the IRIS validation split samples then had 0.63x the real power at l 600-1000 in the
     brightest fifth of the patches, 1.3x in the next. Fitted on the train split, the brightness
     alone left the validation split's brightest fifth at 0.45x its I^2-weighted dust power at
@@ -410,10 +412,11 @@ def calibrate_decoder_noise(model: ConditionalVAE, data: tuple, seed: int, floor
     ratio = (target[:, fine] * counts[fine]).sum(1) / (base[fine] * counts[fine]).sum()
     theta = _fit_log_gain(torch.cat([torch.ones(len(f), 1, dtype=f.dtype), f], 1), ratio)
     gain = torch.exp(theta[0] + f @ theta[1:])
-    noise = torch.maximum(target.sum(0) / gain.sum(), 0.01 * data_bins.mean(0))
+    noise = torch.maximum(target.sum(0) / torch.where(fine, gain.sum(), float(len(gain))), 0.01 * data_bins.mean(0))
     before = model.decoder_logvar.exp().clone()
     model.decoder_logvar.copy_(noise.log().to(model.decoder_logvar))
     model.noise_gain.copy_(theta.to(model.noise_gain))
+    model.noise_gain_bins.copy_(fine.to(model.noise_gain_bins))
     model.noise_gain_range.copy_(torch.stack([f.min(0).values, f.max(0).values], 1).to(model.noise_gain_range))
     v = f[:, 0]
     quantiles = torch.quantile(v, torch.linspace(0, 1, 6, dtype=torch.float64))

@@ -165,17 +165,22 @@ def test_elbo_kl_and_free_bits():
 
 def test_decoder_noise_likelihood_is_the_dense_gaussian_density():
     """-log p(x | mean, c) equals the density of N(mean, g(c) C), C the circulant covariance of the
-    learned per-bin spectrum and g the condition's gain (log-linear in the level and the log
-    amplitude of the structure's finest scales, clamped to its range), and noise draws have g C's pixel variance."""
+    learned per-bin spectrum with the condition's gain g on the bins it applies to (g log-linear in
+    the level and the log amplitude of the structure's finest scales, clamped to its range), and
+    noise draws have that covariance's pixel variance."""
     model = small_model(npix=8, widths=(2, 2, 2), latent_channels=(1, 1)).double()
     with torch.no_grad():
         model.decoder_logvar.copy_(torch.linspace(-1.0, 0.5, len(model.decoder_logvar)))
         model.noise_gain.copy_(torch.tensor([0.1, 0.5, 0.3]))
         model.noise_gain_range.copy_(torch.tensor([[-1.0, 1.0], [-3.0, 3.0]]))
+        model.noise_gain_bins.copy_((torch.arange(len(model.noise_gain_bins)) >= 3).double())  # the gain on bins 3+
     n = 8
     eye = torch.eye(n * n, dtype=torch.float64).reshape(n * n, 1, n, n)
-    spectrum = model.noise_logvar().exp()
-    cov = torch.fft.ifft2(torch.fft.fft2(eye, norm="ortho") * spectrum, norm="ortho").real.reshape(n * n, n * n)
+
+    def covariance(gain):   # circulant covariance of the per-bin spectrum, bins >= 3 scaled by gain
+        spectrum = model.noise_logvar().exp() * torch.where(model.noise_bin >= 3, gain, 1.0)
+        return torch.fft.ifft2(torch.fft.fft2(eye, norm="ortho") * spectrum, norm="ortho").real.reshape(n * n, n * n)
+
     gen = torch.Generator().manual_seed(3)
     x, mean = torch.randn(3, 1, n, n, generator=gen, dtype=torch.float64), torch.randn(3, 1, n, n, generator=gen,
                                                                                      dtype=torch.float64)
@@ -185,12 +190,12 @@ def test_decoder_noise_likelihood_is_the_dense_gaussian_density():
     fine = torch.log(fine.flatten(1).std(1)).clamp(-3.0, 3.0)     # the 5-point Laplacian of the structure
     gain = torch.exp(0.1 + 0.5 * torch.tensor([-0.5, 0.2, 1.0], dtype=torch.float64) + 0.3 * fine)
     for i in range(3):
-        dense = torch.distributions.MultivariateNormal(mean[i].flatten(), covariance_matrix=gain[i] * cov)
+        dense = torch.distributions.MultivariateNormal(mean[i].flatten(), covariance_matrix=covariance(gain[i]))
         nll = model.neg_log_likelihood(x[i:i + 1], mean[i:i + 1], c[i:i + 1]).detach()
         assert torch.allclose(nll, -dense.log_prob(x[i].flatten())[None], rtol=1e-6)   # the feature is log(std + 1e-6)
     white = torch.randn(20000, 1, n, n, generator=gen, dtype=torch.float64)
     draws = model.decoder_noise(white, c[2:].expand(20000, -1, -1, -1)).detach()
-    assert float(draws.var()) == pytest.approx(float(gain[2] * torch.diagonal(cov).mean()), rel=0.03)
+    assert float(draws.var()) == pytest.approx(float(torch.diagonal(covariance(gain[2])).mean()), rel=0.03)
 
 
 def test_texture_statistics_tell_lines_from_a_gaussian_field():
