@@ -312,8 +312,12 @@ class ConditionalVAE(nn.Module):
     def noise_variance(self, c: torch.Tensor, torus: int = 1) -> torch.Tensor:
         """(B, m, m) decoder-noise variance per FFT mode of patches with conditions c: exp(noise_logvar)
         times the gain exp(log_noise_gain(c)) on the modes of `noise_gain_mask`."""
+        return self.noise_log_variance(c, torus).exp()
+
+    def noise_log_variance(self, c: torch.Tensor, torus: int = 1) -> torch.Tensor:
+        """(B, m, m) log of `noise_variance` (exactly noise_logvar where the gain is 1)."""
         gain = self.log_noise_gain(c).exp()[:, None, None]
-        return self.noise_logvar(torus).exp() * (1 + self.noise_gain_mask(torus) * (gain - 1))
+        return self.noise_logvar(torus) + torch.log1p(self.noise_gain_mask(torus) * (gain - 1))
 
     def decoder_noise(self, white: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Decoder-noise draws (B, 1, n, n) of patches with conditions c (B, 2, n/2, n/2), coloured
@@ -347,7 +351,7 @@ class ConditionalVAE(nn.Module):
     def neg_log_likelihood(self, x: torch.Tensor, mean: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """-log p(x | mean, c) per image (B,), nats: x - mean is the decoder noise."""
         power = torch.fft.fft2(x - mean, norm="ortho").abs().square().flatten(1)
-        logvar = self.noise_variance(c).flatten(1).log()
+        logvar = self.noise_log_variance(c).flatten(1)
         return 0.5 * (power * torch.exp(-logvar) + logvar + math.log(2 * math.pi)).sum(1)
 
     def elbo_terms(self, x: torch.Tensor, c: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0,

@@ -241,6 +241,9 @@ class StructureFitting(torch.nn.Module):
     def log_noise_gain(self, c: torch.Tensor) -> torch.Tensor:
         return self.vae.log_noise_gain(c)
 
+    def noise_gain_mask(self, torus: int = 1) -> torch.Tensor:
+        return self.vae.noise_gain_mask(torus)
+
     def decoder_noise(self, white: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return self.vae.decoder_noise(white, c)
 

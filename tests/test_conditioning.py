@@ -128,6 +128,9 @@ class AffineDecoder(torch.nn.Module):
     def log_noise_gain(self, c):
         return self.inner.log_noise_gain(c)
 
+    def noise_gain_mask(self, torus=1):
+        return self.inner.noise_gain_mask(torus)
+
     def decoder_noise(self, white, c):
         return self.inner.decoder_noise(white, c)
 
