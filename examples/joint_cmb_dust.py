@@ -115,7 +115,6 @@ def main(argv=None) -> int:
     n, size = vae.config.npix, float(weights.metadata["geometry"]["size_deg"])
     ell = ell_grid(n, size)
     S = cmb_mode_variance(ell, args.cmb_rms)
-    C = vae.noise_logvar().detach().double().exp()   # decoder noise per orthonormal Fourier mode
     N = torch.full_like(S, args.noise**2)
     # Gaussian baseline blind to c: the training split's mean 2D periodogram (dihedral-symmetrised)
     train, train_c = sets["train"][0][:, 0].double(), sets["train"][1]
@@ -144,6 +143,7 @@ def main(argv=None) -> int:
         d = (dust + cmb + noise).float()
         # VAE dust prior, CMB profiled out
         c = test_c[i:i + 1]
+        C = vae.noise_variance(c)[0].detach().double()   # this patch's decoder noise per orthonormal Fourier mode
         eps_map = fit_dust_latents(vae, d, c, S + C + N)
         with torch.no_grad():
             mu = vae.decode(eps_map, c)[0, 0].double()

@@ -91,8 +91,8 @@ def _observed_system(cov, m, s2, i):
 class _DataTerm:
     """-2 log p(d | eps, c) + const of B patches as a function of the residual r = mu - d:
     sum w r^2 (white: w = m / (sigma^2 + sigma_dec^2)) or r^T K^-1 r, K = C_oo + diag sigma_o^2
-    (exact; masked pixels get zero rows; sigma_dec^2 and C the patch's, of its `noise_gain`). `repeats`: the residuals hold that many stacked copies
-    (restarts / chains) of the B patches."""
+    (exact; masked pixels get zero rows; sigma_dec^2 and C the patch's, of its `noise_gain`).
+    `repeats`: the residuals hold that many stacked copies (restarts / chains) of the B patches."""
 
     def __init__(self, weight: torch.Tensor, precision: torch.Tensor | None = None, repeats: int = 1):
         self.weight = weight              # (B, 1, n, n)

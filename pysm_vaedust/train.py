@@ -315,16 +315,16 @@ def power_shares(model: ConditionalVAE, data: tuple, seed: int, n_draws: int = 8
     noise, as fractions of the sample variance (normalised units; `n_draws` latents per c)."""
     model.eval()
     gen = torch.Generator(device=model.device).manual_seed(seed)
-    cond, latent, total = 0.0, 0.0, 0.0
+    cond, latent, noise = 0.0, 0.0, 0.0
     for x, c in batches(data, batch_size, model.device):
         means = torch.stack([model.decode(torch.randn((len(c), model.latent_dim), generator=gen,
                                                        device=c.device), c) for _ in range(n_draws)])
         centre = means.mean(0)
         cond += float(centre.var(dim=(-2, -1)).sum())
         latent += float(means.var(0).mean(dim=(-2, -1)).sum())
+        noise += float(model.noise_variance(c).mean(dim=(-2, -1)).sum())   # each patch's, with its gain
     n = len(data[0])
-    noise = float(model.noise_logvar().exp().mean())
-    cond, latent = cond / n, latent / n
+    cond, latent, noise = cond / n, latent / n, noise / n
     total = cond + latent + noise
     return {"condition": cond / total, "latents": latent / total, "decoder_noise": noise / total,
             "sample_variance": total, "data_variance": float(data[0].var()), "n_draws": n_draws}
