@@ -293,8 +293,11 @@ class ConditionalVAE(nn.Module):
         """(m, m) log variance of the decoder noise per FFT mode (orthonormal FFT) of a grid of
         m = torus n pixels (the patch's pixel size: torus 2 samples the same spectrum twice as
         finely in frequency)."""
-        bins = self.noise_bin if torus == 1 else radial_bins(self.config.npix, torus).to(self.noise_bin.device)
-        return self.decoder_logvar[bins]
+        return self.decoder_logvar[self._bins(torus)]
+
+    def _bins(self, torus: int) -> torch.Tensor:
+        """`radial_bins` of the grid of torus x npix pixels (the stored ones for torus 1)."""
+        return self.noise_bin if torus == 1 else radial_bins(self.config.npix, torus).to(self.noise_bin.device)
 
     def log_noise_gain(self, c: torch.Tensor) -> torch.Tensor:
         """(B,) log of the factor on the decoder-noise power of patches with conditions c: linear
@@ -306,8 +309,7 @@ class ConditionalVAE(nn.Module):
 
     def noise_gain_mask(self, torus: int = 1) -> torch.Tensor:
         """(m, m) 1 on the FFT modes (grid as `noise_logvar`) whose power the gain scales, else 0."""
-        bins = self.noise_bin if torus == 1 else radial_bins(self.config.npix, torus).to(self.noise_bin.device)
-        return self.noise_gain_bins[bins]
+        return self.noise_gain_bins[self._bins(torus)]
 
     def noise_variance(self, c: torch.Tensor, torus: int = 1) -> torch.Tensor:
         """(B, m, m) decoder-noise variance per FFT mode of patches with conditions c: exp(noise_logvar)
@@ -324,7 +326,7 @@ class ConditionalVAE(nn.Module):
         from standard normals `white`: of shape (B, 1, n, n), periodic over the patch (training,
         sampling, the component: the blend's taper hides the wrap-around); of shape (B, 1, 2n, 2n),
         the n x n corner of the field on a torus of twice the side, so that correlations do not
-        wrap across the patch edges (conditioning: `posterior.noise_covariance` is its covariance).
+        wrap across the patch edges (conditioning: `posterior.decoder_noise_covariance` is its covariance).
         Its per-mode variance is `noise_variance`."""
         n, m = self.config.npix, white.shape[-1]
         if m not in (n, 2 * n) or white.shape[-2] != m:

@@ -86,6 +86,13 @@ def gaussian_transfer(freq: np.ndarray, fwhm: float) -> np.ndarray:
     return np.exp(-2 * (np.pi * freq * fwhm / np.sqrt(8 * np.log(2))) ** 2)
 
 
+def box_transfer(freq: np.ndarray, box: int) -> np.ndarray:
+    """Transfer function of the mean of `box` equally spaced sub-samples per pixel (the cutouts'
+    box average) at frequencies `freq` (cycles per pixel): sin(pi f) / (m sin(pi f / m))."""
+    freq = np.asarray(freq, dtype=np.float64)
+    return np.ones_like(freq) if box <= 1 else np.sinc(freq) / np.sinc(freq / box)
+
+
 def band_limit(freq: np.ndarray, start: float) -> np.ndarray:
     """Taper 1 below `start`, cos^2 down to 0 at 1.5 `start` (same unit as `freq`; inf: all 1)."""
     freq = np.asarray(freq, dtype=np.float64)
@@ -133,8 +140,7 @@ def resampling_matrix(npix: int, window_fwhm_pix: float = 0.0, window_box: int =
     n = int(npix)
     k = np.arange(n)
     freq = k / (2 * n)  # cycles per pixel of the DCT-II modes
-    box = np.ones(n) if window_box <= 1 else (
-        np.sinc(freq) / np.where(k == 0, 1.0, np.sinc(freq / window_box)))  # sin(pi f) / (m sin(pi f / m))
+    box = box_transfer(freq, window_box)
     gain = (gaussian_transfer(freq, smoothing_fwhm_pix) * handover_gain(freq, handover_fwhm_pix, coherence)
             * band_limit(freq, limit_cycles)
             / (gaussian_transfer(freq, window_fwhm_pix) * box * np.sinc(freq / upsample) ** 2))

@@ -30,7 +30,7 @@ from .iris import analysis_mask, iris_mosaic, subtract_zero_level
 from .model import ConditionalVAE, VAEConfig, noise_gain_features, radial_bins
 from .statistics import default_ell_edges, flat_power_spectrum
 from .template import default_template_path, read_template
-from .tiling import gaussian_transfer
+from .tiling import box_transfer, gaussian_transfer
 from .weights import resolve_device, save_weights
 
 SPLITS = ("train", "val", "test")
@@ -336,12 +336,10 @@ def floor_power(c: torch.Tensor, normalisation: dict, floor: dict, npix: int, pi
     effective beam and the cutouts' box average; `floor`: {"F", "beam_fwhm_arcmin", "box"}) is
     F / I^2 in ln I, I = exp(the patch-mean level)."""
     level = c[:, 1].mean((-2, -1)).double() * normalisation["level_scale"] + normalisation["level_mean"]
-    freq = torch.fft.fftfreq(npix, dtype=torch.float64)            # cycles per pixel
-    m = int(floor["box"])
-    box = torch.ones_like(freq) if m <= 1 else torch.sinc(freq) / torch.sinc(freq / m)
-    radius = torch.sqrt(freq[:, None] ** 2 + freq[None, :] ** 2).numpy()
-    beam = torch.from_numpy(gaussian_transfer(radius, floor["beam_fwhm_arcmin"] / (60 * pixel_deg)))
-    window2 = (beam * box[:, None] * box[None, :]) ** 2
+    freq = np.fft.fftfreq(npix)                                       # cycles per pixel
+    box = box_transfer(freq, int(floor["box"]))
+    beam = gaussian_transfer(np.hypot(freq[:, None], freq[None, :]), floor["beam_fwhm_arcmin"] / (60 * pixel_deg))
+    window2 = torch.from_numpy((beam * box[:, None] * box[None, :]) ** 2)
     per_mode = floor["F"] / (np.radians(pixel_deg) ** 2 * normalisation["log_scale"] ** 2)
     return (per_mode * torch.exp(-2 * level)[:, None, None] * window2).to(c.device)
 
