@@ -37,8 +37,12 @@ from .renderer import Renderer, start_factor
 from .template import default_template_path, read_template, smooth_log_map
 from .weights import load_weights, resolve_device
 
-#: nside of the working copy of the (smoothed) log template (13.7' pixels for a 30' beam)
-TEMPLATE_WORK_NSIDE = 256
+#: nside of the working copy of the (smoothed) log template: 3.4' pixels, so that bilinear samples
+#: of it on a level's 15' condition grid keep the 30' template's l 300-700 tail (>= 0.94 of its power
+#: at l 600) as the training conditions (sampled from the nside-2048 IRIS mosaic) do; 13.7' pixels
+#: (nside 256) kept 0.4-0.6 of it, and the model, which amplifies that tail by up to 1 / G^2, then
+#: left the map's l 400-550 band short
+TEMPLATE_WORK_NSIDE = 1024
 #: beam of the PySM GNILC dust template (deg)
 GNILC_FWHM_DEG = 21.8 / 60
 

@@ -1,9 +1,10 @@
 """The large-scale template: a smoothed 545 GHz dust intensity map in Galactic coordinates.
 
 The bundled template is derived by `build_template` from the Planck 2013 E(B-V) map in
-../shared/data (ICRS, 13.7' beam): log-intensity, rotated to Galactic in harmonic space,
-its white floor (noise, CIB: the E(B-V) map's ln-I spectrum flattens from l ~ 300 at high
-latitude) scaled away by `floor_filter`, smoothed by a Gaussian of sqrt(30'^2 - 13.7'^2) so
+../shared/data (ICRS; the 5' map point-sampled on nside-256 pixel centres): log-intensity,
+rotated to Galactic in harmonic space, its white floor (noise, CIB and the power above the
+nside-256 grid's band that point sampling folds back: the E(B-V) map's ln-I spectrum flattens
+from l ~ 300 at high latitude) scaled away by `floor_filter`, smoothed by a Gaussian of sqrt(30'^2 - 5'^2) so
 that it has the weights' conditioning resolution (30' FWHM), stored as uK_RJ at 545 GHz, nside 256, RING.
 Rebuild it with ``python -m pysm_vaedust.template``.
 """
@@ -27,8 +28,11 @@ DEFAULT_TEMPLATE_NAME = "template_545GHz_fwhm30arcmin_nside256.fits"
 TEMPLATE_NSIDE = 256
 #: resolution of the bundled template (the conditioning FWHM of the shipped weights), deg
 TEMPLATE_FWHM_DEG = 0.5
-#: beam of the Planck 2013 E(B-V) map (Planck 2013 XI), deg
-PLANCK_EBV_FWHM_DEG = 13.7 / 60
+#: beam of the Planck 2013 E(B-V) map (Planck 2013 XI: 5'), deg. The shared file point-samples the
+#: native nside-2048 map on nside-256 centres (../shared/data/README.md): its 13.7' pixels are no
+#: beam. Taking them for one made the template 27' instead of 30' (1.5x the power at l 500 of a
+#: 30' template over l 100-200)
+PLANCK_EBV_FWHM_DEG = 5.0 / 60
 
 
 def default_template_path() -> Path:
