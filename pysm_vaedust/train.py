@@ -351,6 +351,20 @@ def data_floor(dust: DustMap, beam_fwhm_arcmin: float, box: int) -> dict:
     return {"F": fit["F"], "beam_fwhm_arcmin": float(beam_fwhm_arcmin), "box": int(box), "fit": fit}
 
 
+#: the decoder noise follows the condition on the radial bins where the decoded means carry less
+#: than this share of the data's power (and on every finer bin). Chosen on the validation split
+#: (samples / dust at l 585-1035, I^2-weighted: 0.90 with 0.5, which left bins 13-14 (l 585-630,
+#: means 0.81 / 0.52 of the data) stationary, 0.94 with 0.75, 0.96 with 0.9; brightest fifth 0.89 /
+#: 0.93 / 0.95, faintest 1.28 / 1.24 / 1.22)
+FINE_MEAN_SHARE = 0.9
+
+
+def fading_tail(below: torch.Tensor) -> torch.Tensor:
+    """(n_bins,) bool: the bins from the first one after which `below` holds in every bin (the
+    fine-scale tail where the decoded means fade; the patch-scale bins below it stay out)."""
+    return torch.flip(torch.cumprod(torch.flip(below.long(), [0]), 0), [0]).bool()
+
+
 def _fit_log_gain(features: torch.Tensor, ratio: torch.Tensor, iterations: int = 50) -> torch.Tensor:
     """theta with sum_i phi_i (r_i - exp(phi_i theta)) = 0 (quasi-Poisson moment equations, so
     the mean of exp(phi theta) matches the mean of r, also in every feature's weighting): Newton
@@ -373,8 +387,8 @@ def calibrate_decoder_noise(model: ConditionalVAE, data: tuple, seed: int, floor
     and patch, the target power is the data's minus that of the conditional decoder mean (one
     prior draw per c) minus the data's noise + CIB floor (`floor_power`, when `floor` is given
     with the weights' `normalisation` and patch `pixel_deg`: the model then carries dust only).
-    In the bins where the decoded means carry less than half of the data's power (the fine
-    scales that are noise; `noise_gain_bins`) the noise power of patch i is g_i N(k): log g_i =
+    In the bins where the decoded means carry less than FINE_MEAN_SHARE of the data's power (the
+    fine-scale tail, `fading_tail`; `noise_gain_bins`) the noise power of patch i is g_i N(k): log g_i =
     theta . [1, f_i] (f: `noise_gain_features` of c, the brightness and the amplitude of the
     condition's finest scales) fitted by `_fit_log_gain` to the patches' target power there,
     N(k) so that sum_i g_i N(k) = sum_i target_i(k); elsewhere N(k) is the mean target (g = 1,
@@ -405,7 +419,7 @@ def calibrate_decoder_noise(model: ConditionalVAE, data: tuple, seed: int, floor
         features.append(noise_gain_features(c).double().cpu())
     data_bins, mean_bins, floor_bins, f = (torch.cat(t) for t in (data_bins, mean_bins, floor_bins, features))
     target = data_bins - mean_bins - floor_bins                        # (N, n_bins)
-    fine = mean_bins.mean(0) < 0.5 * data_bins.mean(0)
+    fine = fading_tail(mean_bins.mean(0) < FINE_MEAN_SHARE * data_bins.mean(0))
     base = torch.clamp(target.mean(0), min=0.01 * data_bins.mean(0))
     ratio = (target[:, fine] * counts[fine]).sum(1) / (base[fine] * counts[fine]).sum()
     theta = _fit_log_gain(torch.cat([torch.ones(len(f), 1, dtype=f.dtype), f], 1), ratio)
