@@ -41,11 +41,12 @@ def default_template_path() -> Path:
 
 
 def smooth_log_map(log_map: np.ndarray, fwhm_deg: float, nside_out: int, coord: tuple | None = None,
-                   ell_filter: np.ndarray | None = None) -> np.ndarray:
+                   ell_filter: np.ndarray | None = None, lmax: int | None = None) -> np.ndarray:
     """Gaussian-smoothed (and optionally rotated, coord=('C', 'G')) log map at `nside_out`, RING;
-    `ell_filter` (>= lmax + 1,): a further isotropic filter of the harmonic coefficients."""
+    `ell_filter` (>= lmax + 1,): a further isotropic filter of the harmonic coefficients; `lmax`:
+    at most this multipole (default: all that both grids hold)."""
     nside_in = hp.npix2nside(len(log_map))
-    lmax = min(3 * nside_in - 1, 3 * nside_out - 1)
+    lmax = min(3 * nside_in - 1, 3 * nside_out - 1, *(() if lmax is None else (int(lmax),)))
     alm = hp.map2alm(log_map, lmax=lmax, iter=1)
     if ell_filter is not None:
         alm = hp.almxfl(alm, ell_filter[:lmax + 1])

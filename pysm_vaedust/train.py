@@ -359,10 +359,18 @@ def data_floor(dust: DustMap, beam_fwhm_arcmin: float, box: int) -> dict:
 FINE_MEAN_SHARE = 0.9
 
 
+#: radial bins that never take the gain: the patch mean and its fundamental (a gain there makes
+#: tile-sized offsets in the map, whatever the model's means carry)
+PATCH_SCALE_BINS = 2
+
+
 def fading_tail(below: torch.Tensor) -> torch.Tensor:
     """(n_bins,) bool: the bins from the first one after which `below` holds in every bin (the
-    fine-scale tail where the decoded means fade; the patch-scale bins below it stay out)."""
-    return torch.flip(torch.cumprod(torch.flip(below.long(), [0]), 0), [0]).bool()
+    fine-scale tail where the decoded means fade), never the first PATCH_SCALE_BINS; all False
+    when the finest bin does not qualify."""
+    tail = torch.flip(torch.cumprod(torch.flip(below.long(), [0]), 0), [0]).bool()
+    tail[:PATCH_SCALE_BINS] = False
+    return tail
 
 
 def _fit_log_gain(features: torch.Tensor, ratio: torch.Tensor, iterations: int = 50) -> torch.Tensor:
@@ -421,8 +429,12 @@ def calibrate_decoder_noise(model: ConditionalVAE, data: tuple, seed: int, floor
     target = data_bins - mean_bins - floor_bins                        # (N, n_bins)
     fine = fading_tail(mean_bins.mean(0) < FINE_MEAN_SHARE * data_bins.mean(0))
     base = torch.clamp(target.mean(0), min=0.01 * data_bins.mean(0))
-    ratio = (target[:, fine] * counts[fine]).sum(1) / (base[fine] * counts[fine]).sum()
-    theta = _fit_log_gain(torch.cat([torch.ones(len(f), 1, dtype=f.dtype), f], 1), ratio)
+    if fine.any():
+        ratio = (target[:, fine] * counts[fine]).sum(1) / (base[fine] * counts[fine]).sum()
+        theta = _fit_log_gain(torch.cat([torch.ones(len(f), 1, dtype=f.dtype), f], 1), ratio)
+    else:   # the means carry the finest bin: nothing for a gain to fit, one stationary noise (g = 1)
+        ratio = torch.ones(len(f), dtype=torch.float64)
+        theta = torch.zeros(1 + f.shape[1], dtype=torch.float64)
     gain = torch.exp(theta[0] + f @ theta[1:])
     noise = torch.maximum(target.sum(0) / torch.where(fine, gain.sum(), float(len(gain))), 0.01 * data_bins.mean(0))
     before = model.decoder_logvar.exp().clone()

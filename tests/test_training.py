@@ -335,3 +335,17 @@ def test_handover_coherence_tells_a_copy_from_an_independent_draw(tiny_weights, 
     assert np.all(np.abs(other["coherent"][1:]) < 0.25 * fill[1:] + 0.05)
     stored = load_weights(tiny_weights).metadata["handover_coherence"]
     assert stored["kappa"][0] == 0 and np.all(np.diff(stored["kappa"]) > 0) and stored["fwhm_pix"] > 0
+
+
+def test_fading_tail_is_the_fine_scale_run_that_reaches_the_last_bin():
+    """The gain's bins: the run of qualifying bins that ends at the finest one, never the patch
+    mean or its fundamental; none when the finest bin does not qualify."""
+    from pysm_vaedust.train import PATCH_SCALE_BINS, fading_tail
+
+    def tail(flags):
+        return fading_tail(torch.tensor(flags, dtype=torch.bool)).tolist()
+
+    assert tail([0, 0, 1, 0, 1, 1, 1]) == [False] * 4 + [True] * 3      # a gap: only the run to the end
+    assert tail([0, 0, 1, 1, 1, 1, 0]) == [False] * 7                    # the finest bin does not qualify
+    assert tail([1] * 7) == [False] * PATCH_SCALE_BINS + [True] * (7 - PATCH_SCALE_BINS)
+    assert tail([0] * 7) == [False] * 7
