@@ -1,0 +1,86 @@
+"""Seams per cascade level (issue 21): is each level's blended field uniform across its tiling?
+
+On a constant template every tile of a level sees the same condition, so the level's small-scale
+field (`Renderer.level_field`, at the level's working nside, the conditions of every level taken
+from the flat template alone) is statistically stationary: its variance must not depend on where a
+pixel sits in the tiling. Per level and seed, the pixels are binned in fifths of their distance to
+the centre of the tile (a tile_nside HEALPix pixel) they lie in; the variance per fifth over the
+level's mean, averaged over the seeds, must lie within max(3 %, 3 standard errors of that mean)
+of 1 (issue 21's target).
+
+    python benchmarks/seams.py --nside 256 512 1024 2048 --seeds 0 1 2 3 --json benchmarks/seams.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import healpy as hp
+import numpy as np
+
+from pysm_vaedust import VAEDust
+from pysm_vaedust.healpix import interpolate_at_pixels
+from pysm_vaedust.renderer import working_nside
+
+N_BINS = 5
+
+
+def distance_to_tile_centre(level, nside: int) -> np.ndarray:
+    """(npix,) degrees from each pixel of `nside` to the centre of the level's tile it lies in."""
+    vec = np.stack(hp.pix2vec(nside, np.arange(hp.nside2npix(nside))), 1)
+    tile = hp.vec2pix(level.tile_nside, *vec.T)
+    centre = np.stack(hp.pix2vec(level.tile_nside, tile), 1)
+    return np.degrees(np.arccos(np.clip(np.sum(vec * centre, 1), -1.0, 1.0)))
+
+
+def variance_by_distance(field: np.ndarray, distance: np.ndarray) -> np.ndarray:
+    """(N_BINS,) variance of `field` per fifth of `distance` over the field's variance."""
+    edges = np.quantile(distance, np.linspace(0, 1, N_BINS + 1))
+    which = np.clip(np.searchsorted(edges, distance) - 1, 0, N_BINS - 1)
+    field = field.astype(np.float64)
+    return np.array([field[which == k].var() for k in range(N_BINS)]) / field.var()
+
+
+def seams_of_level(flat: VAEDust, level, nside: int, seeds) -> dict:
+    """One level's variance per distance fifth (mean over `seeds`, its standard error), printed."""
+    work = working_nside(level, nside)
+    coarse = interpolate_at_pixels(flat.log_template, work, None)
+    distance = distance_to_tile_centre(level, work)
+    start = time.time()
+    ratios = np.array([variance_by_distance(flat.renderer.level_field(level, work, seed, None, coarse)[0], distance)
+                       for seed in seeds], dtype=np.float64)
+    mean = ratios.mean(0)
+    se = ratios.std(0, ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else np.zeros(N_BINS)
+    tolerance = np.maximum(0.03, 3 * se)
+    ok = bool(np.all(np.abs(mean - 1) <= tolerance))
+    print(f"nside {nside} level {level.index} (factor {level.factor}, working nside {work}): variance / mean, tile "
+          f"centre -> edge {np.round(mean, 3).tolist()} (SE {np.round(se, 4).tolist()}): {'PASS' if ok else 'MISS'}",
+          flush=True)
+    return {"index": level.index, "factor": level.factor, "working_nside": work,
+            "variance_over_mean_centre_to_edge": mean.tolist(), "standard_error": se.tolist(),
+            "tolerance": tolerance.tolist(), "pass": ok, "seconds": time.time() - start}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nside", type=int, nargs="+", default=[512])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    out = {"seeds": args.seeds, "target": "within max(3 %, 3 SE) of 1", "nside": {}}
+    for nside in args.nside:
+        out["nside"][str(nside)] = levels = []
+        flat = VAEDust(nside=nside, template=np.full(hp.nside2npix(64), 100.0), template_freq="545 GHz",
+                       polarization=False)
+        for level in flat.renderer.levels(nside):
+            levels.append(seams_of_level(flat, level, nside, args.seeds))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
