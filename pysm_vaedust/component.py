@@ -29,6 +29,7 @@ from pysm3.models.template import Model
 
 from .checks import (check_bandpass, check_bool, check_frequency, check_int, check_nside, check_path,
                      check_pixel_indices, check_real, check_seed)
+from .cutouts import smoothing_lmax
 from .data import BETA_DUST, T_DUST_K, check_positive_finite, log_offset_to_100um
 from .polarization import (GNILC_POL_FWHM_DEG, POL_WORK_NSIDE, TE_CORRELATION, PolarizationTemplate,
                            default_pol_template_path, read_pol_template)
@@ -281,9 +282,9 @@ class VAEDust(Model):
         target = fwhm / start
         if beam >= 0.99 * target and hp.npix2nside(values.size) == TEMPLATE_WORK_NSIDE:
             return float(freq), log_values, start
-        # multipoles where the working resolution's Gaussian has fallen below e^-18 (l 1621 at 30')
-        # carry nothing the conditions can see: an nside-2048 template then costs 4 s, not 12
-        lmax = int(np.ceil(6 * np.sqrt(8 * np.log(2)) / np.radians(target)))
+        # multipoles where the working resolution's Gaussian has fallen below 1e-8 (l 1640 at 30')
+        # carry nothing the conditions can see: an nside-2048 template then costs 5 s, not 12
+        lmax = smoothing_lmax(hp.npix2nside(values.size), target)
         return float(freq), smooth_log_map(log_values, np.sqrt(max(target**2 - beam**2, 0.0)),
                                            TEMPLATE_WORK_NSIDE, lmax=lmax), start
 

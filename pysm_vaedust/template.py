@@ -46,7 +46,7 @@ def smooth_log_map(log_map: np.ndarray, fwhm_deg: float, nside_out: int, coord: 
     `ell_filter` (>= lmax + 1,): a further isotropic filter of the harmonic coefficients; `lmax`:
     at most this multipole (default: all that both grids hold)."""
     nside_in = hp.npix2nside(len(log_map))
-    lmax = min(3 * nside_in - 1, 3 * nside_out - 1, *(() if lmax is None else (int(lmax),)))
+    lmax = min(3 * nside_in - 1, 3 * nside_out - 1, 3 * nside_in - 1 if lmax is None else int(lmax))
     alm = hp.map2alm(log_map, lmax=lmax, iter=1)
     if ell_filter is not None:
         alm = hp.almxfl(alm, ell_filter[:lmax + 1])
