@@ -45,6 +45,20 @@ def check_nside(value, name: str = "nside") -> int:
     return nside
 
 
+def check_float_dtype(value, name: str = "dtype") -> np.dtype:
+    """float32 or float64 (a numpy dtype, type or its name)."""
+    if value is None or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}={_show(value)}: expected float32 or float64")
+    try:
+        dtype = np.dtype(value)
+    except TypeError:
+        raise (ValueError if isinstance(value, str) else TypeError)(
+            f"{name}={_show(value)}: expected float32 or float64") from None
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"{name}={_show(value)}: expected float32 or float64")
+    return dtype
+
+
 def check_bool(value, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}={_show(value)}: expected True or False, got {type(value).__name__}")

@@ -4,12 +4,16 @@
   the fly) give healpy's `get_interp_val` numbers (the same four pixels and weights,
   Healpix_Base::get_interpol) to float64 rounding, in parallel and without the direction,
   (theta, phi) and weight arrays healpy needs.
+  Both read a whole map or a `BandMap` (the map on a band of whole rings: what a chunk of the
+  sky needs, so that no full-sky array of a fine nside is ever made).
 - `disc_pixels` / `discs_pixels`: `hp.query_disc`'s pixel sets, callable inside numba kernels.
 - `map2alm` / `alm2map_spin`: healpy's `map2alm(iter=0)` / `alm2map_spin` (same alm layout,
   agreement to 1e-11), multithreaded.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import ducc0
 import healpy as hp
@@ -95,9 +99,10 @@ def _ring_pair(nside, ring, phi):
 
 
 @njit(cache=True, inline="always")
-def _interpolate(values, nside, ring_theta, theta, phi):
+def _interpolate(values, first, nside, ring_theta, theta, phi):
     """healpy's bilinear interpolation (Healpix_Base::get_interpol) of a RING map at (theta, phi),
-    0 <= phi < 2 pi; ring_theta = `_ring_colatitudes(nside)`."""
+    0 <= phi < 2 pi; ring_theta = `_ring_colatitudes(nside)`; `values` holds pixels first,
+    first + 1, ... (a `BandMap`): NaN where a pixel it needs is not among them."""
     npix = 12 * nside * nside
     ir1 = _ring_above(nside, np.cos(theta))
     ir2 = ir1 + 1
@@ -128,15 +133,19 @@ def _interpolate(values, nside, ring_theta, theta, phi):
         wtheta = (theta - theta1) / (ring_theta[ir2] - theta1)
         w0, w1 = w0 * (1.0 - wtheta), w1 * (1.0 - wtheta)
         w2, w3 = w2 * wtheta, w3 * wtheta
+    p0, p1, p2, p3 = p0 - first, p1 - first, p2 - first, p3 - first
+    n = values.size
+    if min(p0, p1, p2, p3) < 0 or max(p0, p1, p2, p3) >= n:
+        return np.nan
     return w0 * values[p0] + w1 * values[p1] + w2 * values[p2] + w3 * values[p3]
 
 
 @njit(cache=True, inline="always")
-def _interpolate_at_pixel(values, nside_in, ring_theta, nside, out_theta, pix):
+def _interpolate_at_pixel(values, first, nside_in, ring_theta, nside, out_theta, pix):
     """`_interpolate` at the centre of RING pixel `pix` of `nside` (out_theta: its ring colatitudes)."""
     ring, i = _pixel_ring(nside, pix)
     _, length, _, _, shifted = ring_info(nside, ring)
-    return _interpolate(values, nside_in, ring_theta, out_theta[ring], (i + 0.5 * shifted) * (2 * np.pi / length))
+    return _interpolate(values, first, nside_in, ring_theta, out_theta[ring], (i + 0.5 * shifted) * (2 * np.pi / length))
 
 
 @njit(cache=True, inline="always")
@@ -229,21 +238,21 @@ def discs_pixels(nside, centres, radius):
 
 
 @njit(cache=True, parallel=True)
-def _interpolate_pixels(values, nside_in, nside, pixels, out):
+def _interpolate_pixels(values, first, nside_in, nside, pixels, out):
     ring_theta, out_theta = _ring_colatitudes(nside_in), _ring_colatitudes(nside)
     for m in prange(pixels.size):
-        out[m] = _interpolate_at_pixel(values, nside_in, ring_theta, nside, out_theta, pixels[m])
+        out[m] = _interpolate_at_pixel(values, first, nside_in, ring_theta, nside, out_theta, pixels[m])
 
 
 @njit(cache=True, parallel=True)
-def _interpolate_all_pixels(values, nside_in, nside, out):
+def _interpolate_pixel_range(values, first, nside_in, nside, start, out):
     ring_theta, out_theta = _ring_colatitudes(nside_in), _ring_colatitudes(nside)
     for m in prange(out.size):
-        out[m] = _interpolate_at_pixel(values, nside_in, ring_theta, nside, out_theta, m)
+        out[m] = _interpolate_at_pixel(values, first, nside_in, ring_theta, nside, out_theta, start + m)
 
 
 @njit(cache=True, parallel=True)
-def _interpolate_grids(values, nside, basis, offsets, out):
+def _interpolate_grids(values, first, nside, basis, offsets, out):
     ring_theta = _ring_colatitudes(nside)
     n = offsets.size
     for k in prange(basis.shape[0] * n):
@@ -253,52 +262,123 @@ def _interpolate_grids(values, nside, basis, offsets, out):
             y = basis[p, 0, 1] + offsets[col] * basis[p, 1, 1] + offsets[row] * basis[p, 2, 1]
             z = basis[p, 0, 2] + offsets[col] * basis[p, 1, 2] + offsets[row] * basis[p, 2, 2]
             phi = np.arctan2(y, x)
-            out[p, row, col] = _interpolate(values, nside, ring_theta, np.arctan2(np.sqrt(x * x + y * y), z),
+            out[p, row, col] = _interpolate(values, first, nside, ring_theta, np.arctan2(np.sqrt(x * x + y * y), z),
                                             phi + 2 * np.pi if phi < 0.0 else phi)
 
 
-def _map_nside(values: np.ndarray) -> tuple[np.ndarray, int]:
-    values = np.ascontiguousarray(values, dtype=None if np.asarray(values).dtype in (np.float32, np.float64)
-                                  else np.float64)
-    if values.ndim != 1 or not hp.isnpixok(values.size):
-        raise ValueError(f"a HEALPix map of shape {values.shape}: expected one RING map of 12 nside^2 pixels")
-    return values, hp.npix2nside(values.size)
+@dataclass(frozen=True)
+class RingBand:
+    """Whole rings first_ring..last_ring (1 .. 4 nside - 1) of a RING grid of `nside`: the pixels
+    first_pixel .. first_pixel + n_pixels - 1."""
+
+    nside: int
+    first_ring: int
+    last_ring: int
+
+    @classmethod
+    def full(cls, nside: int) -> "RingBand":
+        return cls(int(nside), 1, 4 * int(nside) - 1)
+
+    @classmethod
+    def covering(cls, nside: int, theta_min: float, theta_max: float) -> "RingBand":
+        """The rings from the one north of colatitude `theta_min` (rad) to the one south of
+        `theta_max`: what a bilinear interpolation anywhere in between reads."""
+        nside = int(nside)
+        first = max(int(_ring_above(nside, np.cos(max(theta_min, 0.0)))), 1)
+        last = min(int(_ring_above(nside, np.cos(min(theta_max, np.pi)))) + 1, 4 * nside - 1)
+        return cls(nside, first, last)
+
+    @property
+    def first_pixel(self) -> int:
+        return int(ring_info(self.nside, self.first_ring)[0])
+
+    @property
+    def n_pixels(self) -> int:
+        start, length = ring_info(self.nside, self.last_ring)[:2]
+        return int(start + length) - self.first_pixel
+
+    @property
+    def colatitudes(self) -> tuple[float, float]:
+        """Colatitudes (rad) of the first and last rings' centres."""
+        _, _, z_first, sin_first, _ = ring_info(self.nside, self.first_ring)
+        _, _, z_last, sin_last, _ = ring_info(self.nside, self.last_ring)
+        return float(np.arctan2(sin_first, z_first)), float(np.arctan2(sin_last, z_last))
+
+    def pixels(self) -> np.ndarray:
+        return np.arange(self.first_pixel, self.first_pixel + self.n_pixels, dtype=np.int64)
 
 
-def interpolate_on_grids(values: np.ndarray, basis: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Bilinear samples (P, n, n) float64 of a RING map on gnomonic grids: point (row, col) of grid
-    p is the direction of basis[p, 0] + offsets[col] basis[p, 1] + offsets[row] basis[p, 2]
-    (basis (P, 3, 3): centre, x and y unit vectors; offsets (n,) tangent-plane coordinates)."""
-    values, nside = _map_nside(values)
+@dataclass
+class BandMap:
+    """A RING map of `nside` known on a band of whole rings: values[i] is pixel first_pixel + i."""
+
+    values: np.ndarray
+    nside: int
+    first_pixel: int = 0
+
+
+def _band(values) -> tuple[np.ndarray, int, int]:
+    """(values float32/float64 contiguous, nside, first pixel) of a RING map or a `BandMap`."""
+    if isinstance(values, BandMap):
+        values, nside, first = values.values, values.nside, values.first_pixel
+    else:
+        values = np.asarray(values)
+        if values.ndim != 1 or not hp.isnpixok(values.size):
+            raise ValueError(f"a HEALPix map of shape {values.shape}: expected one RING map of 12 nside^2 pixels")
+        nside, first = hp.npix2nside(values.size), 0
+    values = np.ascontiguousarray(values, dtype=None if values.dtype in (np.float32, np.float64) else np.float64)
+    return values, int(nside), int(first)
+
+
+def interpolate_on_grids(values, basis: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Bilinear samples (P, n, n) float64 of a RING map (or `BandMap`) on gnomonic grids: point
+    (row, col) of grid p is the direction of basis[p, 0] + offsets[col] basis[p, 1] + offsets[row]
+    basis[p, 2] (basis (P, 3, 3): centre, x and y unit vectors; offsets (n,) tangent-plane
+    coordinates). NaN where a band lacks the pixels a sample needs."""
+    values, nside, first = _band(values)
     basis = np.ascontiguousarray(basis, dtype=np.float64)
     offsets = np.ascontiguousarray(offsets, dtype=np.float64)
     out = np.empty((len(basis), len(offsets), len(offsets)))
-    _interpolate_grids(values, nside, basis, offsets, out)
+    _interpolate_grids(values, first, nside, basis, offsets, out)
     return out
 
 
-def interpolate_at_pixels(values: np.ndarray, nside: int, pixels: np.ndarray | None = None,
-                          dtype=np.float64) -> np.ndarray:
-    """Bilinear samples of a RING map `values` (any nside) at the centres of RING `pixels` of
-    `nside` (None = all), as `dtype` (a new array); at its own nside the map's values themselves."""
-    values, nside_in = _map_nside(values)
-    if nside_in == nside:   # at its own pixel centres a map interpolates to itself
-        return (values if pixels is None else values[pixels]).astype(dtype, copy=True)
+def interpolate_at_pixels(values, nside: int, pixels=None, dtype=np.float64) -> np.ndarray:
+    """Bilinear samples of a RING map (any nside) or `BandMap` at the centres of `pixels` of
+    `nside`: an array of RING pixel indices, a `RingBand` of `nside` or None (all), as `dtype` (a
+    new array); at its own nside the map's values themselves. NaN where a band lacks the pixels
+    a sample needs."""
+    values, nside_in, first = _band(values)
     if pixels is None:
-        out = np.empty(hp.nside2npix(nside), dtype=dtype)
-        _interpolate_all_pixels(values, nside_in, int(nside), out)
-    else:
+        pixels = RingBand.full(nside)
+    if isinstance(pixels, RingBand) and pixels.nside != nside:
+        raise ValueError(f"a band of nside {pixels.nside} for pixels of nside {nside}")
+    if not isinstance(pixels, RingBand):
         pixels = np.ascontiguousarray(pixels, dtype=np.int64)
         if pixels.size and (pixels.min() < 0 or pixels.max() >= hp.nside2npix(nside)):
             raise ValueError(f"pixels outside 0..{hp.nside2npix(nside) - 1} (nside {nside})")
+    if nside_in == nside:   # at its own pixel centres a map interpolates to itself
+        if isinstance(pixels, RingBand):
+            lo, hi = pixels.first_pixel, pixels.first_pixel + pixels.n_pixels - 1
+            own = slice(lo - first, hi - first + 1)
+        else:
+            lo, hi = (int(pixels.min()), int(pixels.max())) if pixels.size else (first, first)
+            own = pixels - first
+        if lo < first or hi >= first + values.size:
+            raise ValueError(f"pixels {lo}..{hi} outside the band's {first}..{first + values.size - 1}")
+        return values[own].astype(dtype, copy=True)
+    if isinstance(pixels, RingBand):
+        out = np.empty(pixels.n_pixels, dtype=dtype)
+        _interpolate_pixel_range(values, first, nside_in, int(nside), pixels.first_pixel, out)
+    else:
         out = np.empty(len(pixels), dtype=dtype)
-        _interpolate_pixels(values, nside_in, int(nside), pixels, out)
+        _interpolate_pixels(values, first, nside_in, int(nside), pixels, out)
     return out
 
 
 def map2alm(values: np.ndarray, lmax: int) -> np.ndarray:
     """healpy's `map2alm(values, lmax, iter=0)` (complex128, healpy order) of a RING map."""
-    values, nside = _map_nside(values)
+    values, nside, _ = _band(values)
     geometry = ducc0.healpix.Healpix_Base(nside, "RING").sht_info()
     alm = ducc0.sht.adjoint_synthesis(map=np.asarray(values, dtype=np.float64)[None], lmax=int(lmax), spin=0,
                                       nthreads=0, **geometry)[0]
@@ -313,5 +393,5 @@ def alm2map_spin(alms, nside: int, lmax: int) -> np.ndarray:
                                **geometry)
 
 
-__all__ = ["alm2map_spin", "disc_capacity", "disc_pixels", "disc_runs", "discs_pixels", "interpolate_at_pixels",
+__all__ = ["BandMap", "RingBand", "alm2map_spin", "disc_capacity", "disc_pixels", "disc_runs", "discs_pixels", "interpolate_at_pixels",
            "interpolate_on_grids", "map2alm", "ring_info", "ring_pix2vec"]

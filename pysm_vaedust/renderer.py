@@ -33,9 +33,9 @@ from tqdm import tqdm
 
 from .checks import check_int
 from .cutouts import PatchGeometry, condition_input, oversampling, sample_patches
-from .healpix import interpolate_at_pixels
-from .tiling import (CascadeLevel, PatchSet, Resampler, blended, cascade_levels, patch_normals, resampling_matrix,
-                     tile_centres)
+from .healpix import BandMap, RingBand, interpolate_at_pixels
+from .tiling import (CascadeLevel, PatchSet, Resampler, blended, cascade_levels, footprint_radius, patch_normals,
+                     resampling_matrix, tile_centres, tiles_near)
 from .weights import Weights
 
 #: multipole (in units of nside) where the reprojection's band limit starts (ends at 1.5x):
@@ -164,85 +164,122 @@ class Renderer:
         scale = level.amplitude * norm["log_scale"]
         return torch.stack([scale * mean + level.amplitude * norm["log_mean"], scale * noise])
 
-    def level_field(self, level: CascadeLevel, nside: int, seed: int, pixels: np.ndarray | None,
-                    coarse_map: np.ndarray, next_fwhm_deg: float | None = None, bar=None):
-        """One level's blended small scales at `pixels` of `nside` (None = all), float32,
-        conditioned on `coarse_map` (decoded means blended as a partition of unity, decoder noise
-        variance-preserving: `tiling.blended`), and None; with `next_fwhm_deg` (the next level's
-        conditioning FWHM) instead what this level keeps beside the next one, and the next
-        level's view of it (seen through that Gaussian). Both come from `resampler`. Batches of
-        `batch_size` tiles are decoded and blended in order (bit-reproducible)."""
-        n_out = hp.nside2npix(nside) if pixels is None else len(pixels)
-        lookup = None
-        if pixels is not None:
-            lookup = np.full(hp.nside2npix(nside), -1, dtype=np.int64)
-            lookup[pixels] = np.arange(len(pixels))
+    def level_field(self, level: CascadeLevel, nside: int, seed: int, pixels, coarse_map, next_fwhm_deg: float | None = None,
+                    bar=None):
+        """One level's blended small scales at `pixels` of `nside` (None = all, a `RingBand`, or
+        RING pixel indices), float32, conditioned on `coarse_map` (a map or `BandMap` holding
+        every pixel the touching tiles' condition grids read; decoded means blended as a
+        partition of unity, decoder noise variance-preserving: `tiling.blended`), and None; with
+        `next_fwhm_deg` (the next level's conditioning FWHM) instead what this level keeps beside
+        the next one, and the next level's view of it (seen through that Gaussian). Both come
+        from `resampler`. Only the batches of `batch_size` tiles that can reach the pixels are
+        decoded, in order; each batch whole (bit-reproducible whatever the pixels)."""
+        pixels = RingBand.full(nside) if pixels is None else pixels
+        if isinstance(pixels, RingBand):
+            lookup, first, n_out = None, pixels.first_pixel, pixels.n_pixels
+            theta_min, theta_max = pixels.colatitudes
+        else:
+            pixels = np.asarray(pixels, dtype=np.int64)
+            first, n_out = int(pixels.min()), len(pixels)
+            lookup = np.full(int(pixels.max()) - first + 1, -1, dtype=np.int64)
+            lookup[pixels - first] = np.arange(n_out)
+            theta_min, theta_max = hp.pix2ang(nside, [first, int(pixels.max())])[0]
         resamplers = ([self.resampler(level, nside)] if next_fwhm_deg is None else
                       [self.resampler(level, nside, handover_fwhm_deg=next_fwhm_deg),
                        self.resampler(level, nside, smooth_fwhm_deg=next_fwhm_deg)])
         sums = np.zeros((2 * len(resamplers) + 2, n_out), dtype=np.float32)
-        for start in range(0, level.n_tiles, self.batch_size):
+        near_start, near_stop = tiles_near(level, theta_min, theta_max)
+        for start in range(near_start - near_start % self.batch_size, near_stop, self.batch_size):
             ids = np.arange(start, min(start + self.batch_size, level.n_tiles))
-            patches = PatchSet(nside, level, ids, lookup)
+            patches = PatchSet(nside, level, ids, lookup, first, n_out)
             if len(patches.used):
-                # the whole batch of tile ids is decoded, used or not: the convolutions' numbers
-                # depend on the batch, and partial skies (MPI ranks) must equal the full sky bit for bit
-                decoded = self.decode(level, self.conditions(level, coarse_map, ids),
-                                      patch_normals(seed, level.index, ids, self.normals_size), ids)
+                # the whole batch of tile ids is decoded (the convolutions' numbers depend on the
+                # batch's size, not on the other rows' values): the tiles touching no pixel get
+                # zero conditions and normals, so partial skies equal the full sky bit for bit
+                used = patches.used
+                m = self.vae.config.condition_npix
+                conditions = np.zeros((len(ids), 2, m, m), dtype=np.float32)
+                conditions[used] = self.conditions(level, coarse_map, ids[used])
+                normals = np.zeros((len(ids), self.normals_size), dtype=np.float32)
+                normals[used] = patch_normals(seed, level.index, ids[used], self.normals_size)
+                decoded = self.decode(level, conditions, normals, ids)
                 with torch.no_grad():
                     fields = torch.cat([resample(decoded) for resample in resamplers]).cpu().numpy()
                 patches.accumulate(fields, sums)
-            if bar is not None:
-                bar.update(len(ids))
+        if bar is not None:
+            bar.update(level.n_tiles)
         if np.any(sums[-2] <= 0):
             raise RuntimeError(f"cascade level {level.index}: {int(np.sum(sums[-2] <= 0))} pixels "
                                "not covered by any patch (tiling bug)")
         return blended(sums, 0), (blended(sums, 1) if len(resamplers) > 1 else None)
 
+    def bands(self, levels: list[CascadeLevel], nside: int, pixels: np.ndarray | None) -> list[RingBand]:
+        """The pixels each level before the last computes, as bands of whole rings at its working
+        nside: what the next level's tiles touching the pixels it computes read (their condition
+        grids, within two footprint radii), down to the last level's `pixels` of `nside` (None =
+        all): the whole sky for a full map, the chunk plus a halo for a chunk."""
+        if pixels is None:
+            theta_min, theta_max = 0.0, np.pi
+        else:
+            theta_min, theta_max = hp.pix2ang(nside, [int(np.min(pixels)), int(np.max(pixels))])[0]
+            theta_min -= np.pi / working_nside(levels[-1], nside)   # the last level's neighbours when interpolated
+            theta_max += np.pi / working_nside(levels[-1], nside)
+        bands = []
+        for level, following in zip(levels[-2::-1], levels[:0:-1]):
+            reach = 2 * footprint_radius(following.geometry)
+            band = RingBand.covering(working_nside(level, nside), theta_min - reach, theta_max + reach)
+            theta_min, theta_max = band.colatitudes
+            bands.insert(0, band)
+        return bands
+
     def field(self, nside: int, seed: int, pixels: np.ndarray | None, log_template: np.ndarray,
               cascade: bool = True, progress: bool = False) -> np.ndarray:
         """R + delta (see the module doc) at `pixels` (RING; None = full sky), float32, for the
-        log template `log_template` (RING, any nside). Levels before the last are computed on the
-        whole sky at their working nside (every MPI rank the same), the last on `pixels` only
-        (at a lower working nside and bilinearly interpolated when the output pixel is much finer
-        than the level's)."""
-        pixels_out = np.arange(hp.nside2npix(nside)) if pixels is None else pixels
+        log template `log_template` (RING, any nside). Levels before the last are computed on
+        bands of whole rings at their working nside (`bands`: the chunk and a halo), the last on
+        `pixels` only (at a lower working nside and bilinearly interpolated when the output pixel
+        is much finer than the level's)."""
         levels = self.levels(nside, cascade)
         fwhm0 = float(self.normalisation["template_fwhm_deg"])
         coarse_map, kept = log_template, None   # the field so far as the next level sees it; R
         with tqdm(total=sum(lv.n_tiles for lv in levels), desc=f"VAEDust nside {nside}", unit="patch",
                   disable=not progress) as bar:
-            for level, following in zip(levels[:-1], levels[1:]):
-                work = working_nside(level, nside)
-                own, seen = self.level_field(level, work, seed, None, coarse_map, fwhm0 / following.factor, bar)
+            for level, following, band in zip(levels[:-1], levels[1:], self.bands(levels, nside, pixels)):
+                own, seen = self.level_field(level, band.nside, seed, band, coarse_map, fwhm0 / following.factor, bar)
                 if kept is not None:
-                    previous = interpolate_at_pixels(kept, work, None, np.float32)
-                    own, seen = own + previous, seen + previous
-                kept = own
-                coarse_map = interpolate_at_pixels(log_template, work, None) + seen
+                    previous = interpolate_at_pixels(kept, band.nside, band, np.float32)
+                    own += previous
+                    seen += previous
+                    del previous
+                kept = BandMap(own, band.nside, band.first_pixel)
+                coarse = interpolate_at_pixels(log_template, band.nside, band)
+                coarse += seen
+                coarse_map = BandMap(coarse, band.nside, band.first_pixel)
+                del seen, coarse
             last = levels[-1]
             work = working_nside(last, nside)
             if work == nside:
                 delta, _ = self.level_field(last, nside, seed, pixels, coarse_map, None, bar)
             else:
-                delta = self.interpolated_level_field(last, work, nside, seed, pixels_out, coarse_map, bar)
+                delta = self.interpolated_level_field(last, work, nside, seed, pixels, coarse_map, bar)
         if kept is not None:
             delta += interpolate_at_pixels(kept, nside, pixels, np.float32)
         return delta
 
-    def interpolated_level_field(self, level, work_nside, nside, seed, pixels_out, coarse_map, bar):
+    def interpolated_level_field(self, level, work_nside, nside, seed, pixels, coarse_map, bar):
         """A level computed at `work_nside` on the pixels bilinear interpolation needs, then
-        interpolated to `pixels_out` of `nside` (float32)."""
-        full = np.zeros(hp.nside2npix(work_nside), dtype=np.float32)
-        if len(pixels_out) == hp.nside2npix(nside):
-            full[:] = self.level_field(level, work_nside, seed, None, coarse_map, None, bar)[0]
-        else:
-            needed = np.zeros(len(full), dtype=bool)
-            for start in range(0, len(pixels_out), PIXEL_CHUNK):
-                pix = pixels_out[start:start + PIXEL_CHUNK]
-                needed[hp.get_interp_weights(work_nside, *hp.pix2ang(nside, pix))[0].ravel()] = True
-            full[needed] = self.level_field(level, work_nside, seed, np.flatnonzero(needed), coarse_map, None, bar)[0]
-        return interpolate_at_pixels(full, nside, pixels_out, np.float32)
+        interpolated to `pixels` of `nside` (None = all; float32)."""
+        if pixels is None:
+            field = self.level_field(level, work_nside, seed, None, coarse_map, None, bar)[0]
+            return interpolate_at_pixels(field, nside, None, np.float32)
+        needed = np.zeros(hp.nside2npix(work_nside), dtype=bool)
+        for start in range(0, len(pixels), PIXEL_CHUNK):
+            pix = pixels[start:start + PIXEL_CHUNK]
+            needed[hp.get_interp_weights(work_nside, *hp.pix2ang(nside, pix))[0].ravel()] = True
+        needed = np.flatnonzero(needed)
+        span = np.zeros(needed[-1] - needed[0] + 1, dtype=np.float32)
+        span[needed - needed[0]] = self.level_field(level, work_nside, seed, needed, coarse_map, None, bar)[0]
+        return interpolate_at_pixels(BandMap(span, work_nside, int(needed[0])), nside, pixels, np.float32)
 
 
 def start_factor(beam_deg: float, fwhm_deg: float) -> float:

@@ -29,7 +29,7 @@ import torch
 from numba import njit, prange
 
 from .cutouts import PatchGeometry, tangent_basis
-from .healpix import disc_capacity, disc_pixels, disc_runs, discs_pixels, ring_info, ring_pix2vec
+from .healpix import RingBand, disc_capacity, disc_pixels, disc_runs, discs_pixels, ring_info, ring_pix2vec
 
 #: tile_nside of level 0 (3.66 deg spacing for 8 deg patches); level n uses BASE_TILE_NSIDE * factor.
 BASE_TILE_NSIDE = 16
@@ -237,14 +237,25 @@ def _footprint_kernel(nside, pixels, patch, basis, half, pix_rad, npix, row, col
         row[m], col[m], weight[m] = _project(vx, vy, vz, basis, patch[m], half, pix_rad, npix)
 
 
+@njit(cache=True, inline="always")
+def _position(pixel, first, lookup, n_range):
+    """Output position of RING `pixel`: lookup[pixel - first] (-1 = not computed), or with an
+    empty lookup pixel - first itself; -1 outside first .. first + n_range - 1."""
+    q = pixel - first
+    if q < 0 or q >= n_range:
+        return -1
+    return q if lookup.size == 0 else lookup[q]
+
+
 @njit(cache=True, parallel=True)
-def _blend_kernel(nside, basis, radius, half, pix_rad, lookup, fields, sums, n_parts):
+def _blend_kernel(nside, basis, radius, half, pix_rad, first, lookup, fields, sums, n_parts):
     """sums (F + 2, n_out) += (w f_0, ..., w f_{F-1}, w, w^2) of every patch p of `fields` (F, P,
-    n, n) at the pixels of its disc (lookup: pixel -> output position, -1 = not computed; empty =
-    identity). Task t of `n_parts` owns the pixels of the rings r with r % n_parts == t; per
-    pixel the patches add up in their order, so the sums do not depend on n_parts."""
+    n, n) at the pixels of its disc (`_position`: lookup[pixel - first] = output position, -1 =
+    not computed; empty = pixel - first). Task t of `n_parts` owns the pixels of the rings r with
+    r % n_parts == t; per pixel the patches add up in their order, so the sums do not depend on
+    n_parts."""
     n_fields, npix = fields.shape[0], fields.shape[2]
-    identity = lookup.size == 0
+    n_range = sums.shape[1] if lookup.size == 0 else lookup.size
     for part in prange(n_parts):
         runs = np.empty((4 * nside, 3), dtype=np.int64)
         for p in range(basis.shape[0]):
@@ -257,8 +268,7 @@ def _blend_kernel(nside, basis, radius, half, pix_rad, lookup, fields, sums, n_p
                 cos_phi, sin_phi = np.cos(phi), np.sin(phi)           # advanced by rotation along the run
                 cos_step, sin_step = np.cos(step), np.sin(step)
                 for i in range(runs[r, 1], runs[r, 2] + 1):
-                    pixel = start + (i % length)
-                    q = pixel if identity else lookup[pixel]
+                    q = _position(start + (i % length), first, lookup, n_range)
                     if q >= 0:
                         row, col, w = _project(sin_theta * cos_phi, sin_theta * sin_phi, vz, basis, p, half,
                                                pix_rad, npix)
@@ -278,53 +288,76 @@ def _blended_kernel(sums, view, out):
 
 
 @njit(cache=True)
-def _touched_kernel(nside, basis, radius, lookup, touched):
+def _touched_kernel(nside, basis, radius, first, lookup, n_range, touched):
     buffer = np.empty(disc_capacity(nside, radius), dtype=np.int64)
     for p in range(basis.shape[0]):
         count = disc_pixels(nside, basis[p, 0], radius, buffer)
         for m in range(count):
-            if lookup[buffer[m]] >= 0:
+            if _position(buffer[m], first, lookup, n_range) >= 0:
                 touched[p] = True
                 break
 
 
+def footprint_radius(geometry: PatchGeometry) -> float:
+    """Radius (rad) of the disc that holds a patch of `geometry` (its corners, 1 % to spare)."""
+    return float(np.arctan(np.tan(np.radians(0.5 * geometry.size_deg)) * np.sqrt(2)) * 1.01)
+
+
+def tiles_near(level: CascadeLevel, theta_min: float, theta_max: float) -> tuple[int, int]:
+    """(start, stop): the tile ids (RING, so ring by ring) of every tile of `level` whose patch
+    can reach colatitudes theta_min..theta_max (rad): centres within its footprint radius."""
+    margin = footprint_radius(level.geometry)
+    band = RingBand.covering(level.tile_nside, theta_min - margin, theta_max + margin)
+    return band.first_pixel, band.first_pixel + band.n_pixels
+
+
 class PatchSet:
     """The tiles `ids` of a level, their tangent bases and the disc (circumscribing each patch)
-    whose `nside` RING pixels they blend into, those this process computes (pixel_lookup >= 0);
-    `used`: the tiles touching any of them. Grid coordinates are on the reprojection's fine grid
-    (UPSAMPLE points per patch pixel).
+    whose `nside` RING pixels they blend into, those this process computes; `used`: the tiles
+    touching any of them. Grid coordinates are on the reprojection's fine grid (UPSAMPLE points
+    per patch pixel).
 
-    pixel_lookup: optional (12 nside^2,) int64 map from global pixel to output position (-1 = not
-    computed here, e.g. another MPI rank's pixel); default identity (full sky)."""
+    The pixels computed: pixel_lookup[pixel - first_pixel] = output position, -1 = not computed
+    here (another chunk's or MPI rank's); without pixel_lookup, pixels first_pixel ..
+    first_pixel + n_pixels - 1 in order (default: the whole sky)."""
 
-    def __init__(self, nside: int, level: CascadeLevel, ids: np.ndarray, pixel_lookup: np.ndarray | None = None):
+    def __init__(self, nside: int, level: CascadeLevel, ids: np.ndarray, pixel_lookup: np.ndarray | None = None,
+                 first_pixel: int = 0, n_pixels: int | None = None):
         g = level.geometry
         self.nside, self.level = nside, level
         self.half = float(np.tan(np.radians(0.5 * g.size_deg)))
         self.pix_rad = float(np.radians(g.pixel_size_deg)) / UPSAMPLE   # fine-grid spacing
         self.npix = UPSAMPLE * g.npix
         self.basis = np.ascontiguousarray(np.stack(tangent_basis(*tile_centres(level, ids)), 1))  # (P, 3, 3)
-        self.radius = float(np.arctan(self.half * np.sqrt(2)) * 1.01)
+        self.radius = footprint_radius(g)
+        self.first = int(first_pixel)
         self.lookup = np.empty(0, np.int64) if pixel_lookup is None else np.asarray(pixel_lookup, dtype=np.int64)
-        if pixel_lookup is None:
+        self.n_range = (self.lookup.size if pixel_lookup is not None else
+                        hp.nside2npix(nside) - self.first if n_pixels is None else int(n_pixels))
+        if pixel_lookup is None and self.first == 0 and self.n_range == hp.nside2npix(nside):
             self.used = np.arange(len(ids))
         else:
             touched = np.zeros(len(ids), dtype=bool)
-            _touched_kernel(nside, self.basis, self.radius, self.lookup, touched)
+            _touched_kernel(nside, self.basis, self.radius, self.first, self.lookup, self.n_range, touched)
             self.used = np.flatnonzero(touched)  # patches touching our pixels
 
     def accumulate(self, fields: np.ndarray, sums: np.ndarray) -> None:
         """sums (F + 2, n_out) += (w f_0, ..., w f_{F-1}, w, w^2) at the footprint pixels of the
         patches' fields (F, P, U n, U n) on the fine grid (all ids): pairs (shared part m, own part
         e) of one or more views of them (see `blended`)."""
-        _blend_kernel(self.nside, self.basis, self.radius, self.half, self.pix_rad, self.lookup,
+        if not self.lookup.size and sums.shape[1] != self.n_range:
+            raise ValueError(f"sums for {sums.shape[1]} pixels; this patch set computes {self.n_range}")
+        _blend_kernel(self.nside, self.basis, self.radius, self.half, self.pix_rad, self.first, self.lookup,
                       np.ascontiguousarray(fields, dtype=np.float32), sums, numba.get_num_threads())
 
     def footprints(self) -> Footprints:
         """The pairs inside the patches, with grid coordinates and weights (for the torch path)."""
         pixels, patch = discs_pixels(self.nside, np.ascontiguousarray(self.basis[:, 0]), self.radius)
-        position = pixels if not self.lookup.size else self.lookup[pixels]
-        keep = position >= 0
+        position = pixels - self.first
+        inside = (position >= 0) & (position < self.n_range)
+        if self.lookup.size:
+            position[inside] = self.lookup[position[inside]]
+        keep = inside & (position >= 0)
         pixels, patch, position = pixels[keep], patch[keep], position[keep]
         n = len(pixels)
         row, col, weight = np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, np.float32)

@@ -132,10 +132,21 @@ def test_spectral_parameter_maps_and_templates(dust, tmp_path):
     ({"nside": 64, "template": np.ones(hp.nside2npix(4))}, ValueError, "template_freq"),
     ({"nside": 64, "weights": "/nonexistent/w.h5"}, FileNotFoundError, "does not exist"),
     ({"nside": 64, "mbb_temperature": -3}, ValueError, "mbb_temperature"),
+    ({"nside": 64, "dtype": "int32"}, ValueError, "float32 or float64"),
+    ({"nside": 64, "dtype": None}, TypeError, "float32 or float64"),
 ])
 def test_bad_constructor_input(kwargs, error, match):
     with pytest.raises(error, match=match):
         VAEDust(**kwargs)
+
+
+def test_float32_map_is_the_float64_map_rounded(dust):
+    """dtype=float32 returns the same map in half the memory (the bandpass sum in float32)."""
+    half = VAEDust(nside=dust.nside, seed=dust.seed, dtype="float32")
+    for freqs in (353 * u.GHz, np.linspace(300, 400, 11) * u.GHz):
+        single, double = half.get_emission(freqs), dust.get_emission(freqs)
+        assert single.dtype == np.float32 and double.dtype == np.float64
+        np.testing.assert_allclose(single.value, double.value, rtol=2e-6, atol=1e-6 * np.abs(double.value[1:]).max())
 
 
 def test_bad_frequency_input(dust):

@@ -8,6 +8,7 @@ import torch
 
 from pysm_vaedust import VAEDust
 from pysm_vaedust.cutouts import sample_patches
+from pysm_vaedust.healpix import RingBand
 from pysm_vaedust.renderer import Renderer
 from pysm_vaedust.tiling import gaussian_transfer, handover_gain, resampling_matrix, tile_centres
 
@@ -127,7 +128,7 @@ def test_blend_sums_do_not_depend_on_threads_or_on_the_pixels_computed():
     results = []
     for n_parts in (1, 2, 3, 7):
         sums = np.zeros((6, hp.nside2npix(nside)), dtype=np.float32)
-        _blend_kernel(nside, patches.basis, patches.radius, patches.half, patches.pix_rad, patches.lookup,
+        _blend_kernel(nside, patches.basis, patches.radius, patches.half, patches.pix_rad, 0, patches.lookup,
                       fields, sums, n_parts)
         results.append(sums)
     for other in results[1:]:
@@ -136,10 +137,16 @@ def test_blend_sums_do_not_depend_on_threads_or_on_the_pixels_computed():
     assert results[0][4, 0] > 0 and results[0][4, -1] > 0   # the polar pixels are covered
     centre = hp.ang2vec(*tile_centres(level, np.array([90])), lonlat=True)[0]
     pixels = hp.query_disc(nside, centre, np.radians(3.0))
-    lookup = np.full(hp.nside2npix(nside), -1)
-    lookup[pixels] = np.arange(len(pixels))
+    lookup = np.full(pixels.max() - pixels.min() + 1, -1)   # over the subset's span only
+    lookup[pixels - pixels.min()] = np.arange(len(pixels))
     part = np.zeros((6, len(pixels)), dtype=np.float32)
-    subset = PatchSet(nside, level, ids, lookup)
+    subset = PatchSet(nside, level, ids, lookup, first_pixel=pixels.min())
     subset.accumulate(fields, part)
     np.testing.assert_array_equal(part, results[0][:, pixels])
     assert len(subset.used) < len(ids)
+    band = RingBand(nside, 15, 30)   # whole rings, no lookup
+    part = np.zeros((6, band.n_pixels), dtype=np.float32)
+    in_band = PatchSet(nside, level, ids, first_pixel=band.first_pixel, n_pixels=band.n_pixels)
+    in_band.accumulate(fields, part)
+    np.testing.assert_array_equal(part, results[0][:, band.pixels()])
+    assert 0 < len(in_band.used) < len(ids)
