@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = HERE / ".pysm_fake_data"
 DEFAULT_JSON = HERE / "results.json"
 DEFAULT_MD = HERE / "results.md"
-ALL_CASES = ("d10", "d11", "vaedust", "vaedust_maps")
+ALL_CASES = ("d10", "d11", "vaedust", "vaedust_maps", "vaedust_float32")
 DEFAULT_CASES = ("d10", "d11", "vaedust")
 DEFAULT_FREQS_GHZ = (143.0, 217.0)  # neither is d10's reference (353 GHz, where it skips the SED)
 TEMPLATE_NSIDE = 2048  # d10's smallest available_nside: every nside <= 2048 reads the 2048 files
@@ -293,6 +293,8 @@ def run_case(case: str, nside: int, freqs_ghz, weights: str | None, seed: int, d
         if case == "vaedust_maps":  # per-pixel beta_d, T_d: d10's maps (as d10 itself uses)
             kwargs = dict(mbb_index=D10_FILES["beta"].format(nside=TEMPLATE_NSIDE),
                           mbb_temperature=D10_FILES["Td"].format(nside=TEMPLATE_NSIDE))
+        if case == "vaedust_float32":   # VAEDust's (3, npix) output in float32 (pysm3.Sky still returns float64)
+            kwargs = dict(dtype="float32")
         component = VAEDust(nside=nside, weights=weights, seed=seed, device=device, **kwargs)
         sky = pysm3.Sky(nside=nside, component_objects=[component])
     t_build = time.perf_counter() - t0

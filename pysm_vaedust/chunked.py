@@ -40,7 +40,8 @@ CHUNK_PIXELS = 1 << 26
 
 
 def ring_chunks(nside: int, n_chunks: int) -> list[RingBand]:
-    """`n_chunks` bands of whole rings of `nside`, north to south, of about equal pixel counts."""
+    """`n_chunks` bands of whole rings of `nside`, north to south, of about equal pixel counts
+    (fewer when n_chunks > 3 nside: a band holds at least one ring)."""
     nside, n_chunks = check_nside(nside), check_int(n_chunks, "n_chunks", minimum=1)
     if n_chunks > 4 * nside - 1:
         raise ValueError(f"n_chunks={n_chunks}: nside {nside} has only {4 * nside - 1} rings")
@@ -56,8 +57,9 @@ def write_map(path, nside: int, freqs, bandpass_weights=None, n_chunks: int | No
     """Write the VAEDust map at `nside` (frequency or bandpass `freqs`, a Quantity, with
     `bandpass_weights`) to the HDF5 file `path` in `n_chunks` ring bands (default: CHUNK_PIXELS pixels
     each), each made by `pysm3.Sky(component_objects=[VAEDust(nside, map_dist=..., **component_kwargs)])`
-    in `output_unit`. Q and U (polarization=True) are drawn on the whole sky: they need one chunk
-    (a full-sky map). Returns the path; the file appears only when complete."""
+    in `output_unit`. Intensity only by default (polarization=False, unlike VAEDust): Q and U
+    are drawn on the whole sky, so polarization=True needs one chunk (a full-sky map). Returns the
+    path; the file appears only when complete."""
     from .component import VAEDust
 
     nside = check_nside(nside)

@@ -99,10 +99,10 @@ def _ring_pair(nside, ring, phi):
 
 
 @njit(cache=True, inline="always")
-def _interpolate(values, first, nside, ring_theta, theta, phi):
-    """healpy's bilinear interpolation (Healpix_Base::get_interpol) of a RING map at (theta, phi),
-    0 <= phi < 2 pi; ring_theta = `_ring_colatitudes(nside)`; `values` holds pixels first,
-    first + 1, ... (a `BandMap`): NaN where a pixel it needs is not among them."""
+def _interpolation_weights(nside, ring_theta, theta, phi):
+    """healpy's bilinear interpolation (Healpix_Base::get_interpol) at (theta, phi), 0 <= phi <
+    2 pi: its four RING pixels and weights (p0, p1, p2, p3, w0, w1, w2, w3); ring_theta =
+    `_ring_colatitudes(nside)`."""
     npix = 12 * nside * nside
     ir1 = _ring_above(nside, np.cos(theta))
     ir2 = ir1 + 1
@@ -133,6 +133,15 @@ def _interpolate(values, first, nside, ring_theta, theta, phi):
         wtheta = (theta - theta1) / (ring_theta[ir2] - theta1)
         w0, w1 = w0 * (1.0 - wtheta), w1 * (1.0 - wtheta)
         w2, w3 = w2 * wtheta, w3 * wtheta
+    return p0, p1, p2, p3, w0, w1, w2, w3
+
+
+@njit(cache=True, inline="always")
+def _interpolate(values, first, nside, ring_theta, theta, phi):
+    """The bilinear interpolation (`_interpolation_weights`) of a RING map at (theta, phi);
+    `values` holds pixels first, first + 1, ... (a `BandMap`): NaN where a pixel it needs is not
+    among them."""
+    p0, p1, p2, p3, w0, w1, w2, w3 = _interpolation_weights(nside, ring_theta, theta, phi)
     p0, p1, p2, p3 = p0 - first, p1 - first, p2 - first, p3 - first
     n = values.size
     if min(p0, p1, p2, p3) < 0 or max(p0, p1, p2, p3) >= n:
@@ -237,6 +246,25 @@ def discs_pixels(nside, centres, radius):
     return pixels, disc
 
 
+@njit(cache=True)
+def _mark_interpolation_pixels(nside_in, nside, pixels, needed):
+    ring_theta, out_theta = _ring_colatitudes(nside_in), _ring_colatitudes(nside)
+    for m in range(pixels.size):
+        ring, i = _pixel_ring(nside, pixels[m])
+        _, length, _, _, shifted = ring_info(nside, ring)
+        p0, p1, p2, p3, _, _, _, _ = _interpolation_weights(nside_in, ring_theta, out_theta[ring],
+                                                            (i + 0.5 * shifted) * (2 * np.pi / length))
+        needed[p0] = needed[p1] = needed[p2] = needed[p3] = True
+
+
+def interpolation_pixels(nside_in: int, nside: int, pixels: np.ndarray) -> np.ndarray:
+    """Sorted RING pixels of `nside_in` that `interpolate_at_pixels` reads to interpolate a map of
+    `nside_in` at `pixels` of `nside`."""
+    needed = np.zeros(hp.nside2npix(nside_in), dtype=bool)
+    _mark_interpolation_pixels(int(nside_in), int(nside), np.ascontiguousarray(pixels, dtype=np.int64), needed)
+    return np.flatnonzero(needed)
+
+
 @njit(cache=True, parallel=True)
 def _interpolate_pixels(values, first, nside_in, nside, pixels, out):
     ring_theta, out_theta = _ring_colatitudes(nside_in), _ring_colatitudes(nside)
@@ -274,6 +302,11 @@ class RingBand:
     nside: int
     first_ring: int
     last_ring: int
+
+    def __post_init__(self):
+        if not 1 <= self.first_ring <= self.last_ring <= 4 * self.nside - 1:
+            raise ValueError(f"rings {self.first_ring}..{self.last_ring}: expected 1 <= first <= last <= "
+                             f"{4 * self.nside - 1} (nside {self.nside})")
 
     @classmethod
     def full(cls, nside: int) -> "RingBand":
@@ -346,8 +379,8 @@ def interpolate_on_grids(values, basis: np.ndarray, offsets: np.ndarray) -> np.n
 def interpolate_at_pixels(values, nside: int, pixels=None, dtype=np.float64) -> np.ndarray:
     """Bilinear samples of a RING map (any nside) or `BandMap` at the centres of `pixels` of
     `nside`: an array of RING pixel indices, a `RingBand` of `nside` or None (all), as `dtype` (a
-    new array); at its own nside the map's values themselves. NaN where a band lacks the pixels
-    a sample needs."""
+    new array); at its own nside the map's values themselves (ValueError where a band lacks
+    them), else NaN where a band lacks the pixels a sample needs."""
     values, nside_in, first = _band(values)
     if pixels is None:
         pixels = RingBand.full(nside)
@@ -378,6 +411,8 @@ def interpolate_at_pixels(values, nside: int, pixels=None, dtype=np.float64) -> 
 
 def map2alm(values: np.ndarray, lmax: int) -> np.ndarray:
     """healpy's `map2alm(values, lmax, iter=0)` (complex128, healpy order) of a RING map."""
+    if isinstance(values, BandMap):
+        raise TypeError("map2alm needs a full-sky map, not a BandMap")
     values, nside, _ = _band(values)
     geometry = ducc0.healpix.Healpix_Base(nside, "RING").sht_info()
     alm = ducc0.sht.adjoint_synthesis(map=np.asarray(values, dtype=np.float64)[None], lmax=int(lmax), spin=0,
@@ -393,5 +428,6 @@ def alm2map_spin(alms, nside: int, lmax: int) -> np.ndarray:
                                **geometry)
 
 
-__all__ = ["BandMap", "RingBand", "alm2map_spin", "disc_capacity", "disc_pixels", "disc_runs", "discs_pixels", "interpolate_at_pixels",
+__all__ = ["BandMap", "RingBand", "alm2map_spin", "disc_capacity", "disc_pixels", "disc_runs", "discs_pixels",
+           "interpolate_at_pixels", "interpolation_pixels",
            "interpolate_on_grids", "map2alm", "ring_info", "ring_pix2vec"]

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from .checks import check_int
 from .cutouts import PatchGeometry, condition_input, oversampling, sample_patches
-from .healpix import BandMap, RingBand, interpolate_at_pixels
+from .healpix import BandMap, RingBand, interpolate_at_pixels, interpolation_pixels
 from .tiling import (CascadeLevel, PatchSet, Resampler, blended, cascade_levels, footprint_radius, patch_normals,
                      resampling_matrix, tile_centres, tiles_near)
 from .weights import Weights
@@ -41,8 +41,6 @@ from .weights import Weights
 #: multipole (in units of nside) where the reprojection's band limit starts (ends at 1.5x):
 #: HEALPix pixels of nside N resolve l ~ 2 N; power above it would alias when point-sampled
 BAND_LIMIT = 2.0
-#: output pixels per chunk when marking the pixels a bilinear interpolation needs (bounds healpy's temporaries)
-PIXEL_CHUNK = 1 << 22
 
 
 def _fixed_table(tables, shape: tuple, name: str) -> dict:
@@ -180,34 +178,43 @@ class Renderer:
             theta_min, theta_max = pixels.colatitudes
         else:
             pixels = np.asarray(pixels, dtype=np.int64)
-            first, n_out = int(pixels.min()), len(pixels)
-            lookup = np.full(int(pixels.max()) - first + 1, -1, dtype=np.int64)
-            lookup[pixels - first] = np.arange(n_out)
-            theta_min, theta_max = hp.pix2ang(nside, [first, int(pixels.max())])[0]
+            first, last, n_out = int(pixels.min()), int(pixels.max()), len(pixels)
+            lookup = None   # a sorted range of pixels (a chunk of whole rings) needs no lookup table
+            if n_out != last - first + 1 or np.any(pixels[1:] <= pixels[:-1]):
+                lookup = np.full(last - first + 1, -1, dtype=np.int64)
+                lookup[pixels - first] = np.arange(n_out)
+            theta_min, theta_max = colatitude_range(nside, pixels)
         resamplers = ([self.resampler(level, nside)] if next_fwhm_deg is None else
                       [self.resampler(level, nside, handover_fwhm_deg=next_fwhm_deg),
                        self.resampler(level, nside, smooth_fwhm_deg=next_fwhm_deg)])
         sums = np.zeros((2 * len(resamplers) + 2, n_out), dtype=np.float32)
         near_start, near_stop = tiles_near(level, theta_min, theta_max)
-        for start in range(near_start - near_start % self.batch_size, near_stop, self.batch_size):
+        batches = range(near_start - near_start % self.batch_size, near_stop, self.batch_size)
+        if bar is not None:
+            bar.update(level.n_tiles - sum(min(self.batch_size, level.n_tiles - b) for b in batches))  # out of reach
+        for start in batches:
             ids = np.arange(start, min(start + self.batch_size, level.n_tiles))
             patches = PatchSet(nside, level, ids, lookup, first, n_out)
             if len(patches.used):
                 # the whole batch of tile ids is decoded (the convolutions' numbers depend on the
                 # batch's size, not on the other rows' values): the tiles touching no pixel get
                 # zero conditions and normals, so partial skies equal the full sky bit for bit
+                # (tested on the CPU)
                 used = patches.used
                 m = self.vae.config.condition_npix
                 conditions = np.zeros((len(ids), 2, m, m), dtype=np.float32)
                 conditions[used] = self.conditions(level, coarse_map, ids[used])
+                if not np.all(np.isfinite(conditions[used])):   # NaN: a band lacked pixels a condition grid reads
+                    raise RuntimeError(f"cascade level {level.index}: conditions read outside the field computed "
+                                       "so far (the halo of Renderer.bands is too small: a bug)")
                 normals = np.zeros((len(ids), self.normals_size), dtype=np.float32)
                 normals[used] = patch_normals(seed, level.index, ids[used], self.normals_size)
                 decoded = self.decode(level, conditions, normals, ids)
                 with torch.no_grad():
                     fields = torch.cat([resample(decoded) for resample in resamplers]).cpu().numpy()
                 patches.accumulate(fields, sums)
-        if bar is not None:
-            bar.update(level.n_tiles)
+            if bar is not None:
+                bar.update(len(ids))
         if np.any(sums[-2] <= 0):
             raise RuntimeError(f"cascade level {level.index}: {int(np.sum(sums[-2] <= 0))} pixels "
                                "not covered by any patch (tiling bug)")
@@ -221,7 +228,7 @@ class Renderer:
         if pixels is None:
             theta_min, theta_max = 0.0, np.pi
         else:
-            theta_min, theta_max = hp.pix2ang(nside, [int(np.min(pixels)), int(np.max(pixels))])[0]
+            theta_min, theta_max = colatitude_range(nside, pixels)
             theta_min -= np.pi / working_nside(levels[-1], nside)   # the last level's neighbours when interpolated
             theta_max += np.pi / working_nside(levels[-1], nside)
         bands = []
@@ -239,6 +246,8 @@ class Renderer:
         bands of whole rings at their working nside (`bands`: the chunk and a halo), the last on
         `pixels` only (at a lower working nside and bilinearly interpolated when the output pixel
         is much finer than the level's)."""
+        if pixels is not None and len(pixels) == 0:   # e.g. an MPI rank without pixels
+            return np.zeros(0, dtype=np.float32)
         levels = self.levels(nside, cascade)
         fwhm0 = float(self.normalisation["template_fwhm_deg"])
         coarse_map, kept = log_template, None   # the field so far as the next level sees it; R
@@ -264,6 +273,8 @@ class Renderer:
                 delta = self.interpolated_level_field(last, work, nside, seed, pixels, coarse_map, bar)
         if kept is not None:
             delta += interpolate_at_pixels(kept, nside, pixels, np.float32)
+        if not np.all(np.isfinite(delta)):   # NaN: a band lacked pixels the interpolations read
+            raise RuntimeError(f"nside {nside}: the small scales read outside the bands computed (a bug)")
         return delta
 
     def interpolated_level_field(self, level, work_nside, nside, seed, pixels, coarse_map, bar):
@@ -272,14 +283,16 @@ class Renderer:
         if pixels is None:
             field = self.level_field(level, work_nside, seed, None, coarse_map, None, bar)[0]
             return interpolate_at_pixels(field, nside, None, np.float32)
-        needed = np.zeros(hp.nside2npix(work_nside), dtype=bool)
-        for start in range(0, len(pixels), PIXEL_CHUNK):
-            pix = pixels[start:start + PIXEL_CHUNK]
-            needed[hp.get_interp_weights(work_nside, *hp.pix2ang(nside, pix))[0].ravel()] = True
-        needed = np.flatnonzero(needed)
+        needed = interpolation_pixels(work_nside, nside, pixels)
         span = np.zeros(needed[-1] - needed[0] + 1, dtype=np.float32)
         span[needed - needed[0]] = self.level_field(level, work_nside, seed, needed, coarse_map, None, bar)[0]
         return interpolate_at_pixels(BandMap(span, work_nside, int(needed[0])), nside, pixels, np.float32)
+
+
+def colatitude_range(nside: int, pixels: np.ndarray) -> tuple[float, float]:
+    """(smallest, largest) colatitude (rad) of RING `pixels` of `nside` (RING order is by ring)."""
+    theta = hp.pix2ang(nside, [int(np.min(pixels)), int(np.max(pixels))])[0]
+    return float(theta[0]), float(theta[1])
 
 
 def start_factor(beam_deg: float, fwhm_deg: float) -> float:

@@ -319,7 +319,8 @@ class PatchSet:
 
     The pixels computed: pixel_lookup[pixel - first_pixel] = output position, -1 = not computed
     here (another chunk's or MPI rank's); without pixel_lookup, pixels first_pixel ..
-    first_pixel + n_pixels - 1 in order (default: the whole sky)."""
+    first_pixel + n_pixels - 1 in order (default: the whole sky; n_pixels is unused with a
+    lookup)."""
 
     def __init__(self, nside: int, level: CascadeLevel, ids: np.ndarray, pixel_lookup: np.ndarray | None = None,
                  first_pixel: int = 0, n_pixels: int | None = None):

@@ -4,8 +4,8 @@ import healpy as hp
 import numpy as np
 import pytest
 
-from pysm_vaedust.healpix import (alm2map_spin, discs_pixels, interpolate_at_pixels, interpolate_on_grids, map2alm,
-                                  ring_pix2vec)
+from pysm_vaedust.healpix import (BandMap, RingBand, alm2map_spin, discs_pixels, interpolate_at_pixels,
+                                  interpolate_on_grids, interpolation_pixels, map2alm, ring_pix2vec)
 
 
 @pytest.mark.parametrize("nside_in, nside_out", [(1, 4), (2, 16), (16, 64), (64, 32), (8, 2), (128, 512)])
@@ -34,6 +34,43 @@ def test_interpolation_at_the_maps_own_nside_returns_its_values():
     out = interpolate_at_pixels(values, 16, np.array([5, 3, 3000]))
     np.testing.assert_array_equal(out, values[[5, 3, 3000]])
     assert interpolate_at_pixels(values, 16) is not values
+
+
+@pytest.mark.parametrize("nside_in, nside_out", [(16, 64), (64, 32), (32, 32), (8, 256)])
+def test_a_band_of_rings_interpolates_as_the_full_map_where_it_holds_the_pixels(nside_in, nside_out):
+    """A BandMap holding only the pixels `interpolation_pixels` names gives the full map's
+    interpolation bit for bit (poles included); outside them NaN, or at its own nside an error."""
+    rng = np.random.default_rng(nside_in + nside_out)
+    values = rng.normal(size=hp.nside2npix(nside_in))
+    for first, last in ((1, 9), (20, 4 * nside_out - 1), (nside_out, 3 * nside_out)):
+        band = RingBand(nside_out, first, last)
+        pixels = band.pixels()
+        assert pixels[0] == band.first_pixel and len(pixels) == band.n_pixels
+        assert hp.pix2ang(nside_out, pixels[[0, -1]])[0] == pytest.approx(band.colatitudes)
+        needed = interpolation_pixels(nside_in, nside_out, pixels)
+        span = np.full(needed[-1] - needed[0] + 1, np.nan)
+        span[needed - needed[0]] = values[needed]    # NaN wherever the interpolation must not read
+        part = BandMap(span, nside_in, int(needed[0]))
+        full = interpolate_at_pixels(values, nside_out, pixels)
+        np.testing.assert_array_equal(interpolate_at_pixels(part, nside_out, pixels), full)
+        np.testing.assert_array_equal(interpolate_at_pixels(part, nside_out, band), full)
+    inner = RingBand.covering(nside_in, 1.0, 1.2)
+    part = BandMap(values[inner.pixels()], nside_in, inner.first_pixel)
+    outside = interpolate_at_pixels(part, 4 * nside_in, RingBand.covering(4 * nside_in, 0.5, 0.6))
+    assert np.all(np.isnan(outside))
+    if nside_in != nside_out:
+        return
+    with pytest.raises(ValueError, match="outside the band"):
+        interpolate_at_pixels(part, nside_in, np.array([0]))
+
+
+def test_ring_bands_are_checked_and_clamped_at_the_poles():
+    assert RingBand.covering(8, -0.3, 4.0) == RingBand.full(8)
+    assert RingBand.full(8).n_pixels == hp.nside2npix(8)
+    with pytest.raises(ValueError, match="rings 5..4"):
+        RingBand(8, 5, 4)
+    with pytest.raises(TypeError, match="full-sky"):
+        map2alm(BandMap(np.zeros(10), 8, 0), 8)
 
 
 def test_interpolation_refuses_what_is_not_a_map():

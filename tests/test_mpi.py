@@ -74,6 +74,10 @@ def test_partial_sky_equals_full_sky(random_weights):
         assert values.shape == (3, len(subset))
         np.testing.assert_array_equal(values, reference[:, subset])
 
+    empty = pysm3.MapDistribution(pixel_indices=np.zeros(0, dtype=np.int64), nside=NSIDE)   # a rank without pixels
+    assert VAEDust(nside=NSIDE, seed=7, weights=random_weights, device="cpu", polarization=False,
+                   map_dist=empty).get_emission(FREQ).shape == (3, 0)
+
     sky = build_sky({"components": [{"class": "pysm_vaedust.VAEDust", "seed": 7, "mbb_index": beta,
                                      "weights": str(random_weights), "device": "cpu"}]}, map_dist=dist)
     np.testing.assert_array_equal(sky.get_emission(FREQ).value, reference[:, subset])
@@ -88,14 +92,19 @@ def test_ring_band_chunks_equal_the_full_sky_with_work_near_one_map(random_weigh
     from pysm_vaedust.renderer import Renderer
 
     nside = 512
-    decoded = []
-    original = Renderer.decode
+    decoded, computed = [], []
+    original_decode, original_level_field = Renderer.decode, Renderer.level_field
 
     def counting(self, level, conditions, normals, ids=None):
         decoded.append((level.index, len(ids)))
-        return original(self, level, conditions, normals, ids)
+        return original_decode(self, level, conditions, normals, ids)
+
+    def recording(self, level, nside, seed, pixels, *args, **kwargs):
+        computed.append((level.index, nside, pixels))
+        return original_level_field(self, level, nside, seed, pixels, *args, **kwargs)
 
     monkeypatch.setattr(Renderer, "decode", counting)
+    monkeypatch.setattr(Renderer, "level_field", recording)
 
     def make(map_dist=None):
         return VAEDust(nside=nside, seed=3, weights=random_weights, device="cpu", polarization=False,
@@ -106,6 +115,7 @@ def test_ring_band_chunks_equal_the_full_sky_with_work_near_one_map(random_weigh
     assert levels == {0, 1, 2}
     full_last = sum(n for level, n in decoded if level == 2)
     decoded.clear()
+    computed.clear()
     chunked = np.full_like(full, np.nan)
     edges = np.linspace(1, 4 * nside, 5).astype(int)
     for first, stop in zip(edges[:-1], edges[1:]):
@@ -113,6 +123,26 @@ def test_ring_band_chunks_equal_the_full_sky_with_work_near_one_map(random_weigh
         chunked[band.pixels()] = make(pysm3.MapDistribution(pixel_indices=band.pixels(), nside=nside))
     np.testing.assert_array_equal(chunked, full)
     assert sum(n for level, n in decoded if level == 2) <= 1.1 * full_last
+    for index, bound in ((0, 1.5), (1, 1.25)):   # the earlier levels: bands plus halos, not the sky per chunk
+        bands = [(work, pixels) for level, work, pixels in computed if level == index]
+        assert len(bands) == 4 and all(isinstance(p, RingBand) for _, p in bands)
+        assert sum(p.n_pixels for _, p in bands) <= bound * 12 * bands[0][0] ** 2
+
+
+def test_a_level_interpolated_to_finer_pixels_equals_the_full_sky_on_any_subset(random_weights):
+    """Without the cascade at nside 512 the level is computed at nside 256 on the pixels the
+    interpolation reads and interpolated: any pixel subset gives the full map's values."""
+    rng = np.random.default_rng(1)
+    nside = 512
+    subset = np.concatenate([np.arange(4 * nside), rng.choice(12 * nside**2, 500, replace=False)])
+    rng.shuffle(subset)
+
+    def make(map_dist=None):
+        return VAEDust(nside=nside, seed=2, weights=random_weights, device="cpu", polarization=False, cascade=False,
+                       map_dist=map_dist).get_emission(FREQ).value[0]
+
+    full = make()
+    np.testing.assert_array_equal(make(pysm3.MapDistribution(pixel_indices=subset, nside=nside)), full[subset])
 
 
 def test_write_map_in_chunks_equals_the_full_sky(random_weights, tmp_path):
