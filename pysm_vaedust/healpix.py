@@ -150,11 +150,18 @@ def _interpolate(values, first, nside, ring_theta, theta, phi):
 
 
 @njit(cache=True, inline="always")
-def _interpolate_at_pixel(values, first, nside_in, ring_theta, nside, out_theta, pix):
-    """`_interpolate` at the centre of RING pixel `pix` of `nside` (out_theta: its ring colatitudes)."""
+def _pixel_centre(nside, out_theta, pix):
+    """(theta, phi) of the centre of RING pixel `pix` of `nside` (out_theta: its ring colatitudes)."""
     ring, i = _pixel_ring(nside, pix)
     _, length, _, _, shifted = ring_info(nside, ring)
-    return _interpolate(values, first, nside_in, ring_theta, out_theta[ring], (i + 0.5 * shifted) * (2 * np.pi / length))
+    return out_theta[ring], (i + 0.5 * shifted) * (2 * np.pi / length)
+
+
+@njit(cache=True, inline="always")
+def _interpolate_at_pixel(values, first, nside_in, ring_theta, nside, out_theta, pix):
+    """`_interpolate` at the centre of RING pixel `pix` of `nside` (out_theta: its ring colatitudes)."""
+    theta, phi = _pixel_centre(nside, out_theta, pix)
+    return _interpolate(values, first, nside_in, ring_theta, theta, phi)
 
 
 @njit(cache=True, inline="always")
@@ -165,6 +172,16 @@ def _ring_above(nside, z):
         return np.int64(nside * (2.0 - 1.5 * z))
     iring = np.int64(nside * np.sqrt(3.0 * (1.0 - az)))
     return iring if z > 0 else 4 * nside - iring - 1
+
+
+@njit(cache=True, inline="always")
+def _ring_range(nside, theta_min, theta_max):
+    """(first, last) RING ring index from the ring north of colatitude `theta_min` (rad) to the
+    one south of `theta_max`, clamped to 1 .. 4 nside - 1: every ring a point in between can
+    touch (or interpolate from)."""
+    first = max(_ring_above(nside, np.cos(max(theta_min, 0.0))), 1)
+    last = min(_ring_above(nside, np.cos(min(theta_max, np.pi))) + 1, 4 * nside - 1)
+    return first, last
 
 
 @njit(cache=True)
@@ -184,8 +201,7 @@ def disc_runs(nside, centre, radius, runs):
     theta_c = np.arctan2(sin_c, z_c)
     phi_c = np.arctan2(centre[1], centre[0])
     cos_r = np.cos(radius)
-    ring_lo = max(_ring_above(nside, np.cos(max(theta_c - radius, 0.0))), 1)
-    ring_hi = min(_ring_above(nside, np.cos(min(theta_c + radius, np.pi))) + 1, 4 * nside - 1)
+    ring_lo, ring_hi = _ring_range(nside, theta_c - radius, theta_c + radius)
     count = 0
     for ring in range(ring_lo, ring_hi + 1):
         start, length, z, sin_theta, shifted = ring_info(nside, ring)
@@ -250,10 +266,8 @@ def discs_pixels(nside, centres, radius):
 def _mark_interpolation_pixels(nside_in, nside, pixels, needed):
     ring_theta, out_theta = _ring_colatitudes(nside_in), _ring_colatitudes(nside)
     for m in range(pixels.size):
-        ring, i = _pixel_ring(nside, pixels[m])
-        _, length, _, _, shifted = ring_info(nside, ring)
-        p0, p1, p2, p3, _, _, _, _ = _interpolation_weights(nside_in, ring_theta, out_theta[ring],
-                                                            (i + 0.5 * shifted) * (2 * np.pi / length))
+        theta, phi = _pixel_centre(nside, out_theta, pixels[m])
+        p0, p1, p2, p3, _, _, _, _ = _interpolation_weights(nside_in, ring_theta, theta, phi)
         needed[p0] = needed[p1] = needed[p2] = needed[p3] = True
 
 
@@ -316,10 +330,8 @@ class RingBand:
     def covering(cls, nside: int, theta_min: float, theta_max: float) -> "RingBand":
         """The rings from the one north of colatitude `theta_min` (rad) to the one south of
         `theta_max`: what a bilinear interpolation anywhere in between reads."""
-        nside = int(nside)
-        first = max(int(_ring_above(nside, np.cos(max(theta_min, 0.0)))), 1)
-        last = min(int(_ring_above(nside, np.cos(min(theta_max, np.pi)))) + 1, 4 * nside - 1)
-        return cls(nside, first, last)
+        first, last = _ring_range(int(nside), float(theta_min), float(theta_max))
+        return cls(int(nside), int(first), int(last))
 
     @property
     def first_pixel(self) -> int:
@@ -386,17 +398,15 @@ def interpolate_at_pixels(values, nside: int, pixels=None, dtype=np.float64) -> 
         pixels = RingBand.full(nside)
     if isinstance(pixels, RingBand) and pixels.nside != nside:
         raise ValueError(f"a band of nside {pixels.nside} for pixels of nside {nside}")
-    if not isinstance(pixels, RingBand):
+    if isinstance(pixels, RingBand):
+        lo, hi = pixels.first_pixel, pixels.first_pixel + pixels.n_pixels - 1
+    else:
         pixels = np.ascontiguousarray(pixels, dtype=np.int64)
-        if pixels.size and (pixels.min() < 0 or pixels.max() >= hp.nside2npix(nside)):
+        lo, hi = (int(pixels.min()), int(pixels.max())) if pixels.size else (first, first)
+        if lo < 0 or hi >= hp.nside2npix(nside):
             raise ValueError(f"pixels outside 0..{hp.nside2npix(nside) - 1} (nside {nside})")
     if nside_in == nside:   # at its own pixel centres a map interpolates to itself
-        if isinstance(pixels, RingBand):
-            lo, hi = pixels.first_pixel, pixels.first_pixel + pixels.n_pixels - 1
-            own = slice(lo - first, hi - first + 1)
-        else:
-            lo, hi = (int(pixels.min()), int(pixels.max())) if pixels.size else (first, first)
-            own = pixels - first
+        own = slice(lo - first, hi - first + 1) if isinstance(pixels, RingBand) else pixels - first
         if lo < first or hi >= first + values.size:
             raise ValueError(f"pixels {lo}..{hi} outside the band's {first}..{first + values.size - 1}")
         return values[own].astype(dtype, copy=True)

@@ -183,7 +183,7 @@ class Renderer:
             if n_out != last - first + 1 or np.any(pixels[1:] <= pixels[:-1]):
                 lookup = np.full(last - first + 1, -1, dtype=np.int64)
                 lookup[pixels - first] = np.arange(n_out)
-            theta_min, theta_max = colatitude_range(nside, pixels)
+            theta_min, theta_max = colatitude_range(nside, first, last)
         resamplers = ([self.resampler(level, nside)] if next_fwhm_deg is None else
                       [self.resampler(level, nside, handover_fwhm_deg=next_fwhm_deg),
                        self.resampler(level, nside, smooth_fwhm_deg=next_fwhm_deg)])
@@ -228,7 +228,7 @@ class Renderer:
         if pixels is None:
             theta_min, theta_max = 0.0, np.pi
         else:
-            theta_min, theta_max = colatitude_range(nside, pixels)
+            theta_min, theta_max = colatitude_range(nside, int(np.min(pixels)), int(np.max(pixels)))
             theta_min -= np.pi / working_nside(levels[-1], nside)   # the last level's neighbours when interpolated
             theta_max += np.pi / working_nside(levels[-1], nside)
         bands = []
@@ -289,9 +289,10 @@ class Renderer:
         return interpolate_at_pixels(BandMap(span, work_nside, int(needed[0])), nside, pixels, np.float32)
 
 
-def colatitude_range(nside: int, pixels: np.ndarray) -> tuple[float, float]:
-    """(smallest, largest) colatitude (rad) of RING `pixels` of `nside` (RING order is by ring)."""
-    theta = hp.pix2ang(nside, [int(np.min(pixels)), int(np.max(pixels))])[0]
+def colatitude_range(nside: int, first_pixel: int, last_pixel: int) -> tuple[float, float]:
+    """Colatitudes (rad) of RING pixels `first_pixel` <= `last_pixel` of `nside`: the range of every
+    pixel between them (RING order is by ring)."""
+    theta = hp.pix2ang(nside, [first_pixel, last_pixel])[0]
     return float(theta[0]), float(theta[1])
 
 
