@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nside", type=int, nargs="+", default=[2048])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--weights", default=None, help="a weights file (default: the shipped weights)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--figure", default=None)
     args = parser.parse_args(argv)
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
         bright = bright_sky(reference, nside)
         for seed in args.seeds:
             start = time.time()
-            sky = pysm3.Sky(nside=nside, component_objects=[VAEDust(nside=nside, seed=seed)])
+            sky = pysm3.Sky(nside=nside, component_objects=[VAEDust(nside=nside, seed=seed, weights=args.weights)])
             m = np.asarray(sky.get_emission(545 * u.GHz))[0].astype(np.float64)
             seconds = time.time() - start
             cl = spectra(m, mask, bright, int(1.5 * nside))

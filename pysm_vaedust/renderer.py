@@ -110,6 +110,9 @@ class Renderer:
         self.window = decoded_window(meta)
         #: how the model's samples repeat the field they are conditioned on (`tiling.handover_gain`)
         self.coherence = meta.get("handover_coherence")
+        #: the map carries dust only: a decoder noise fixed at the data's noise + CIB floor
+        #: (`train.fix_noise_at_floor`) stands for that floor alone and is left out
+        self.noise_is_floor = meta.get("training_config", {}).get("decoder_noise") == "floor"
 
     def resampler(self, level: CascadeLevel, nside: int, smooth_fwhm_deg: float = 0.0,
                   handover_fwhm_deg: float = 0.0) -> Resampler:
@@ -156,7 +159,8 @@ class Renderer:
             z = eps[:, :d].clone()
             _replace_rows(z, self.fixed_latents.get(level.index), ids)
             mean = self.vae.decode(z, c).contiguous()[:, 0]
-            noise = self.vae.decoder_noise(eps[:, d:].reshape(-1, 1, n, n), c)[:, 0]
+            noise = (torch.zeros_like(mean) if self.noise_is_floor else
+                     self.vae.decoder_noise(eps[:, d:].reshape(-1, 1, n, n), c)[:, 0])
             _replace_rows(noise, self.fixed_noise.get(level.index), ids)
         norm = self.normalisation
         scale = level.amplitude * norm["log_scale"]

@@ -72,6 +72,7 @@ class TrainConfig:
     free_bits: float = 0.05         # nats per latent dimension each group may use for free
     stats_weight: float = 0.0       # weight of the sample-statistics term (model.texture_statistics; 0 = plain ELBO)
     calibrate_noise: bool = False   # after training, moment-match the decoder noise to the data's dust per patch brightness (calibrate_decoder_noise)
+    decoder_noise: str = "learned"  # "learned": per-bin noise trained with the ELBO; "floor": fixed at the data's noise + CIB floor (fix_noise_at_floor)
     kl_warmup_epochs: int = 5       # beta ramps linearly, beta * (epoch + 1) / warmup, over these epochs
     lr: float = 1e-3                # Adam, cosine-decayed to lr / 20 over the epochs
     grad_clip: float = 100.0        # gradient-norm clip (0 = none)
@@ -99,6 +100,10 @@ class TrainConfig:
                 check_real(value, f.name, positive=positive)
             elif not isinstance(value, type(like)):
                 raise TypeError(f"{f.name}={value!r}: expected a {type(like).__name__} like {like!r}")
+        if self.decoder_noise not in ("learned", "floor"):
+            raise ValueError(f"decoder_noise={self.decoder_noise!r}: expected 'learned' or 'floor'")
+        if self.decoder_noise == "floor" and self.calibrate_noise:
+            raise ValueError("decoder_noise='floor' fixes the noise at the data's floor: calibrate_noise must be false")
 
     @classmethod
     def from_toml(cls, path, overrides: dict | None = None) -> "TrainConfig":
@@ -209,7 +214,8 @@ def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[dict, dict]
         "data": dust.provenance(),
         "selection": selection,
         **({"noise_floor": data_floor(dust, selection["effective_beam_fwhm_arcmin"], oversampling(dust.nside, geometry))}
-           if cfg.calibrate_noise and selection.get("effective_beam_fwhm_arcmin") else {}),
+           if (cfg.calibrate_noise or cfg.decoder_noise == "floor") and selection.get("effective_beam_fwhm_arcmin")
+           else {}),
         "split": {"counts": {name: int(len(sets[name][0])) for name in SPLITS},
                   "dropped_border_patches": int(np.sum(labels < 0)),
                   "centres_lonlat_deg": {name: np.stack([lon[labels == k], lat[labels == k]], 1).tolist()
@@ -342,6 +348,25 @@ def floor_power(c: torch.Tensor, normalisation: dict, floor: dict, npix: int, pi
     window2 = torch.from_numpy((beam * box[:, None] * box[None, :]) ** 2)
     per_mode = floor["F"] / (np.radians(pixel_deg) ** 2 * normalisation["log_scale"] ** 2)
     return (per_mode * torch.exp(-2 * level)[:, None, None] * window2).to(c.device)
+
+
+@torch.no_grad()
+def fix_noise_at_floor(model: ConditionalVAE, floor: dict, normalisation: dict, pixel_deg: float) -> None:
+    """Set the decoder noise to the data's noise + CIB floor (`floor_power`) and freeze it: per radial
+    bin the floor's mean power at the level `level_mean`, times the gain exp(-2 (level - level_mean))
+    on every bin (F / I^2 in ln I: the level plane is (level - level_mean) / level_scale). Nothing
+    but the latents can then carry the dust's variance above the floor."""
+    n = model.config.npix
+    mean_level = torch.zeros(1, 2, n // 2, n // 2)
+    per_mode = floor_power(mean_level, normalisation, floor, n, pixel_deg)[0].to(model.noise_bin.device)
+    counts = torch.bincount(model.noise_bin.flatten()).double()
+    per_bin = torch.zeros(len(counts), dtype=torch.float64, device=per_mode.device).index_add(
+        0, model.noise_bin.flatten(), per_mode.flatten()) / counts
+    model.decoder_logvar.copy_(per_bin.log().to(model.decoder_logvar))
+    model.decoder_logvar.requires_grad_(False)
+    model.noise_gain.copy_(torch.tensor([0.0, -2.0 * normalisation["level_scale"], 0.0]))
+    model.noise_gain_bins.fill_(1.0)
+    model.noise_gain_range.copy_(torch.tensor([[-1e3, 1e3], [-1e3, 1e3]]))
 
 
 def data_floor(dust: DustMap, beam_fwhm_arcmin: float, box: int) -> dict:
@@ -521,7 +546,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     data_seconds = time.time() - start_time
     torch.manual_seed(cfg.seed)  # parameter initialisation only
     model = ConditionalVAE(vae_config_of(cfg)).to(device)
-    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if cfg.decoder_noise == "floor":
+        if "noise_floor" not in info:
+            raise ValueError("decoder_noise='floor' needs the data's measured noise + CIB floor: set floor_ell_min > 0 "
+                             "so that the patch selection measures the map's effective beam and floor")
+        fix_noise_at_floor(model, info["noise_floor"], info["normalisation"], PatchGeometry(cfg.npix, cfg.size_deg).pixel_size_deg)
+    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     ckpt_dir = Path(cfg.checkpoint_dir)
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     start_epoch, best_val, history = 0, math.inf, []

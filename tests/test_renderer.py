@@ -150,3 +150,25 @@ def test_blend_sums_do_not_depend_on_threads_or_on_the_pixels_computed():
     in_band.accumulate(fields, part)
     np.testing.assert_array_equal(part, results[0][:, band.pixels()])
     assert 0 < len(in_band.used) < len(ids)
+
+
+def test_a_decoder_noise_fixed_at_the_floor_stays_out_of_the_map():
+    """Weights trained with decoder_noise='floor' (the noise stands for IRIS's noise + CIB only):
+    the renderer keeps the decoded means and leaves the noise out (the map carries dust only);
+    weights with a learned noise keep it."""
+    import copy
+
+    from pysm_vaedust.weights import default_weights_path, load_weights
+
+    learned = load_weights(default_weights_path())
+    floor = copy.copy(learned)
+    floor.metadata = copy.deepcopy(learned.metadata)
+    floor.metadata["training_config"]["decoder_noise"] = "floor"
+    level = Renderer(learned).levels(256)[0]
+    rng = np.random.default_rng(0)
+    n, d = learned.vae.config.npix, learned.vae.latent_dim
+    conditions = rng.standard_normal((4, 2, n // 2, n // 2)).astype(np.float32)
+    normals = rng.standard_normal((4, d + n * n)).astype(np.float32)
+    with_noise, without = (Renderer(w).decode(level, conditions, normals) for w in (learned, floor))
+    assert torch.equal(with_noise[0], without[0])
+    assert float(with_noise[1].abs().max()) > 0 and float(without[1].abs().max()) == 0.0

@@ -349,3 +349,37 @@ def test_fading_tail_is_the_fine_scale_run_that_reaches_the_last_bin():
     assert tail([0, 0, 1, 1, 1, 1, 0]) == [False] * 7                    # the finest bin does not qualify
     assert tail([1] * 7) == [False] * PATCH_SCALE_BINS + [True] * (7 - PATCH_SCALE_BINS)
     assert tail([0] * 7) == [False] * 7
+
+
+def test_decoder_noise_fixed_at_the_floor_stays_there(tmp_path, data_dir):
+    """decoder_noise='floor': the noise power per radial bin is the data's floor (F / I^2 through
+    the window) at every brightness, and training does not move it; configs that cannot have it
+    are refused."""
+    from pysm_vaedust.train import fix_noise_at_floor, floor_power
+
+    norm = {"level_mean": 1.0, "level_scale": 0.5, "log_scale": 0.05}
+    floor = {"F": 1e-8, "beam_fwhm_arcmin": 5.0, "box": 4}
+    model = ConditionalVAE(VAEConfig(npix=16, widths=(4, 6, 8), latent_channels=(2, 3)))
+    fix_noise_at_floor(model, floor, norm, 0.5)
+    c = 0.3 * torch.randn(3, 2, 8, 8)
+    c[:, 1] = torch.tensor([-2.0, 0.0, 3.0])[:, None, None]
+    bins = model.noise_bin.flatten()
+    counts = torch.bincount(bins).double()
+
+    def per_bin(power):
+        return torch.zeros(len(power), len(counts), dtype=torch.float64).index_add(1, bins, power.flatten(1).double()) / counts
+
+    np.testing.assert_allclose(per_bin(model.noise_variance(c)).numpy(),
+                               per_bin(floor_power(c, norm, floor, 16, 0.5)).numpy(), rtol=1e-5)
+    before = model.decoder_logvar.clone()
+    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randn(3, 1, 16, 16)
+    model.elbo_terms(x, c)["loss"].backward()
+    optimiser.step()
+    assert torch.equal(model.decoder_logvar, before) and not model.decoder_logvar.requires_grad
+    with pytest.raises(ValueError, match="calibrate_noise must be false"):
+        TrainConfig(decoder_noise="floor", calibrate_noise=True)
+    with pytest.raises(ValueError, match="'learned' or 'floor'"):
+        TrainConfig(decoder_noise="white")
+    with pytest.raises(ValueError, match="floor_ell_min > 0"):   # the E(B-V) map's selection measures no floor
+        train(tiny_config(tmp_path, decoder_noise="floor"), progress=False)
