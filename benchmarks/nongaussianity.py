@@ -11,7 +11,8 @@ latents make). Ceiling: the train split's real patches against the split (unpair
 (`--map-nside N`): the product's intensity map (`realsky.vaedust_dust_map`, seed 0, as a user makes
 it) cut at the split's centres like the training data, brought from its pixel to IRIS's effective
 beam, IRIS's floor added as above (the map carries dust only), minus the Wiener prediction from
-the map's own 30' condition.
+the map's own 30' condition. (PySM's d11 cannot be put beside it here: its GNILC inputs come
+from the PySM data server, unreachable offline; the own-spectrum twins are the Gaussian reference.)
 Departures from 4 own-spectrum Gaussian twins per field; terciles by the patch's brightness (the
 condition's level); bootstrap over HEALPix nside-4 sky regions. Also the latent share per band
 (`nongaussianity.band_power_budget`, 8 decodings per c).
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from pysm_vaedust.cutouts import PatchGeometry, condition_input, cut_patches
+from pysm_vaedust.data import file_digest
 from pysm_vaedust.fidelity import gaussian_baseline, smooth_patches, wiener_filter, wiener_prediction
 from pysm_vaedust.nongaussianity import STATISTICS, band_power_budget, departures, ngr_report
 from pysm_vaedust.realsky import pixel_fwhm_arcmin, split_centres, vaedust_dust_map
@@ -111,30 +113,31 @@ def main(argv=None) -> int:
     if 0 < args.train_patches < len(train_rows):
         train_rows = np.sort(rng.choice(train_rows, args.train_patches, replace=False))
     fields["train"] = small_scales(x_train[train_rows, :1].double().numpy(), c_train[train_rows])
-    map_rows = np.arange(len(x))
+    map_rows = {}          # {"map": the split's rows where the map holds data}, when asked for
     if args.map_nside:
         tic = time.time()
-        sky = vaedust_dust_map(args.map_nside, args.seed, args.weights)
-        geometry = PatchGeometry(npix, float(meta["geometry"]["size_deg"]))
-        cut = cut_patches(sky, lon, lat, geometry, float(norm["template_fwhm_deg"]))
-        del sky
-        map_rows = np.flatnonzero(np.isfinite(cut.small_scales).all(axis=(1, 2)))
+        cut = cut_patches(vaedust_dust_map(args.map_nside, args.seed, args.weights), lon, lat,
+                          PatchGeometry(npix, float(meta["geometry"]["size_deg"])), float(norm["template_fwhm_deg"]))
+        rows = map_rows["map"] = np.flatnonzero(np.isfinite(cut.small_scales).all(axis=(1, 2)))
         beam = float(meta["noise_floor"]["beam_fwhm_arcmin"])
         extra = np.sqrt(max(beam**2 - pixel_fwhm_arcmin(args.map_nside) ** 2, 0.0))
-        small = smooth_patches(cut.small_scales[map_rows], extra, 60 * pixel_deg)
-        small = (small - norm["log_mean"]) / norm["log_scale"] + floor_draws[map_rows, 0]
-        map_c = torch.from_numpy(condition_input(cut.coarse[map_rows], norm))
-        fields["map"] = small_scales(small[:, None], map_c)
-        print(f"map at nside {args.map_nside}: {len(map_rows)} of {len(x)} centres usable ({time.time() - tic:.0f} s)")
+        small = smooth_patches(cut.small_scales[rows], extra, 60 * pixel_deg)
+        small = (small - norm["log_mean"]) / norm["log_scale"] + floor_draws[rows, 0]
+        fields["map"] = small_scales(small[:, None], torch.from_numpy(condition_input(cut.coarse[rows], norm)))
+        print(f"map at nside {args.map_nside}: {len(rows)} of {len(x)} centres usable ({time.time() - tic:.0f} s)")
     print(f"fields ready ({time.time() - start:.0f} s); departures ...", flush=True)
     dep = {}
-    cache_key = f"{args.split}_seed{args.seed}_train{len(train_rows)}"
+    base_key = f"{args.split}_seed{args.seed}_train{len(train_rows)}"
+    model_key = f"{base_key}_{file_digest(args.weights)[:12]}_nside{args.map_nside}"
+    keys = {key: base_key if key in ("real", "train") else model_key for key in fields}
+    cached = {}
     if args.departures_cache and os.path.isfile(args.departures_cache):
         with np.load(args.departures_cache) as blob:
-            for key in ("real", "train"):
-                names = [k for k in blob.files if k.startswith(f"{cache_key}/{key}/")]
-                if names:
-                    dep[key] = {k.rsplit("/", 1)[1]: blob[k] for k in names}
+            cached = {name: blob[name] for name in blob.files}
+    for key in fields:
+        names = [k for k in cached if k.startswith(f"{keys[key]}/{key}/")]
+        if names:
+            dep[key] = {k.rsplit("/", 1)[1]: cached[k] for k in names}
     for key, f in fields.items():
         if key in dep:
             continue
@@ -142,23 +145,24 @@ def main(argv=None) -> int:
         dep[key] = departures(f, args.seed)
         print(f"  {key}: {len(f)} fields, {time.time() - tic:.0f} s", flush=True)
     if args.departures_cache:
-        np.savez(args.departures_cache, **{f"{cache_key}/{key}/{name}": v for key in ("real", "train")
-                                          for name, v in dep[key].items()})
+        cached.update({f"{keys[key]}/{key}/{name}": v for key in dep for name, v in dep[key].items()})
+        np.savez(args.departures_cache, **cached)
     train_brightness = c_train[train_rows, 1].mean((-2, -1)).numpy()
     report = {key: ngr_report(dep[key], dep["real"], regions, brightness, seed=args.seed)
               for key in ("noise_on", "noise_off")}
-    if "map" in dep:
-        report["map"] = ngr_report(dep["map"], {k: v[map_rows] for k, v in dep["real"].items()}, regions[map_rows],
-                                   brightness[map_rows], seed=args.seed)
+    for key, rows in map_rows.items():
+        report[key] = ngr_report(dep[key], {k: v[rows] for k, v in dep["real"].items()}, regions[rows],
+                                 brightness[rows], seed=args.seed)
     report["train_ceiling"] = ngr_report(dep["train"], dep["real"], regions, brightness,
                                          model_brightness=train_brightness, seed=args.seed)
     print(f"\nNGR on the {args.split} split ({len(x)} patches, {args.draws} draw(s) each; tercile average "
           f"[16-84 % bootstrap]; significance of the real departure; spread ratio):")
     print(f"{'statistic':<10} {'noise on':>22} {'noise off':>22} {'train->split':>12} {'signif.':>8} "
-          f"{'spread on':>9} {'map':>6}")
+          f"{'spread on':>9}" + "".join(f" {key:>12}" for key in map_rows))
     for name in STATISTICS:
         on, off, ceil = (report[k][name] for k in ("noise_on", "noise_off", "train_ceiling"))
-        on_map = f"{report['map'][name]['ngr']:>6.2f}" if "map" in report else ""
+        on_map = "".join(f" {report[key][name]['ngr']:>5.2f} ({report[key][name]['spread_ratio']:.2f})"
+                         for key in map_rows)
         print(f"{name:<10} {on['ngr']:>7.2f} [{on['boot_lo']:5.2f},{on['boot_hi']:5.2f}] "
               f"{off['ngr']:>7.2f} [{off['boot_lo']:5.2f},{off['boot_hi']:5.2f}] {ceil['ngr']:>12.2f} "
               f"{on['significance']:>8.1f} {on['spread_ratio']:>9.2f} {on_map}")
@@ -174,7 +178,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as fh:
             json.dump(jsonable({"weights": args.weights, "split": args.split, "draws": args.draws,
                                 "train_patches": len(train_rows), "seed": args.seed,
-                                "map_nside": args.map_nside, "map_patches": len(map_rows), "region_nside": REGION_NSIDE,
+                                "map_nside": args.map_nside, "map_patches": {k: len(v) for k, v in map_rows.items()}, "region_nside": REGION_NSIDE,
                                 "latent_draws": LATENT_DRAWS, "ngr": report, "power_budget": budget,
                                 "seconds": time.time() - start}), fh, indent=1)
     return 0

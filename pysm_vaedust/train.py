@@ -73,6 +73,7 @@ class TrainConfig:
     stats_weight: float = 0.0       # weight of the sample-statistics term (model.texture_statistics; 0 = plain ELBO)
     calibrate_noise: bool = False   # after training, moment-match the decoder noise to the data's dust per patch brightness (calibrate_decoder_noise)
     decoder_noise: str = "learned"  # "learned": per-bin noise trained with the ELBO; "floor": fixed at the data's noise + CIB floor (fix_noise_at_floor)
+    condition_dropout: float = 0.0  # share of training patches whose condition's structure channel is zeroed (a flat template: the model learns it too)
     kl_warmup_epochs: int = 5       # beta ramps linearly, beta * (epoch + 1) / warmup, over these epochs
     lr: float = 1e-3                # Adam, cosine-decayed to lr / 20 over the epochs
     grad_clip: float = 100.0        # gradient-norm clip (0 = none)
@@ -102,6 +103,8 @@ class TrainConfig:
                 raise TypeError(f"{f.name}={value!r}: expected a {type(like).__name__} like {like!r}")
         if self.decoder_noise not in ("learned", "floor"):
             raise ValueError(f"decoder_noise={self.decoder_noise!r}: expected 'learned' or 'floor'")
+        if not 0.0 <= self.condition_dropout < 1.0:
+            raise ValueError(f"condition_dropout={self.condition_dropout!r}: expected a share in [0, 1)")
         if self.decoder_noise == "floor" and self.calibrate_noise:
             raise ValueError("decoder_noise='floor' fixes the noise at the data's floor: calibrate_noise must be false")
 
@@ -579,6 +582,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         for b in bar:
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             x, c = (t.to(device) for t in random_dihedral((x_train[idx], c_train[idx]), cpu_gen))
+            if cfg.condition_dropout > 0:
+                flat = torch.rand(len(c), generator=cpu_gen) < cfg.condition_dropout
+                c = c.clone()
+                c[flat.to(device), 0] = 0.0
             for group in optimiser.param_groups:
                 group["lr"] = learning_rate(cfg, epoch, b / n_batches)
             terms = model.elbo_terms(x, c, beta, cfg.free_bits, cfg.stats_weight, noise_gen)
