@@ -13,7 +13,7 @@ it) cut at the split's centres like the training data, brought from its pixel to
 beam, IRIS's floor added as above (the map carries dust only), minus the Wiener prediction from
 the map's own 30' condition. (PySM's d11 cannot be put beside it here: its GNILC inputs come
 from the PySM data server, unreachable offline; the own-spectrum twins are the Gaussian reference.)
-Departures from 4 own-spectrum Gaussian twins per field; terciles by the patch's brightness (the
+Departures from 4 random-phase twins per field (`nongaussianity.phase_twins`); terciles by the patch's brightness (the
 condition's level); bootstrap over HEALPix nside-4 sky regions. Also the latent share per band
 (`nongaussianity.band_power_budget`, 8 decodings per c).
 
@@ -26,6 +26,7 @@ Choose designs on --split val; report --split test once.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -37,7 +38,7 @@ import torch
 from pysm_vaedust.cutouts import PatchGeometry, condition_input, cut_patches
 from pysm_vaedust.data import file_digest
 from pysm_vaedust.fidelity import gaussian_baseline, smooth_patches, wiener_filter, wiener_prediction
-from pysm_vaedust.nongaussianity import STATISTICS, band_power_budget, departures, ngr_report
+from pysm_vaedust.nongaussianity import N_TWINS, STATISTICS, band_power_budget, departures, ngr_report
 from pysm_vaedust.realsky import pixel_fwhm_arcmin, split_centres, vaedust_dust_map
 from pysm_vaedust.train import datasets_of_weights, floor_power
 from pysm_vaedust.validate import jsonable
@@ -110,8 +111,8 @@ def main(argv=None) -> int:
               "noise_on": small_scales(means + noise_draws + floor_draws, c),
               "noise_off": small_scales(means + floor_draws, c)}
     train_rows = np.arange(len(x_train))
-    if 0 < args.train_patches < len(train_rows):
-        train_rows = np.sort(rng.choice(train_rows, args.train_patches, replace=False))
+    if 0 < args.train_patches < len(train_rows):   # a generator of its own: the same rows whatever --draws
+        train_rows = np.sort(np.random.default_rng(args.seed).choice(train_rows, args.train_patches, replace=False))
     fields["train"] = small_scales(x_train[train_rows, :1].double().numpy(), c_train[train_rows])
     map_rows = {}          # {"map": the split's rows where the map holds data}, when asked for
     if args.map_nside:
@@ -127,8 +128,9 @@ def main(argv=None) -> int:
         print(f"map at nside {args.map_nside}: {len(rows)} of {len(x)} centres usable ({time.time() - tic:.0f} s)")
     print(f"fields ready ({time.time() - start:.0f} s); departures ...", flush=True)
     dep = {}
-    base_key = f"{args.split}_seed{args.seed}_train{len(train_rows)}"
-    model_key = f"{base_key}_{file_digest(args.weights)[:12]}_nside{args.map_nside}"
+    data = json.dumps([meta["normalisation"], meta["geometry"], meta["split"]["counts"], N_TWINS, STATISTICS])
+    base_key = f"{args.split}_seed{args.seed}_train{len(train_rows)}_{hashlib.sha256(data.encode()).hexdigest()[:12]}"
+    model_key = f"{base_key}_{file_digest(args.weights)[:12]}_draws{args.draws}_nside{args.map_nside}"
     keys = {key: base_key if key in ("real", "train") else model_key for key in fields}
     cached = {}
     if args.departures_cache and os.path.isfile(args.departures_cache):

@@ -41,6 +41,32 @@ def test_statistics_shapes_and_standardisation(fields):
         np.testing.assert_allclose(s[key], t[key], atol=1e-9)
 
 
+def test_twins_keep_each_mode_amplitude_and_randomise_phases():
+    """A twin of a periodic field has the field's deconvolved power at every mode (amplitudes
+    kept), not a random draw about it, and its phases differ."""
+    from pysm_vaedust.fidelity import gaussian_power_2d
+    from pysm_vaedust.nongaussianity import phase_twins
+
+    f = smooth_gaussian(np.random.default_rng(5), n=3)
+    twins = phase_twins(f, np.random.default_rng(6), 2)
+    assert twins.shape == (3, 2, NPIX, NPIX) and np.isrealobj(twins)
+    power = gaussian_power_2d(f, each=True)
+    np.testing.assert_allclose(np.abs(np.fft.fft2(twins, norm="ortho")) ** 2, np.repeat(power[:, None], 2, 1),
+                               rtol=1e-8, atol=1e-12 * power.max())
+    assert np.corrcoef(twins[0, 0].ravel(), twins[0, 1].ravel())[0, 1] < 0.5
+
+
+def test_a_gaussian_field_does_not_depart_from_its_twins():
+    """Gaussian fields (not periodic: cut from larger ones) against their own twins: every
+    statistic's mean departure is within noise (|<Delta>| < 4 standard errors per component)."""
+    big = smooth_gaussian(np.random.default_rng(7), n=24, npix=2 * NPIX)
+    dep = departures(big[:, :NPIX, :NPIX], seed=1)
+    for key, d in dep.items():
+        keep = d.std(0) > 0
+        z = np.abs(d.mean(0)[keep]) / (d.std(0)[keep] / np.sqrt(len(d)))
+        assert np.all(z < 4), (key, z.max())
+
+
 def test_lognormal_departs_and_gaussian_does_not(dep):
     scale = dep["lognormal"]["skewness"].std()
     assert dep["lognormal"]["skewness"].mean() > 5 * scale / np.sqrt(N)      # right-skewed, unlike its twins
