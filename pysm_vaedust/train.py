@@ -353,6 +353,14 @@ def floor_power(c: torch.Tensor, normalisation: dict, floor: dict, npix: int, pi
     return (per_mode * torch.exp(-2 * level)[:, None, None] * window2).to(c.device)
 
 
+def radial_bin_means(power: torch.Tensor, bins: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """(B, n_bins) float64 on the CPU: the mean of power (B, n, n) per FFT mode over each radial
+    bin of `bins` (n, n) (the model's `noise_bin`)."""
+    flat, index = power.flatten(1).double().cpu(), bins.flatten().cpu()
+    counts = torch.bincount(index, minlength=n_bins).double()
+    return torch.zeros(len(flat), n_bins, dtype=torch.float64).index_add(1, index, flat) / counts
+
+
 @torch.no_grad()
 def fix_noise_at_floor(model: ConditionalVAE, floor: dict, normalisation: dict, pixel_deg: float) -> None:
     """Set the decoder noise to the data's noise + CIB floor (`floor_power`) and freeze it: per radial
@@ -360,11 +368,8 @@ def fix_noise_at_floor(model: ConditionalVAE, floor: dict, normalisation: dict, 
     on every bin (F / I^2 in ln I: the level plane is (level - level_mean) / level_scale). Nothing
     but the latents can then carry the dust's variance above the floor."""
     n = model.config.npix
-    mean_level = torch.zeros(1, 2, n // 2, n // 2)
-    per_mode = floor_power(mean_level, normalisation, floor, n, pixel_deg)[0].to(model.noise_bin.device)
-    counts = torch.bincount(model.noise_bin.flatten()).double()
-    per_bin = torch.zeros(len(counts), dtype=torch.float64, device=per_mode.device).index_add(
-        0, model.noise_bin.flatten(), per_mode.flatten()) / counts
+    per_mode = floor_power(torch.zeros(1, 2, n // 2, n // 2), normalisation, floor, n, pixel_deg)
+    per_bin = radial_bin_means(per_mode, model.noise_bin, len(model.decoder_logvar))[0]
     model.decoder_logvar.copy_(per_bin.log().to(model.decoder_logvar))
     model.decoder_logvar.requires_grad_(False)
     model.noise_gain.copy_(torch.tensor([0.0, -2.0 * normalisation["level_scale"], 0.0]))
@@ -437,13 +442,11 @@ def calibrate_decoder_noise(model: ConditionalVAE, data: tuple, seed: int, floor
     data: (x, c) of the train split. Returns the spectra and gains before and after."""
     model.eval()
     gen = torch.Generator(device=model.device).manual_seed(seed)
-    bins = model.noise_bin.flatten()
     n_bins = len(model.decoder_logvar)
-    counts = torch.bincount(bins, minlength=n_bins).double().cpu()
+    counts = torch.bincount(model.noise_bin.flatten(), minlength=n_bins).double().cpu()
 
-    def per_bin(power):  # (B, n, n) power per FFT mode -> (B, n_bins) mean per radial bin
-        flat = power.flatten(1).double().cpu()
-        return torch.zeros(len(flat), n_bins, dtype=torch.float64).index_add(1, bins.cpu(), flat) / counts
+    def per_bin(power):
+        return radial_bin_means(power, model.noise_bin, n_bins)
 
     data_bins, mean_bins, floor_bins, features = [], [], [], []
     for x, c in batches(data, batch_size, model.device):
