@@ -4,8 +4,9 @@ Sky level: `condition_sky` brings an observed intensity map to the reference fre
 model's modified black body), takes y = ln I - ln T (T the template) and fits the whitened
 latents and decoder-noise patches of every level-0 tile touching an observed pixel **jointly
 through the blend** (`SkyForwardModel`: the renderer's band-limited resampling, then sparse
-matrices of the tiling's bilinear interpolation and blend weights; overlapping patches' decoded means add up as a partition of unity, their
-decoder noise variance-preserving, as VAEDust renders them). Each tile's condition
+matrices of the tiling's bilinear interpolation and blend weights; what overlapping patches
+share, their decoded mean at zero latents, adds up as a partition of unity, what each draws on
+its own, latents' part and decoder noise, variance-preserving, as VAEDust renders them). Each tile's condition
 is its coarse part seen in the template (`Renderer.conditions` on `VAEDust.log_template`),
 known and fixed. `FittedLatents` stores the result (HDF5, atomic write, with the sha256 of the
 weights file); `ConditionedVAEDust` is a `VAEDust` that renders it: the observed region follows
@@ -65,19 +66,20 @@ def forward_model(vae: ConditionalVAE, eps: torch.Tensor, c: torch.Tensor, level
     the normalisation's log_scale / log_mean). With `fp` (`tiling.footprints(nside, level,
     tile_ids, lookup)`, its patch k is row k of eps), `n_out` and `resampler` (the renderer's
     reprojection resampling, `Renderer.resampler`): resampled onto the fine grid and blended onto
-    those pixels as the component does (`tiling.blended`: the decoded means as a partition of
-    unity, the noise variance-preserving; `tiling.blend_torch`), (n_out,). `SkyForwardModel`
+    those pixels as the component does (`tiling.blend_torch`: a (s mu(0, c) + m) as a partition of
+    unity, a s (mu(eps, c) - mu(0, c) + noise) variance-preserving), (n_out,). `SkyForwardModel`
     computes the same with a sparse blend.
     """
     scale = level.amplitude * normalisation["log_scale"]
-    parts = [scale * vae.decode(eps, c)[:, 0] + level.amplitude * normalisation["log_mean"]]
-    if noise is not None:
-        parts.append(scale * noise)
+    offset = level.amplitude * normalisation["log_mean"]
+    own = vae.decode(eps, c)[:, 0] if noise is None else vae.decode(eps, c)[:, 0] + noise
     if fp is None:
-        return sum(parts)
+        return scale * own + offset
     if n_out is None or resampler is None:
         raise ValueError("forward_model: n_out (number of output pixels) and resampler are required with fp")
-    return sum(blend_torch(resampler(x), fp, int(n_out), shared=k == 0) for k, x in enumerate(parts))
+    shared = vae.decode(torch.zeros_like(eps), c)[:, 0]
+    return (blend_torch(resampler(scale * shared + offset), fp, int(n_out), shared=True)
+            + blend_torch(resampler(scale * (own - shared)), fp, int(n_out)))
 
 
 class _SparseApply(torch.autograd.Function):
@@ -94,7 +96,7 @@ class _SparseApply(torch.autograd.Function):
 class BlendOperator:
     """The tiling's fine-grid patch -> sky map as a sparse matrix B (n_out, P n^2), n the fine grid's
     side: bilinear interpolation of each patch at its footprint pixels, weights w / sqrt(sum w^2) (or, `shared`, w / sum w: for
-    the decoded means). Same numbers as `tiling.blend_torch` (to 1e-6), ~5x faster forward +
+    what the tiles share, their decoded means at zero latents). Same numbers as `tiling.blend_torch` (to 1e-6), ~5x faster forward +
     backward, with an explicit adjoint."""
 
     def __init__(self, fp: Footprints, n_patches: int, npix: int, n_out: int, shared: bool = False):
@@ -138,9 +140,10 @@ class SkyForwardModel:
     nside, as `VAEDust` renders them.
 
     One cascade level (the nside needs no finer one, or cascade=False): ln I = ln T + delta,
-    delta = B_m[a (s mu(eps, c) + m)] + B[a s e] with B_m / B the blends of the decoded means and
-    of the noise (BlendOperator shared / not), c the tiles' conditions from the template, e their
-    decoder-noise patches. With finer levels, VAEDust adds
+    delta = B[a s (mu(eps, c) + e)] + offset, offset = B_m[a (s mu(0, c) + m)] - B[a s mu(0, c)],
+    B_m / B the partition-of-unity / variance-preserving blends (BlendOperator shared / not, see
+    `forward_model`), c the tiles' conditions from the template (fixed: the offset is a constant),
+    e their decoder-noise patches. With finer levels, VAEDust adds
     level 0 as much as it keeps beside the next level (`tiling.handover_gain` of the Gaussian
     of FWHM F / f_1, F the conditioning FWHM, in `resampler`), then draws the finer levels conditioned on the field so far:
     here they are left out of delta and counted as white noise of variance `fine_variance` (ln
@@ -165,8 +168,6 @@ class SkyForwardModel:
         lookup[self.pixels] = np.arange(len(self.pixels))
         self.footprints = footprints(nside, self.level, self.tile_ids, lookup)
         self.operator = BlendOperator(self.footprints, len(self.tile_ids), UPSAMPLE * n, len(self.pixels))
-        self.mean_operator = BlendOperator(self.footprints, len(self.tile_ids), UPSAMPLE * n, len(self.pixels),
-                                           shared=True)
         s = float(self.normalisation["log_scale"])
         self.scale = self.level.amplitude * s                 # ln I per normalised unit
         self.next_fwhm_deg = 0.0 if len(levels) == 1 else float(self.normalisation["template_fwhm_deg"]) / levels[1].factor
@@ -174,16 +175,22 @@ class SkyForwardModel:
         self.fine_variance = s**2 * sum(lv.amplitude**2 for lv in levels[1:])
         self.log_template = torch.from_numpy(interpolate_at_pixels(model.log_template, nside, self.pixels))
         m = self.level.amplitude * float(self.normalisation["log_mean"])
-        self.offset = self.mean_operator(self.resampler(torch.full((len(self.tile_ids), n, n), m)))  # the constant a m
+        with torch.no_grad():
+            prediction = self.scale * self.decode(torch.zeros(len(self.tile_ids), self.vae.latent_dim))
+            mean_operator = BlendOperator(self.footprints, len(self.tile_ids), UPSAMPLE * n, len(self.pixels),
+                                          shared=True)
+            #: ln I (n_pixels,): what the tiles share blended as a partition of unity, less the
+            #: variance-preserving blend of it that `blend` applies to every decoded mean
+            self.offset = mean_operator(self.resampler(prediction + m)) - self.operator(self.resampler(prediction))
 
-    def blend(self, x: torch.Tensor, shared: bool = False) -> torch.Tensor:
-        """Normalised patches x (P, n, n) -> ln I (n_pixels,): decoder noise, or (`shared`)
-        decoded means."""
-        return (self.mean_operator if shared else self.operator)(self.resampler(self.scale * x))
+    def blend(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised patches x (P, n, n) (decoded means, decoder noise) -> ln I (n_pixels,),
+        variance-preserving."""
+        return self.operator(self.resampler(self.scale * x))
 
-    def blend_adjoint(self, y: torch.Tensor, shared: bool = False) -> torch.Tensor:
+    def blend_adjoint(self, y: torch.Tensor) -> torch.Tensor:
         """Adjoint of `blend`: (n_pixels,) -> (P, n, n)."""
-        return self.scale * self.resampler.adjoint((self.mean_operator if shared else self.operator).adjoint(y))
+        return self.scale * self.resampler.adjoint(self.operator.adjoint(y))
 
     def _chunks(self, eps):
         for k in range(0, len(eps), self.chunk):
@@ -205,8 +212,7 @@ class SkyForwardModel:
 
     def delta(self, eps: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Small scales in ln I (n_pixels,) of latents eps (P, D) (+ decoder-noise patches (P, n, n))."""
-        out = self.blend(self.decode(eps), shared=True) + self.offset
-        return out if noise is None else out + self.blend(noise)
+        return self.blend(self.decode(eps) if noise is None else self.decode(eps) + noise) + self.offset
 
     def log_intensity(self, eps: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """ln(I / uK_RJ) at the reference frequency (n_pixels,), float64."""
@@ -365,13 +371,13 @@ def _map_values(values, name, npix, freq) -> np.ndarray:
 
 
 def _fit_tiles(fwd: SkyForwardModel, target, n_var, eps0, e0, steps, cg_tol, cg_max_iter, log):
-    """Minimise Phi = |eps - eps0|^2 + (e - e0)^T C^-1 (e - e0) + |t - L_m mu(eps) - L e|^2 / N over
-    latents eps (P, D) and decoder-noise patches e (P, n, n) (L_m / L = fwd.blend of the means /
-    of the noise, C the decoder-noise
-    covariance of each tile (`ConditionalVAE.noise_variance`), N = n_var (n_pixels,), t the target in ln I minus fwd.offset) by Gauss-Newton:
-    at eps_k the linearised problem is solved exactly in data space by conjugate gradients,
-    (L_m J J^T L_m^T + L C L^T + N) a = t - L_m(mu_k + J (eps0 - eps_k)) - L e0, then
-    eps = eps0 + J^T L_m^T a, e = e0 + C L^T a (J the decoder Jacobian at eps_k), with step halving if Phi does not
+    """Minimise Phi = |eps - eps0|^2 + (e - e0)^T C^-1 (e - e0) + |t - L (mu(eps) + e)|^2 / N over
+    latents eps (P, D) and decoder-noise patches e (P, n, n) (L = fwd.blend, C the decoder-noise
+    covariance of each tile (`ConditionalVAE.noise_variance`), N = n_var (n_pixels,), t the
+    target in ln I minus fwd.offset) by Gauss-Newton: at eps_k the linearised problem is solved
+    exactly in data space by conjugate gradients,
+    (L (J J^T + C) L^T + N) a = t - L (mu_k + J (eps0 - eps_k) + e0), then
+    eps = eps0 + J^T L^T a, e = e0 + C L^T a (J the decoder Jacobian at eps_k), with step halving if Phi does not
     decrease. Returns (eps, e, [{phi, cg_iterations, cg_residual, step, accepted}], the first entry
     the start)."""
     spectrum = fwd.vae.noise_variance(fwd.conditions).detach()          # (P, n, n): each tile's
@@ -380,7 +386,7 @@ def _fit_tiles(fwd: SkyForwardModel, target, n_var, eps0, e0, steps, cg_tol, cg_
         return torch.fft.ifft2(torch.fft.fft2(x, norm="ortho") * spectrum, norm="ortho").real
 
     def phi(eps, e, mu):
-        resid = target - fwd.blend(mu, shared=True) - fwd.blend(e)
+        resid = target - fwd.blend(mu + e)
         prior_e = (torch.fft.fft2(e - e0, norm="ortho").abs().square() / spectrum).sum()
         return float((eps - eps0).double().square().sum() + prior_e.double() + (resid.double().square() / n_var).sum())
 
@@ -396,15 +402,16 @@ def _fit_tiles(fwd: SkyForwardModel, target, n_var, eps0, e0, steps, cg_tol, cg_
     for step in range(steps):
         with torch.no_grad():
             shift = 0.0 if torch.equal(eps, eps0) else fwd.jvp(eps, eps0 - eps)
-            rhs = target - fwd.blend(mu + shift, shared=True) - fwd.blend(e0)
+            rhs = target - fwd.blend(mu + shift + e0)
 
             def system(v):
-                mean_part = fwd.jvp(eps, fwd.vjp(eps, fwd.blend_adjoint(v, shared=True)))
-                return fwd.blend(mean_part, shared=True) + fwd.blend(cov(fwd.blend_adjoint(v))) + n_var_f * v
+                back = fwd.blend_adjoint(v)
+                return fwd.blend(fwd.jvp(eps, fwd.vjp(eps, back)) + cov(back)) + n_var_f * v
 
             a, it, res = _cg(system, rhs, precond=lambda v: v / diag, tol=cg_tol, max_iter=cg_max_iter)
-            eps_new = eps0 + fwd.vjp(eps, fwd.blend_adjoint(a, shared=True))
-            e_new = e0 + cov(fwd.blend_adjoint(a))
+            back = fwd.blend_adjoint(a)
+            eps_new = eps0 + fwd.vjp(eps, back)
+            e_new = e0 + cov(back)
             for halving in range(6):
                 lam = 0.5 ** halving
                 eps_try, e_try = eps + lam * (eps_new - eps), e + lam * (e_new - e)

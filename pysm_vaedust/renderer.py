@@ -16,8 +16,11 @@ with the subset plus a halo of the patches touching it, not with the sky):
   training targets' window (IRIS's effective beam, the cutouts' box average) divided out
   (`tiling.resampling_matrix`) and tapered above l = 2 nside of the pixels it is sampled at
   (`BAND_LIMIT`), then sampled bilinearly at the HEALPix pixels of its footprint.
-- blend: what overlapping tiles share as a partition of unity, what each draws on its own
-  variance-preserving (`tiling.blended`).
+- blend: what overlapping tiles share, the decoded mean at zero latents (the prediction from
+  their conditions), as a partition of unity; what each draws on its own, its latents' part
+  (decoded mean minus that prediction) and its decoder noise, variance-preserving
+  (`tiling.blended`). Averaging the latents' part as a partition of unity would halve its
+  variance where tiles overlap; preserving the variance of the shared part would inflate it.
 
 The result, `Renderer.field`, is R + delta of `component`: ln I_nu_ref = ln T + R + delta.
 """
@@ -149,29 +152,33 @@ class Renderer:
                ids: np.ndarray | None = None) -> torch.Tensor:
         """Small scales (2, B, n, n) in ln I of tiles given their conditions (B, 2, n/2, n/2) and
         per-patch normals (B, D + n^2) (whitened latents, then the decoder noise's white normals):
-        [decoded means (+ the normalisation's mean), decoder noise]. Tiles `ids` listed in
+        [shared: the decoded mean at zero latents (+ the normalisation's mean), own: the decoded
+        mean minus it, plus the decoder noise] (see the module doc's blend). Tiles `ids` listed in
         `fixed_latents[level]` / `fixed_noise[level]` use their fixed latents / noise patch
         (normalised units) instead."""
         d, n = self.vae.latent_dim, self.vae.config.npix
         eps = torch.from_numpy(normals).to(self.vae.device)
-        c = torch.from_numpy(conditions).to(self.vae.device).contiguous(memory_format=torch.channels_last)
+        c = torch.from_numpy(conditions).to(self.vae.device)
         with torch.no_grad():
             z = eps[:, :d].clone()
             _replace_rows(z, self.fixed_latents.get(level.index), ids)
-            mean = self.vae.decode(z, c).contiguous()[:, 0]
+            both = self.vae.decode(torch.cat([z, torch.zeros_like(z)]),
+                                   torch.cat([c, c]).contiguous(memory_format=torch.channels_last)).contiguous()[:, 0]
+            mean, shared = both[:len(z)], both[len(z):]
             noise = (torch.zeros_like(mean) if self.noise_is_floor else
-                     self.vae.decoder_noise(eps[:, d:].reshape(-1, 1, n, n), c)[:, 0])
+                     self.vae.decoder_noise(eps[:, d:].reshape(-1, 1, n, n),
+                                            c.contiguous(memory_format=torch.channels_last))[:, 0])
             _replace_rows(noise, self.fixed_noise.get(level.index), ids)
         norm = self.normalisation
         scale = level.amplitude * norm["log_scale"]
-        return torch.stack([scale * mean + level.amplitude * norm["log_mean"], scale * noise])
+        return torch.stack([scale * shared + level.amplitude * norm["log_mean"], scale * (mean - shared + noise)])
 
     def level_field(self, level: CascadeLevel, nside: int, seed: int, pixels, coarse_map, next_fwhm_deg: float | None = None,
                     bar=None):
         """One level's blended small scales at `pixels` of `nside` (None = all, a `RingBand`, or
         RING pixel indices), float32, conditioned on `coarse_map` (a map or `BandMap` holding
-        every pixel the touching tiles' condition grids read; decoded means blended as a
-        partition of unity, decoder noise variance-preserving: `tiling.blended`), and None; with
+        every pixel the touching tiles' condition grids read; the tiles' shared and own parts
+        (`decode`) blended by `tiling.blended`), and None; with
         `next_fwhm_deg` (the next level's conditioning FWHM) instead what this level keeps beside
         the next one, and the next level's view of it (seen through that Gaussian). Both come
         from `resampler`. Only the batches of `batch_size` tiles that can reach the pixels are

@@ -80,7 +80,7 @@ def assert_good_map(m, npix) -> None:
     ({"mbb_index": np.r_[np.nan, np.ones(hp.nside2npix(NSIDE) - 1)]}, ValueError, "mbb_index has 1 non-finite"),
     ({"mbb_temperature": 20 * u.GHz}, ValueError, "mbb_temperature has unit GHz: expected K"),
     ({"fixed_latents": {0: {0: np.zeros(3)}}}, ValueError, r"fixed_latents\[0\]\[0\] has shape \(3,\)"),
-    ({"fixed_latents": {0: {10**6: np.zeros(2048)}}}, ValueError, r"fixed_latents\[0\] has tile id 1000000"),  # shipped latent_dim
+    ({"fixed_latents": {0: {10**6: np.zeros(6144)}}}, ValueError, r"fixed_latents\[0\] has tile id 1000000"),  # shipped latent_dim
 ])
 def test_constructor_slips(kwargs, error, message):
     with pytest.raises(error, match=message) as info:

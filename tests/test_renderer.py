@@ -155,7 +155,9 @@ def test_blend_sums_do_not_depend_on_threads_or_on_the_pixels_computed():
 def test_a_decoder_noise_fixed_at_the_floor_stays_out_of_the_map():
     """Weights trained with decoder_noise='floor' (the noise stands for IRIS's noise + CIB only):
     the renderer keeps the decoded means and leaves the noise out (the map carries dust only);
-    weights with a learned noise keep it."""
+    weights with a learned noise keep it. What tiles share (blended as a partition of unity) does
+    not depend on their latents or noise; what each draws on its own is 0 at zero latents and
+    zero noise normals."""
     import copy
 
     from pysm_vaedust.weights import default_weights_path, load_weights
@@ -169,6 +171,13 @@ def test_a_decoder_noise_fixed_at_the_floor_stays_out_of_the_map():
     n, d = learned.vae.config.npix, learned.vae.latent_dim
     conditions = rng.standard_normal((4, 2, n // 2, n // 2)).astype(np.float32)
     normals = rng.standard_normal((4, d + n * n)).astype(np.float32)
-    with_noise, without = (Renderer(w).decode(level, conditions, normals) for w in (learned, floor))
-    assert torch.equal(with_noise[0], without[0])
-    assert float(with_noise[1].abs().max()) > 0 and float(without[1].abs().max()) == 0.0
+    other_noise = normals.copy()
+    other_noise[:, d:] = rng.standard_normal((4, n * n))
+    with_noise, with_other_noise, without, without_other_noise = (
+        Renderer(w).decode(level, conditions, x) for w in (learned, floor) for x in (normals, other_noise))
+    assert torch.equal(with_noise[0], without[0]) and torch.equal(with_noise[0], with_other_noise[0])
+    assert torch.equal(without[1], without_other_noise[1])                     # the floor noise stays out
+    assert float((with_noise[1] - with_other_noise[1]).abs().min()) > 0       # a learned noise is drawn
+    assert float((without[1]).abs().max()) > 0                                # the latents' own part
+    at_zero = Renderer(floor).decode(level, conditions, np.zeros_like(normals))
+    assert torch.equal(at_zero[0], without[0]) and float(at_zero[1].abs().max()) == 0.0
