@@ -404,8 +404,9 @@ def bilinear_torch(values: torch.Tensor, fp: Footprints) -> torch.Tensor:
 
 def blend_torch(values: torch.Tensor, fp: Footprints, n_out: int, shared: bool = False) -> torch.Tensor:
     """Differentiable blend of fine-grid patches (P, U n, U n) onto n_out pixels: sum(w v) / sqrt(sum w^2)
-    (independent fields, e.g. decoder noise), or with `shared` sum(w v) / sum(w) (fields the
-    overlapping patches share, e.g. decoded means). Pixels no patch covers are 0."""
+    (fields each patch draws on its own: its latents' part and decoder noise), or with `shared`
+    sum(w v) / sum(w) (fields the overlapping patches share: the decoding at zero latents). Pixels
+    no patch covers are 0."""
     w = torch.from_numpy(fp.weight).to(values.device)
     idx = torch.from_numpy(fp.pixel).to(values.device)
     num = torch.zeros(n_out, dtype=values.dtype, device=values.device).index_add(0, idx, w * bilinear_torch(values, fp))

@@ -157,7 +157,7 @@ def test_a_decoder_noise_fixed_at_the_floor_stays_out_of_the_map():
     the renderer keeps the decoded means and leaves the noise out (the map carries dust only);
     weights with a learned noise keep it. What tiles share (blended as a partition of unity) does
     not depend on their latents or noise; what each draws on its own is 0 at zero latents and
-    zero noise normals."""
+    zero noise normals; both equal the network's decodings (fixed latents included)."""
     import copy
 
     from pysm_vaedust.weights import default_weights_path, load_weights
@@ -181,3 +181,18 @@ def test_a_decoder_noise_fixed_at_the_floor_stays_out_of_the_map():
     assert float((without[1]).abs().max()) > 0                                # the latents' own part
     at_zero = Renderer(floor).decode(level, conditions, np.zeros_like(normals))
     assert torch.equal(at_zero[0], without[0]) and float(at_zero[1].abs().max()) == 0.0
+    # the parts against the network itself: a (s mu(0, c) + m) and a s (mu(z, c) - mu(0, c) + noise),
+    # a tile with fixed latents decoded with them
+    vae, norm = learned.vae, learned.metadata["normalisation"]
+    scale = level.amplitude * norm["log_scale"]
+    fixed = rng.standard_normal(d).astype(np.float32)
+    parts = Renderer(learned, fixed_latents={level.index: {7: fixed}}).decode(level, conditions, normals,
+                                                                              np.array([3, 7, 8, 9]))
+    c = torch.from_numpy(conditions)
+    z = torch.from_numpy(normals[:, :d]).clone()
+    z[1] = torch.from_numpy(fixed)
+    with torch.no_grad():
+        mean, shared = vae.decode(z, c)[:, 0], vae.decode(torch.zeros_like(z), c)[:, 0]
+        noise = vae.decoder_noise(torch.from_numpy(normals[:, d:]).reshape(-1, 1, n, n), c)[:, 0]
+    torch.testing.assert_close(parts[0], scale * shared + level.amplitude * norm["log_mean"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(parts[1], scale * (mean - shared + noise), atol=1e-6, rtol=1e-5)
