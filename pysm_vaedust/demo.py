@@ -54,7 +54,8 @@ def plot_map(path, emission: np.ndarray, template: np.ndarray, nside: int, freq_
     ax.legend()
     ax.grid(alpha=0.3)
     fig.subplots_adjust(wspace=0.35, top=0.85)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    # tight: healpy's views place their titles above the subplot grid and leave blank margins
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png", bbox_inches="tight", pad_inches=0.15))
     plt.close(fig)
 
 
