@@ -72,7 +72,9 @@ def forward_model(vae: ConditionalVAE, eps: torch.Tensor, c: torch.Tensor, level
     """
     scale = level.amplitude * normalisation["log_scale"]
     offset = level.amplitude * normalisation["log_mean"]
-    own = vae.decode(eps, c)[:, 0] if noise is None else vae.decode(eps, c)[:, 0] + noise
+    own = vae.decode(eps, c)[:, 0]
+    if noise is not None:
+        own = own + noise
     if fp is None:
         return scale * own + offset
     if n_out is None or resampler is None:
@@ -212,7 +214,8 @@ class SkyForwardModel:
 
     def delta(self, eps: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Small scales in ln I (n_pixels,) of latents eps (P, D) (+ decoder-noise patches (P, n, n))."""
-        return self.blend(self.decode(eps) if noise is None else self.decode(eps) + noise) + self.offset
+        patches = self.decode(eps)
+        return self.blend(patches if noise is None else patches + noise) + self.offset
 
     def log_intensity(self, eps: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """ln(I / uK_RJ) at the reference frequency (n_pixels,), float64."""
