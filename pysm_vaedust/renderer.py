@@ -162,12 +162,10 @@ class Renderer:
         with torch.no_grad():
             z = eps[:, :d].clone()
             _replace_rows(z, self.fixed_latents.get(level.index), ids)
-            both = self.vae.decode(torch.cat([z, torch.zeros_like(z)]),
-                                   torch.cat([c, c]).contiguous(memory_format=torch.channels_last)).contiguous()[:, 0]
-            mean, shared = both[:len(z)], both[len(z):]
+            c = c.contiguous(memory_format=torch.channels_last)
+            mean, shared = (m.contiguous()[:, 0] for m in self.vae.decode_with_prediction(z, c))
             noise = (torch.zeros_like(mean) if self.noise_is_floor else
-                     self.vae.decoder_noise(eps[:, d:].reshape(-1, 1, n, n),
-                                            c.contiguous(memory_format=torch.channels_last))[:, 0])
+                     self.vae.decoder_noise(eps[:, d:].reshape(-1, 1, n, n), c)[:, 0])
             _replace_rows(noise, self.fixed_noise.get(level.index), ids)
         norm = self.normalisation
         scale = level.amplitude * norm["log_scale"]
