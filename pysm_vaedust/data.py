@@ -240,13 +240,18 @@ def smoothstep(x: np.ndarray) -> np.ndarray:
     return x * x * (3 - 2 * x)
 
 
-def masked_spectrum(m: np.ndarray, mask: np.ndarray, lmax: int) -> np.ndarray:
-    """Pseudo-C_l (lmax + 1,) of map m on the apodised mask, its weighted mean removed, divided
-    by the mask's mean square."""
+def masked_alm(m: np.ndarray, mask: np.ndarray, lmax: int) -> np.ndarray:
+    """Harmonic coefficients (healpy's layout, up to lmax) of map m on the apodised mask, its
+    weighted mean removed."""
     m = np.where(mask > 0, m, 0.0)
-    w = np.sum(mask)
-    mean = np.sum(m * mask) / w
-    return hp.anafast((m - mean) * mask, lmax=lmax, use_pixel_weights=False, iter=1) / np.mean(mask**2)
+    mean = np.sum(m * mask) / np.sum(mask)
+    return hp.map2alm((m - mean) * mask, lmax=lmax, use_pixel_weights=False, iter=1)
+
+
+def masked_spectrum(m: np.ndarray, mask: np.ndarray, lmax: int) -> np.ndarray:
+    """Pseudo-C_l (lmax + 1,) of map m on the apodised mask (`masked_alm`), divided by the mask's
+    mean square."""
+    return hp.alm2cl(masked_alm(m, mask, lmax)) / np.mean(mask**2)
 
 
 def gaussian_beam(lmax: int, fwhm_arcmin: float) -> np.ndarray:
