@@ -72,14 +72,14 @@ def forward_model(vae: ConditionalVAE, eps: torch.Tensor, c: torch.Tensor, level
     """
     scale = level.amplitude * normalisation["log_scale"]
     offset = level.amplitude * normalisation["log_mean"]
-    own = vae.decode(eps, c)[:, 0]
-    if noise is not None:
-        own = own + noise
     if fp is None:
-        return scale * own + offset
+        own = vae.decode(eps, c)[:, 0]
+        return scale * (own if noise is None else own + noise) + offset
     if n_out is None or resampler is None:
         raise ValueError("forward_model: n_out (number of output pixels) and resampler are required with fp")
-    shared = vae.decode(torch.zeros_like(eps), c)[:, 0]
+    own, shared = (m[:, 0] for m in vae.decode_with_prediction(eps, c))
+    if noise is not None:
+        own = own + noise
     return (blend_torch(resampler(scale * shared + offset), fp, int(n_out), shared=True)
             + blend_torch(resampler(scale * (own - shared)), fp, int(n_out)))
 
