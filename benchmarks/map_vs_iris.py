@@ -25,11 +25,9 @@ import pysm3
 import pysm3.units as u
 
 from pysm_vaedust import VAEDust
-from pysm_vaedust.data import fit_dust_law, masked_spectrum, shared_data_dir
-from pysm_vaedust.iris import analysis_mask, iris_mosaic, subtract_zero_level
-from pysm_vaedust.mapcheck import BRIGHT_MJYSR, IRIS_BEAM_ARCMIN, compare_spectra
-
-IRIS_NSIDE = 2048
+from pysm_vaedust.data import fit_dust_law, masked_spectrum
+from pysm_vaedust.iris import analysis_mask
+from pysm_vaedust.mapcheck import BRIGHT_MJYSR, IRIS_BEAM_ARCMIN, IRIS_NSIDE, compare_spectra, iris_reference
 
 
 def bright_sky(values: np.ndarray, nside_out: int) -> np.ndarray:
@@ -58,12 +56,9 @@ def main(argv=None) -> int:
     parser.add_argument("--figure", default=None)
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
-    mosaic = iris_mosaic(IRIS_NSIDE, shared_data_dir() / "iris_100um")
-    missing = ~np.isfinite(mosaic.intensity)
-    reference_map = subtract_zero_level(mosaic, np.exp(VAEDust(nside=64, seed=0).log_template))
+    reference_map, missing, mask_iris = iris_reference(np.exp(VAEDust(nside=64, seed=0).log_template))
     zero = reference_map.extra["zero_level"]
     reference = reference_map.intensity
-    mask_iris = analysis_mask(IRIS_NSIDE, missing)
     bright_iris = bright_sky(reference, IRIS_NSIDE)
     lmax_iris = int(1.5 * IRIS_NSIDE)
     ref_cl = spectra(np.where(missing, 0.0, reference), mask_iris, bright_iris, lmax_iris)
@@ -112,14 +107,14 @@ def make_figure(path: str, ref_cl: dict, fits: dict, curves: dict) -> None:
     import matplotlib.pyplot as plt
 
     from pysm_vaedust.data import gaussian_beam
-    from pysm_vaedust.mapcheck import band_mean
+    from pysm_vaedust.mapcheck import dust_law, dust_scale
 
     kinds = ("linear", "ln_bright")
     fig, axes = plt.subplots(2, len(kinds), figsize=(6 * len(kinds), 8), sharex=True, constrained_layout=True)
     for col, kind in enumerate(kinds):
         fit, cl_ref = fits[kind], ref_cl[kind]
         ell = np.arange(len(cl_ref))
-        law = fit["A"] * np.maximum(ell, 1.0) ** fit["alpha"]
+        law = dust_law(fit, len(cl_ref) - 1)
         b2 = gaussian_beam(len(cl_ref) - 1, IRIS_BEAM_ARCMIN) ** 2
         top, bottom = axes[0, col], axes[1, col]
         top.loglog(ell[30:], cl_ref[30:], color="k", lw=1.2, label="IRIS - delta (mosaic)")
@@ -127,7 +122,7 @@ def make_figure(path: str, ref_cl: dict, fits: dict, curves: dict) -> None:
         top.loglog(ell[30:], law[30:], "k:", lw=0.8, label="IRIS dust law A l^alpha")
         for (nside, seed), cl in curves.items():
             c = cl[kind]
-            k = band_mean(law, 100, 300) / band_mean(c, 100, 300)
+            k = dust_scale(c, law)
             n = len(c)
             top.loglog(ell[30:n], (b2[:n] * (k * c + fit["F"]))[30:], lw=0.8, label=f"VAEDust nside {nside} seed {seed} (beam + F)")
             bottom.semilogx(ell[30:n], (k * c / law[:n])[30:], lw=0.8, label=f"nside {nside} seed {seed}")

@@ -34,15 +34,14 @@ import pysm3.units as u
 
 from pysm_vaedust import VAEDust
 from pysm_vaedust.cutouts import PatchGeometry, cut_patches
-from pysm_vaedust.data import DustMap, fit_dust_law, gaussian_beam, masked_spectrum, shared_data_dir
+from pysm_vaedust.data import DustMap, fit_dust_law, gaussian_beam, masked_spectrum
 from pysm_vaedust.fidelity import band_powers, ratio_summary
-from pysm_vaedust.iris import ZERO_LEVEL_FLOOR_MJYSR, analysis_mask, iris_mosaic, subtract_zero_level
-from pysm_vaedust.mapcheck import BRIGHT_MJYSR, IRIS_BEAM_ARCMIN, band_mean
+from pysm_vaedust.iris import ZERO_LEVEL_FLOOR_MJYSR, analysis_mask
+from pysm_vaedust.mapcheck import (BRIGHT_MJYSR, IRIS_BANDS, IRIS_BEAM_ARCMIN, IRIS_NSIDE, dust_law, dust_scale,
+                                   iris_reference)
 from pysm_vaedust.realsky import CLASSES, split_centres
 from pysm_vaedust.weights import load_weights
 
-IRIS_NSIDE = 2048
-BANDS = ((300.0, 600.0), (600.0, 1000.0), (1000.0, 1500.0))
 GEOMETRY = PatchGeometry(192, 8.0)   # 2.5' pixels
 TARGET = (0.85, 1.18)
 FLOOR_SHARE_MAX = 0.3
@@ -60,9 +59,7 @@ def seen_as_iris(m: np.ndarray, nside: int, mask: np.ndarray, fit: dict, seed: i
     smoothed by IRIS's beam, and that plus a Gaussian realisation of the fitted floor B_l^2 F,
     floored as IRIS - delta is (MJy/sr)."""
     lmax = 3 * nside - 1
-    ell = np.arange(int(1.5 * nside) + 1, dtype=np.float64)
-    law = fit["A"] * np.maximum(ell, 1.0) ** fit["alpha"]
-    scale = np.sqrt(band_mean(law, 100, 300) / band_mean(masked_spectrum(m, mask, int(1.5 * nside)), 100, 300))
+    scale = np.sqrt(dust_scale(masked_spectrum(m, mask, int(1.5 * nside)), dust_law(fit, int(1.5 * nside))))
     seen = hp.smoothing(scale * m, fwhm=np.radians(IRIS_BEAM_ARCMIN / 60), lmax=lmax, iter=1)
     np.random.seed(seed)
     floor = hp.synfast(gaussian_beam(lmax, IRIS_BEAM_ARCMIN) ** 2 * fit["F"], nside, lmax=lmax)
@@ -80,21 +77,18 @@ def main(argv=None) -> int:
     weights = load_weights(args.weights)
     lon, lat = split_centres(weights.metadata, "test")
     template_fwhm = float(weights.metadata["normalisation"]["template_fwhm_deg"])
-    mosaic = iris_mosaic(IRIS_NSIDE, shared_data_dir() / "iris_100um")
-    missing = ~np.isfinite(mosaic.intensity)
-    real = subtract_zero_level(mosaic, np.exp(VAEDust(nside=64, seed=0).log_template))
-    mask_iris = analysis_mask(IRIS_NSIDE, missing)
+    real, missing, mask_iris = iris_reference(np.exp(VAEDust(nside=64, seed=0).log_template))
     fit = fit_dust_law(masked_spectrum(np.where(missing, 0.0, real.intensity), mask_iris, int(1.5 * IRIS_NSIDE)),
                        IRIS_BEAM_ARCMIN)
     real_cut = cut_patches(real, lon, lat, GEOMETRY, template_fwhm)
     pixel_deg = GEOMETRY.pixel_size_deg
-    real_cl = band_powers(real_cut.small_scales, pixel_deg, BANDS)
+    real_cl = band_powers(real_cut.small_scales, pixel_deg, IRIS_BANDS)
     labels = np.full(len(lon), -1)
     labels[real_cut.usable] = tercile_labels(real_cut.level[real_cut.usable])
     mask = analysis_mask(args.nside, hp.ud_grade(missing.astype(float), args.nside) > 0)
     out = {"centres": len(lon), "geometry": {"npix": GEOMETRY.npix, "size_deg": GEOMETRY.size_deg,
                                              "pixel_arcmin": 60 * pixel_deg},
-           "bands_ell": BANDS, "target": f"median {TARGET[0]}-{TARGET[1]} where the tercile's median brightness > "
+           "bands_ell": IRIS_BANDS, "target": f"median {TARGET[0]}-{TARGET[1]} where the tercile's median brightness > "
                                          f"{BRIGHT_MJYSR} MJy/sr and the floor <= {FLOOR_SHARE_MAX} of the real power",
            "iris_fit": fit, "zero_level": real.extra["zero_level"], "seeds": {}}
     for seed in args.seeds:
@@ -106,7 +100,7 @@ def main(argv=None) -> int:
         for name, values in zip(("dust", "with_floor"), seen_as_iris(m, args.nside, mask, fit, seed)):
             sim_cut = cut_patches(DustMap(values, "G", args.nside, f"VAEDust nside {args.nside} seed {seed} ({name})", "",
                                           "intensity_MJysr"), lon, lat, GEOMETRY, template_fwhm)
-            cl[name] = np.where(sim_cut.usable[:, None], band_powers(sim_cut.small_scales, pixel_deg, BANDS), np.nan)
+            cl[name] = np.where(sim_cut.usable[:, None], band_powers(sim_cut.small_scales, pixel_deg, IRIS_BANDS), np.nan)
         keep = real_cut.usable & np.isfinite(cl["with_floor"]).all(1) & np.isfinite(cl["dust"]).all(1)
         ratio = cl["with_floor"][keep] / real_cl[keep]
         floor_share = (cl["with_floor"] - cl["dust"])[keep] / real_cl[keep]
@@ -125,7 +119,7 @@ def main(argv=None) -> int:
                 "fraction_in_0.7_1.4": summary["fraction_in_range"].tolist(),
                 "floor_share": share.tolist(), "targeted": targeted, "met": met}
             cells = ", ".join(f"l {lo:.0f}-{hi:.0f} {r:.2f} (floor {s:.2f}, {'target ' + ('met' if ok else 'MISSED') if t else 'reported'})"
-                              for (lo, hi), r, s, t, ok in zip(BANDS, summary["median_ratio"], share, targeted, met))
+                              for (lo, hi), r, s, t, ok in zip(IRIS_BANDS, summary["median_ratio"], share, targeted, met))
             print(f"seed {seed} {name} ({int(sel.sum())} patches, median {median_level:.2f} MJy/sr): {cells}", flush=True)
         out["seeds"][str(seed)] = seed_out
     if args.json:

@@ -51,28 +51,26 @@ def variance_by_distance(field: np.ndarray, distance: np.ndarray) -> np.ndarray:
     return np.array([field[which == k].var() for k in range(N_BINS)]) / field.var()
 
 
-def standardised_high_latitude(field: np.ndarray, level, nside: int) -> tuple[np.ndarray, np.ndarray]:
-    """(field / its local rms, the pixels at |b| > 30 deg) of a level's field on the real sky: the
-    local rms is the square root of field^2 smoothed at 4 patch sizes of the level."""
+def standardised(field: np.ndarray, level) -> np.ndarray:
+    """A level's field on the real sky over its local rms: the square root of field^2 smoothed at
+    4 patch sizes of the level."""
     local_power = hp.smoothing(field.astype(np.float64) ** 2, fwhm=np.radians(4 * level.geometry.size_deg))
-    local_rms = np.sqrt(np.maximum(local_power, 1e-3 * np.mean(field.astype(np.float64) ** 2)))
-    theta = hp.pix2ang(nside, np.arange(hp.nside2npix(nside)))[0]
-    return field / local_rms, np.abs(90 - np.degrees(theta)) > 30
+    return field / np.sqrt(np.maximum(local_power, 1e-3 * np.mean(field.astype(np.float64) ** 2)))
 
 
 def seams_of_level(sky: VAEDust, level, nside: int, seeds, real_sky: bool) -> dict:
     """One level's variance per distance fifth (mean over `seeds`, its standard error), printed;
-    `real_sky`: the field standardised and cut to high latitudes (`standardised_high_latitude`)."""
+    `real_sky`: the field `standardised` and cut to |b| > 30 deg."""
     work = working_nside(level, nside)
     coarse = interpolate_at_pixels(sky.log_template, work, None)
     distance = distance_to_tile_centre(level, work)
+    high = np.abs(90 - np.degrees(hp.pix2ang(work, np.arange(hp.nside2npix(work)))[0])) > 30
     start = time.time()
     ratios = []
     for seed in seeds:
         field = sky.renderer.level_field(level, work, seed, None, coarse)[0]
         if real_sky:
-            field, keep = standardised_high_latitude(field, level, work)
-            ratios.append(variance_by_distance(field[keep], distance[keep]))
+            ratios.append(variance_by_distance(standardised(field, level)[high], distance[high]))
         else:
             ratios.append(variance_by_distance(field, distance))
     ratios = np.array(ratios, dtype=np.float64)

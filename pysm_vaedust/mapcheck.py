@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import fit_dust_law, gaussian_beam
+from .data import DustMap, fit_dust_law, gaussian_beam, shared_data_dir
+from .iris import analysis_mask, iris_mosaic, subtract_zero_level
 
 #: IRIS's effective beam FWHM at 100 um measured on the mosaic's bright patches (arcmin); nominal 4.3'
 IRIS_BEAM_ARCMIN = 5.1
@@ -31,6 +32,28 @@ IRIS_BEAM_ARCMIN = 5.1
 BRIGHT_MJYSR = 1.5
 #: bands of the comparison with IRIS (ell)
 IRIS_BANDS = ((300, 600), (600, 1000), (1000, 1500))
+#: nside of the IRIS mosaic the reference is read at
+IRIS_NSIDE = 2048
+
+
+def iris_reference(template: np.ndarray) -> tuple[DustMap, np.ndarray, np.ndarray]:
+    """(IRIS - delta (`iris.subtract_zero_level` against `template`, intensity of any nside), the
+    mosaic's missing pixels (npix,) bool, the analysis mask (npix,)), all at IRIS_NSIDE; the mosaic
+    is the cached one (`pysm_vaedust-mosaic`)."""
+    mosaic = iris_mosaic(IRIS_NSIDE, shared_data_dir() / "iris_100um")
+    missing = ~np.isfinite(mosaic.intensity)
+    return subtract_zero_level(mosaic, template), missing, analysis_mask(IRIS_NSIDE, missing)
+
+
+def dust_law(fit: dict, lmax: int) -> np.ndarray:
+    """IRIS's dust A l^alpha (lmax + 1,) of a `fit_dust_law` fit (l = 0 taken as 1)."""
+    return fit["A"] * np.maximum(np.arange(lmax + 1), 1.0) ** fit["alpha"]
+
+
+def dust_scale(cl_map: np.ndarray, law: np.ndarray) -> float:
+    """The factor on a map's C_l that puts it on IRIS's dust law `law` at ell 100-300 (units and
+    SED cancel)."""
+    return band_mean(law, 100, 300) / band_mean(cl_map, 100, 300)
 
 
 def band_mean(cl: np.ndarray, lo: float, hi: float) -> float:
@@ -53,10 +76,9 @@ def compare_spectra(cl_map: np.ndarray, cl_iris: np.ndarray, beam_fwhm_arcmin: f
     A l^alpha in bands of Delta ln l = 0.4 from 600 to 1.5 nside."""
     fit = iris_fit or fit_dust_law(cl_iris, beam_fwhm_arcmin)
     lmax = min(len(cl_map), len(cl_iris)) - 1
-    ell = np.maximum(np.arange(lmax + 1), 1.0)
-    law = fit["A"] * ell ** fit["alpha"]
+    law = dust_law(fit, lmax)
     b2 = gaussian_beam(lmax, beam_fwhm_arcmin) ** 2
-    k = band_mean(law, 100, 300) / band_mean(cl_map, 100, 300)
+    k = dust_scale(cl_map, law)
     seen = b2 * (k * cl_map[:lmax + 1] + fit["F"])
     iris = {}
     for lo, hi in IRIS_BANDS:
