@@ -12,9 +12,8 @@ so P < p_max I at every pixel (for |w| << p_max, P / I = |w|).
   t^ the map's own ln I (template + VAE small scales) whitened multipole by multipole, g unit
   Gaussian draws (seeded), rho the T-E correlation of the small scales, and
   A_X(l)^2 = a_X l^alpha_X - C_l^{X}(w_L): the power law of the template's own E/B spectrum of
-  w (slopes of Planck 2018 XI, amplitudes fitted where the template is real, B_l^2 > 1/2, with
-  its beam divided out) continued: the small scales supply what the template lacks of it,
-  including what its beam took at l 8-30, so the sum has no break
+  w (slopes of Planck 2018 XI, amplitudes fitted where the template is real, B_l^2 > 1/2)
+  continued: the small scales supply what the template lacks of it, so the sum has no break
   where the template's information ends (whatever its real transfer: d1's is not its beam's).
   A positive E coefficient that follows a positive ln-I one orients the polarization across the
   intensity ridges (the field along them), as Planck sees at high latitude (TE > 0,
@@ -92,8 +91,7 @@ def fraction_tensor(iqu: np.ndarray) -> np.ndarray:
 def fit_power_laws(e_alm: np.ndarray, b_alm: np.ndarray, fwhm_deg: float) -> dict:
     """Amplitudes a_E, a_B of C_l = a l^alpha (alpha = ALPHA_EE, ALPHA_BB) fitted to the
     full-sky E / B spectra of w_L over l = 8 .. where the template's Gaussian beam B_l^2 = 1/2
-    (the median of C_l / (B_l^2 l^alpha)): the sky's law, not the smoothed template's, so the small
-    scales also supply what the beam took from the template there: {a_E, a_B, ell_range}."""
+    (the median of C_l / l^alpha): {a_E, a_B, ell_range}."""
     cl_e, cl_b = hp.alm2cl(e_alm), hp.alm2cl(b_alm)
     lmax = len(cl_e) - 1
     beam2 = gaussian_beam(lmax, 60 * fwhm_deg) ** 2
@@ -103,7 +101,7 @@ def fit_power_laws(e_alm: np.ndarray, b_alm: np.ndarray, fwhm_deg: float) -> dic
     ell = np.arange(8, top)
     fit = {"ell_range": [int(ell[0]), int(ell[-1])]}
     for name, cl, alpha in (("a_E", cl_e, ALPHA_EE), ("a_B", cl_b, ALPHA_BB)):
-        fit[name] = float(np.median(cl[ell] / beam2[ell] / ell.astype(float) ** alpha))
+        fit[name] = float(np.median(cl[ell] / ell.astype(float) ** alpha))
     if not (fit["a_E"] > 0 and fit["a_B"] >= 0):
         raise ValueError(f"the pol template's E/B spectra give no positive E power law: {fit}")
     return fit

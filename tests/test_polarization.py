@@ -118,20 +118,3 @@ def test_small_scales_continue_the_power_laws_and_follow_ln_i(bundled):
 def test_bad_polarization_arguments_are_refused(kwargs, match):
     with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
         VAEDust(nside=16, cascade=False, **kwargs)
-
-
-def test_the_fit_finds_the_skys_law_through_the_templates_beam():
-    """A template whose E / B follow a l^alpha on the sky, seen through a 3 deg beam: the fitted
-    amplitudes are the sky's (within 15 %, a full sky's scatter over l 8-36), not the smoothed
-    spectrum's (B_l^2 is 0.5-0.95 over the fit's range)."""
-    nside, lmax, fwhm = 64, 191, 3.0
-    ell = np.arange(lmax + 1, dtype=float)
-    rng = np.random.default_rng(7)
-    law = {"a_E": 1e-4, "a_B": 5e-5}
-    beam = np.exp(-0.5 * ell * (ell + 1) * np.radians(fwhm / np.sqrt(8 * np.log(2))) ** 2)
-    e, b = (hp.almxfl(unit_alm(rng, lmax), np.where(ell > 1, np.sqrt(law[k] * np.maximum(ell, 1) ** a), 0) * beam)
-            for k, a in (("a_E", ALPHA_EE), ("a_B", ALPHA_BB)))
-    q, u_ = hp.alm2map_spin([e, b], nside, 2, lmax)
-    fit = PolarizationTemplate(np.stack([np.ones_like(q), q, u_]), fwhm).fit
-    for name in ("a_E", "a_B"):
-        assert fit[name] == pytest.approx(law[name], rel=0.15), (name, fit[name] / law[name])
