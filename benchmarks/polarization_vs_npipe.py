@@ -21,7 +21,7 @@ uK_CMB; the call timed), beside PySM's d1 (the shared nside-64 file, its alm to 
 
     python benchmarks/polarization_vs_npipe.py --nside 2048 --seeds 0 1 \
         --json benchmarks/polarization_vs_npipe.json --figure docs/figures/polarization_vs_npipe.png \
-        --spectra-figure docs/figures/polarization_spectra.png
+        --spectra-figure docs/figures/polarization_spectra.png --zoom-figure docs/figures/polarization_zoom.png
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ VERDICT = {True: "PASS", False: "MISS"}
 RIDGE_REGIONS = [(lon, lat) for lat in (60, -60) for lon in (0, 72, 144, 216, 288)]
 #: ridges of ln I at this FWHM (arcmin), band-passed against twice it, on the nside-512 map
 RIDGE_FWHM_ARCMIN = 20.0
+#: the zoomed P and angle maps: two of the ridge regions, ZOOM_DEG wide
+ZOOM_REGIONS, ZOOM_DEG = [(0, 60), (144, -60)], 8.0
 
 
 def lensed_cmb_dl() -> np.ndarray:
@@ -108,8 +110,9 @@ def bands(dl: np.ndarray) -> dict:
 
 
 def field_statistics(model: np.ndarray, cmb: np.ndarray, npipe: np.ndarray, var: np.ndarray) -> dict:
-    """Median ratio and log-correlation (NPIPE > 3 sigma) and the paper's linear Pearson per spectrum and band."""
-    total, data = bands(model + cmb), bands(npipe)
+    """Median ratio and log-correlation (NPIPE > 3 sigma), the paper's linear Pearson, and NPIPE's dust
+    over the model's by quintile of the model's power (`by_model_quintile`), per spectrum and band."""
+    total, data, dust, cmb_band = bands(model + cmb), bands(npipe), bands(model), bands(cmb)
     sigma = {b: np.sqrt(var[..., idx].sum(-1)) / len(idx) for b, idx in BANDS.items()}
     out = {}
     for s, spec in enumerate(("EE", "BB")):
@@ -121,8 +124,21 @@ def field_statistics(model: np.ndarray, cmb: np.ndarray, npipe: np.ndarray, var:
                 "median_ratio": float(np.median(m[sig] / d[sig])), "log_correlation": float(np.corrcoef(np.log(m[sig]), np.log(d[sig]))[0, 1]),
                 "n_fields": int(sig.sum()), "median_ratio_all_positive": float(np.median(m[d > 0] / d[d > 0])),
                 "pearson_paper": float(np.corrcoef(m[positive], d[positive])[0, 1]), "n_fields_paper": int(positive.sum()),
-                "model_plus_cmb": m.tolist()}
+                "model_plus_cmb": m.tolist(),
+                **by_model_quintile(dust[band][:, s], d - cmb_band[band][s])}
     return out
+
+
+def by_model_quintile(model: np.ndarray, data: np.ndarray) -> dict:
+    """Fields in quintiles of the model's dust power (n_fields,): mean data / mean model per quintile
+    (means, so NPIPE's noise does not bias them; binning on the model, not on the noisy data), and
+    the slope of ln(mean data) against ln(mean model) across quintiles (1: the data's power varies
+    across fields as the model's does)."""
+    edges = np.quantile(model, np.linspace(0, 1, 6))
+    groups = [(model >= lo) & (model <= hi) for lo, hi in zip(edges[:-1], edges[1:])]
+    m, d = np.array([model[g].mean() for g in groups]), np.array([data[g].mean() for g in groups])
+    return {"npipe_over_model_by_model_quintile": (d / m).tolist(),
+            "npipe_vs_model_log_slope": float(np.polyfit(np.log(m), np.log(d), 1)[0])}
 
 
 def pseudo_spectra(iqu: np.ndarray, mask: np.ndarray, lmax: int) -> np.ndarray:
@@ -239,7 +255,9 @@ def summarise_fields(name: str, stats: dict) -> None:
         floor = TARGETS["log_correlation"][key.split("_")[1]]
         print(f"  {name:>6} {key:8}: median ratio {s['median_ratio']:.2f} [{VERDICT[lo <= s['median_ratio'] <= hi]}], "
               f"log-corr {s['log_correlation']:.3f} [>= {floor} {VERDICT[s['log_correlation'] >= floor]}] "
-              f"(n {s['n_fields']}); paper's Pearson {s['pearson_paper']:.3f} (n {s['n_fields_paper']})")
+              f"(n {s['n_fields']}); paper's Pearson {s['pearson_paper']:.3f} (n {s['n_fields_paper']}); NPIPE / model "
+              f"by model quintile {np.round(s['npipe_over_model_by_model_quintile'], 2).tolist()}, "
+              f"log slope {s['npipe_vs_model_log_slope']:.2f}")
 
 
 def summarise_large(name: str, s: dict) -> None:
@@ -271,6 +289,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default="benchmarks/polarization_vs_npipe.json")
     parser.add_argument("--figure", default="docs/figures/polarization_vs_npipe.png")
     parser.add_argument("--spectra-figure", default="docs/figures/polarization_spectra.png")
+    parser.add_argument("--zoom-figure", default="docs/figures/polarization_zoom.png")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     t0 = time.time()
@@ -298,6 +317,8 @@ def main(argv=None) -> int:
         out["maps"][name], curves[name] = large_mask_statistics(iqu, args.nside)
         out["maps"][name]["get_emission_s"] = seconds
         out["maps"][name]["ridge_alignment"] = ridge_alignment(hp.ud_grade(iqu, min(args.nside, LOW_NSIDE)))
+        if seed == args.seeds[0]:
+            zoom_figure(args.zoom_figure, iqu, f"VAEDust nside {args.nside} seed {seed}, 353 GHz")
         print(f"nside {args.nside} seed {seed}: map (first get_emission) {seconds:.0f} s", flush=True)
         del iqu, sky
     spectra = field_spectra(field_maps, lon, lat)
@@ -316,6 +337,44 @@ def main(argv=None) -> int:
     make_figures(args.figure, args.spectra_figure, out, bands(npipe), curves)
     print(f"total {time.time() - t0:.0f} s")
     return 0
+
+
+def zoom_figure(path: str, iqu: np.ndarray, title: str) -> None:
+    """8 deg gnomonic views, at the map's pixel, of ZOOM_REGIONS: ln I with the plane-of-sky field
+    orientation (polarization angle + 90 deg, IAU sense: from north through east) as headless lines,
+    P, P / I and the polarization angle. Q, U are in each pixel's own (theta, phi) basis, which at
+    |b| = 60 turns from the image's axes by up to 7 deg at the east and west edges (8 deg at the
+    corners): the lines are drawn in the local basis, not rotated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nside = hp.npix2nside(iqu.shape[1])
+    reso = hp.nside2resol(nside, arcmin=True)
+    size = int(ZOOM_DEG * 60 / reso)
+    fig, axes = plt.subplots(len(ZOOM_REGIONS), 4, figsize=(16, 4.1 * len(ZOOM_REGIONS)), constrained_layout=True)
+    for row, (lon, lat) in zip(axes, ZOOM_REGIONS):
+        i, q, u_ = (hp.gnomview(m, rot=(lon, lat), xsize=size, reso=reso, return_projected_map=True, no_plot=True,
+                                flip="astro").filled(np.nan) for m in iqu)
+        p = np.hypot(q, u_)
+        psi = 0.5 * np.arctan2(-u_, q)   # IAU polarization angle (COSMO U = -IAU U), from north through east
+        extent = [ZOOM_DEG / 2, -ZOOM_DEG / 2, -ZOOM_DEG / 2, ZOOM_DEG / 2]   # east to the left
+        panels = ((np.log(i), "ln I", "magma"), (p, "P [uK_CMB]", "viridis"), (p / i, "P / I", "viridis"),
+                  (np.degrees(psi), "polarization angle [deg]", "twilight"))
+        for ax, (image, label, cmap) in zip(row, panels):
+            limits = dict(vmin=-90, vmax=90) if cmap == "twilight" else {}
+            shown = ax.imshow(image, origin="lower", extent=extent, cmap=cmap, **limits)
+            fig.colorbar(shown, ax=ax, shrink=0.8, label=label)
+            ax.set(xlabel="offset east [deg]", ylabel="offset north [deg]", title=f"({lon}, {lat})")
+        step = max(size // 16, 1)
+        y, x = np.mgrid[0:size:step, 0:size:step]
+        chi = psi[::step, ::step] + np.pi / 2
+        offsets = (np.linspace(-ZOOM_DEG / 2, ZOOM_DEG / 2, size))
+        row[0].quiver(-offsets[x], offsets[y], -np.sin(chi), np.cos(chi), pivot="middle", headwidth=0, headlength=0,
+                      headaxislength=0, color="white", scale=20, width=0.005)
+    fig.suptitle(f"{title}: field orientation (lines) over ln I; P, P / I and the polarization angle")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
 
 
 def make_figures(path: str, spectra_path: str, out: dict, npipe: dict, curves: dict) -> None:
