@@ -118,3 +118,16 @@ def test_small_scales_continue_the_power_laws_and_follow_ln_i(bundled):
 def test_bad_polarization_arguments_are_refused(kwargs, match):
     with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
         VAEDust(nside=16, cascade=False, **kwargs)
+
+
+def test_the_polarization_angles_carry_no_tiles():
+    """Q / I and U / I are drawn on the sphere, not per tile: without the T-E term they do not
+    depend on the intensity's tiles at all (one tile's latents changed, the same fractions bit for
+    bit), so no tile edge or pole of the tiling can put a seam into the angles; with it they follow
+    the changed ln I."""
+    changed = {0: {5: np.full(VAEDust(nside=16, cascade=False, polarization=False).renderer.vae.latent_dim, 2.0)}}
+    fractions = {(rho, fixed is None): VAEDust(nside=64, seed=2, cascade=False, te_correlation=rho,
+                                               fixed_latents=fixed).polarization_fractions()
+                 for rho in (0.0, 0.36) for fixed in (None, changed)}
+    assert np.array_equal(fractions[0.0, True], fractions[0.0, False])
+    assert not np.array_equal(fractions[0.36, True], fractions[0.36, False])
