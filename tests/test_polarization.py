@@ -121,13 +121,15 @@ def test_bad_polarization_arguments_are_refused(kwargs, match):
 
 
 def test_the_polarization_angles_carry_no_tiles():
-    """Q / I and U / I are drawn on the sphere, not per tile: without the T-E term they do not
-    depend on the intensity's tiles at all (one tile's latents changed, the same fractions bit for
-    bit), so no tile edge or pole of the tiling can put a seam into the angles; with it they follow
-    the changed ln I."""
-    changed = {0: {5: np.full(VAEDust(nside=16, cascade=False, polarization=False).renderer.vae.latent_dim, 2.0)}}
-    fractions = {(rho, fixed is None): VAEDust(nside=64, seed=2, cascade=False, te_correlation=rho,
-                                               fixed_latents=fixed).polarization_fractions()
-                 for rho in (0.0, 0.36) for fixed in (None, changed)}
-    assert np.array_equal(fractions[0.0, True], fractions[0.0, False])
-    assert not np.array_equal(fractions[0.36, True], fractions[0.36, False])
+    """A regression guard: with te_correlation = 0, Q / I and U / I are drawn on the sphere from
+    the template and the seed alone, so one tile's latents changed leaves them identical bit for
+    bit (no tile edge or pole of the tiling reaches them); with te_correlation = 0.36 they follow
+    the changed ln I (so the change did reach the intensity)."""
+    from pysm_vaedust.weights import load_weights
+
+    changed = {0: {5: np.full(load_weights().vae.latent_dim, 2.0)}}
+    fractions = {(rho, name): VAEDust(nside=64, seed=2, cascade=False, te_correlation=rho,
+                                      fixed_latents=latents).polarization_fractions()
+                 for rho in (0.0, 0.36) for name, latents in (("drawn", None), ("changed", changed))}
+    assert np.array_equal(fractions[0.0, "drawn"], fractions[0.0, "changed"])
+    assert not np.array_equal(fractions[0.36, "drawn"], fractions[0.36, "changed"])
