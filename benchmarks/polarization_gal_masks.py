@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -35,10 +36,12 @@ import pysm3.units as u
 from pysm_vaedust import VAEDust
 from pysm_vaedust.data import atomic_write, shared_data_dir
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from polarization_vs_npipe import D1_FILE, D1_LMAX  # noqa: E402  (the shared d1 map and the l it holds)
+
 SPECTRA = "planck_npipe353_spectra"
 MASKS = {"GAL020": 0.2, "GAL040": 0.4, "GAL060": 0.6, "GAL080": 0.8}
 MODELS = ("d1", "d9", "d10", "d12")
-D1_FILE = "pysm_d1_353GHz_IQU_nside64.fits"
 MASK_SMOOTH_DEG, APODISATION_DEG = 5.0, 2.0
 #: the BB/EE band the data README quotes (NPIPE 0.41 / 0.58 / 0.59 / 0.65; these bins' centres 45-125
 #: give 0.43 for GAL020) and issue 23's range
@@ -68,13 +71,11 @@ def bin_edges(centres: np.ndarray) -> np.ndarray:
     return np.rint(edges).astype(int)
 
 
-def approximate_mask(nside: int, fraction: float) -> np.ndarray:
-    """The `fraction` of the sky with the lowest d1 intensity smoothed by MASK_SMOOTH_DEG, at `nside`,
-    apodised inwards by APODISATION_DEG (NaMaster C2)."""
+def approximate_mask(smooth: np.ndarray, fraction: float) -> np.ndarray:
+    """The `fraction` of the sky with the lowest intensity `smooth` (d1's, smoothed by
+    MASK_SMOOTH_DEG, at the map's nside), apodised inwards by APODISATION_DEG (NaMaster C2)."""
     import pymaster as nmt
 
-    intensity = hp.read_map(shared_data_dir() / D1_FILE, field=0, dtype=np.float64)
-    smooth = hp.ud_grade(hp.smoothing(intensity, fwhm=np.radians(MASK_SMOOTH_DEG), iter=1), nside)
     binary = (smooth <= np.quantile(smooth, fraction)).astype(float)
     return nmt.mask_apodization(binary, APODISATION_DEG, apotype="C2")
 
@@ -110,8 +111,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     folder = shared_data_dir() / SPECTRA
     to_cmb = (1 * u.uK_RJ).to_value(u.uK_CMB, equivalencies=u.cmb_equivalencies(353 * u.GHz))
-    d1_alm = hp.map2alm(hp.read_map(shared_data_dir() / D1_FILE, field=(0, 1, 2), dtype=np.float64), lmax=191, pol=True)
-    d1 = hp.alm2map(d1_alm, args.nside, pol=True)   # d1's own scales (nside 64: l <= 191) at the map's nside
+    d1_map = hp.read_map(shared_data_dir() / D1_FILE, field=(0, 1, 2), dtype=np.float64)
+    d1 = hp.alm2map(hp.map2alm(d1_map, lmax=D1_LMAX, pol=True), args.nside, pol=True)   # its own scales at the map's nside
+    smooth_intensity = hp.ud_grade(hp.smoothing(d1_map[0], fwhm=np.radians(MASK_SMOOTH_DEG), iter=1), args.nside)
     maps = {}
     for seed in args.seeds:
         sky = pysm3.Sky(nside=args.nside, component_objects=[VAEDust(nside=args.nside, seed=seed)])
@@ -132,12 +134,12 @@ def main(argv=None) -> int:
         for model in MODELS:
             _, ee, bb = read_spectra(folder / "pysm_models" / f"pysm_{model}_dl_{name}.txt")
             entry["models_bb_ee"][model] = (bb[top] / ee[top]).tolist()
-        mask = approximate_mask(args.nside, fraction)
+        mask = approximate_mask(smooth_intensity, fraction)
         workspace = None
         for seed in args.seeds:
             ee, bb, workspace = namaster_ee_bb(maps[seed], mask, edges, workspace)
             entry["vaedust"][f"seed{seed}"] = {"bb_ee": (bb / ee).tolist(), "dl_ee": ee.tolist(), "dl_bb": bb.tolist()}
-        # control: d1 through the same approximate mask against its own true-mask row (l <= its 191)
+        # control: d1 through the same approximate mask against its own true-mask row (l <= D1_LMAX)
         ee, bb, _ = namaster_ee_bb(d1, mask, edges, workspace)
         entry["d1_approximate_mask_bb_ee"] = (bb / ee).tolist()
         quote = (centres >= QUOTE_RANGE[0]) & (centres <= QUOTE_RANGE[1])
@@ -173,7 +175,7 @@ def make_figure(path: str, out: dict) -> None:
         ax.errorbar(ell, entry["npipe_bb_ee"], entry["npipe_bb_ee_sigma"], fmt="ko", ms=4, label="NPIPE 353 (true mask)")
         for k, (model, ratio) in enumerate(entry["models_bb_ee"].items()):
             ax.plot(ell, ratio, "-", color=f"C{k + 2}", lw=1, label=f"PySM {model} (true mask)")
-        ell_d1 = ell <= 191
+        ell_d1 = ell <= D1_LMAX
         ax.plot(ell[ell_d1], np.asarray(entry["d1_approximate_mask_bb_ee"])[ell_d1], "^:", color="C2", ms=3,
                 label="PySM d1 (approx. mask: the control)")
         for k, (seed, v) in enumerate(entry["vaedust"].items()):

@@ -7,8 +7,8 @@ import pysm3.units as u
 import pytest
 
 from pysm_vaedust import VAEDust
-from pysm_vaedust.polarization import (ALPHA_BB, ALPHA_EE, P_MAX, PolarizationTemplate, default_pol_template_path,
-                                       read_pol_template, unit_alm)
+from pysm_vaedust.polarization import (ALPHA_BB, ALPHA_EE, P_MAX, TE_CORRELATION, PolarizationTemplate,
+                                       default_pol_template_path, read_pol_template, unit_alm)
 
 NSIDE = 128
 
@@ -123,13 +123,13 @@ def test_bad_polarization_arguments_are_refused(kwargs, match):
 def test_the_polarization_angles_carry_no_tiles():
     """A regression guard: with te_correlation = 0, Q / I and U / I are drawn on the sphere from
     the template and the seed alone, so one tile's latents changed leaves them identical bit for
-    bit (no tile edge or pole of the tiling reaches them); with te_correlation = 0.36 they follow
+    bit (no tile edge or pole of the tiling reaches them); with the default (0.36) they follow
     the changed ln I (so the change did reach the intensity)."""
     from pysm_vaedust.weights import load_weights
 
     changed = {0: {5: np.full(load_weights().vae.latent_dim, 2.0)}}
     fractions = {(rho, name): VAEDust(nside=64, seed=2, cascade=False, te_correlation=rho,
                                       fixed_latents=latents).polarization_fractions()
-                 for rho in (0.0, 0.36) for name, latents in (("drawn", None), ("changed", changed))}
+                 for rho in (0.0, TE_CORRELATION) for name, latents in (("drawn", None), ("changed", changed))}
     assert np.array_equal(fractions[0.0, "drawn"], fractions[0.0, "changed"])
-    assert not np.array_equal(fractions[0.36, "drawn"], fractions[0.36, "changed"])
+    assert not np.array_equal(fractions[TE_CORRELATION, "drawn"], fractions[TE_CORRELATION, "changed"])
