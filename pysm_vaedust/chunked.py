@@ -6,9 +6,16 @@ each), more than a 24 GB machine holds. `write_map` makes the map instead in ban
 any pysm3 user would: the renderer computes every cascade level of a chunk on that band plus a
 halo (`Renderer.bands`), so a chunk's work grows with its pixels plus the halo, not with the
 number of chunks, and every chunk equals the full map at its pixels bit for bit. Each chunk goes
-to an HDF5 dataset before the next one is made; no full-sky array is ever held.
+to an HDF5 dataset before the next one is made.
 
-    pysm_vaedust-map --nside 8192 --freq 353 --out dust_8192_353GHz.h5
+Intensity only, no full-sky array is held. With polarization the small scales of Q, U are drawn
+from the full-sky ln I (spherical harmonics), so it takes two passes: the intensity at the
+reference frequency rendered chunk by chunk into one full-sky float32 map (3.2 GB at 8192), its
+polarization field (`VAEDust.compute_full_sky`), then I, Q, U through pysm3.Sky on the field's
+fixed bands of mirror rings (`healpix.mirror_bands`), each written as it is made. Both equal the
+full-sky Sky map (at float32) bit for bit.
+
+    pysm_vaedust-map --nside 8192 --freq 353 --out dust_8192_353GHz.h5 [--polarization]
 
 The file: dataset "map" (fields, 12 nside^2) float32, RING, Galactic, fields "I" (or "I", "Q",
 "U" with polarization), attributes nside, ordering, coord, unit, fields, freq_GHz, seed, chunks.
@@ -52,30 +59,38 @@ def ring_chunks(nside: int, n_chunks: int) -> list[RingBand]:
     return [RingBand(nside, int(a), int(b)) for a, b in zip(firsts, np.r_[lasts, 4 * nside - 1])]
 
 
+#: VAEDust arguments only a polarized component takes
+POLARIZATION_ARGUMENTS = ("pol_template", "pol_template_fwhm", "pol_template_freq")
+
+
 def write_map(path, nside: int, freqs, bandpass_weights=None, n_chunks: int | None = None, output_unit="uK_RJ",
               progress: bool = True, **component_kwargs):
     """Write the VAEDust map at `nside` (frequency or bandpass `freqs`, a Quantity, with
     `bandpass_weights`) to the HDF5 file `path` in `n_chunks` ring bands (default: CHUNK_PIXELS pixels
     each), each made by `pysm3.Sky(component_objects=[VAEDust(nside, map_dist=..., **component_kwargs)])`
-    in `output_unit`. Intensity only by default (polarization=False, unlike VAEDust): Q and U
-    are drawn on the whole sky, so polarization=True needs one chunk (a full-sky map). Returns the
-    path; the file appears only when complete."""
+    in `output_unit`. Intensity only by default (polarization=False, unlike VAEDust); with
+    polarization=True in two passes (module doc). Returns the path; the file appears only when
+    complete."""
     from .component import VAEDust
 
     nside = check_nside(nside)
     freqs_ghz, _ = check_bandpass(freqs, bandpass_weights, weights_name="bandpass_weights")   # fails here, before any work, on a bad bandpass
     n_chunks = max(1, -(-hp.nside2npix(nside) // CHUNK_PIXELS)) if n_chunks is None else n_chunks
     chunks = ring_chunks(nside, n_chunks)
-    for key in ("nside", "map_dist"):
+    for key in ("nside", "map_dist", "full_sky"):
         if key in component_kwargs:
             raise ValueError(f"{key}= is set by write_map (one per chunk)")
     polarization = bool(component_kwargs.setdefault("polarization", False))
-    if polarization and len(chunks) > 1:
-        raise ValueError(f"polarization=True with {len(chunks)} chunks: Q and U are drawn on the whole sky "
-                         "(spherical harmonics of the full-sky ln I), so each chunk would compute the full "
-                         "sky; use n_chunks=1 (nside <= 4096) or polarization=False")
     fields = ("I", "Q", "U") if polarization else ("I",)
     unit = u.Unit(output_unit)
+    full_sky_component = VAEDust(nside=nside, **component_kwargs)   # bad arguments fail here, before any work
+
+    def sky_chunk(pixels, **extra):
+        """I (and Q, U) at `pixels` through pysm3.Sky, (fields, n)."""
+        dist = pysm3.MapDistribution(pixel_indices=pixels, nside=nside)
+        sky = pysm3.Sky(nside=nside, output_unit=unit, map_dist=dist, component_objects=[
+            VAEDust(nside=nside, map_dist=dist, **component_kwargs, **extra)])
+        return sky.get_emission(freqs, bandpass_weights).value[:len(fields)]
 
     def write(tmp):
         with h5py.File(tmp, "w") as handle:
@@ -87,16 +102,27 @@ def write_map(path, nside: int, freqs, bandpass_weights=None, n_chunks: int | No
                                  "pysm_vaedust_version": __version__})
             if bandpass_weights is not None:
                 handle.attrs["bandpass_weights"] = np.asarray(bandpass_weights, dtype=np.float64)
-            for band in tqdm(chunks, desc=f"VAEDust nside {nside} in {len(chunks)} chunks", unit="chunk",
-                             disable=not progress):
-                pixels = band.pixels()
-                dist = pysm3.MapDistribution(pixel_indices=pixels, nside=nside)
-                sky = pysm3.Sky(nside=nside, component_objects=[VAEDust(nside=nside, map_dist=dist, **component_kwargs)],
-                                output_unit=unit, map_dist=dist)
-                emission = sky.get_emission(freqs, bandpass_weights)
-                del sky, dist, pixels
-                data[:, band.first_pixel:band.first_pixel + band.n_pixels] = emission.value[:len(fields)]
-                del emission
+            bar = dict(unit="chunk", disable=not progress)
+            if not polarization:
+                for band in tqdm(chunks, desc=f"VAEDust nside {nside} in {len(chunks)} chunks", **bar):
+                    data[:, band.first_pixel:band.first_pixel + band.n_pixels] = sky_chunk(band.pixels())
+                return
+            intensity = np.empty(hp.nside2npix(nside), dtype=np.float32)
+            unpolarized = {k: v for k, v in component_kwargs.items() if k not in POLARIZATION_ARGUMENTS}
+            unpolarized["polarization"] = False
+            for band in tqdm(chunks, desc=f"VAEDust nside {nside}: intensity in {len(chunks)} chunks", **bar):
+                dist = pysm3.MapDistribution(pixel_indices=band.pixels(), nside=nside)
+                intensity[band.first_pixel:band.first_pixel + band.n_pixels] = VAEDust(
+                    nside=nside, map_dist=dist, **unpolarized).reference_map()
+            full_sky = full_sky_component.compute_full_sky(intensity)
+            bands = full_sky.polarization.bands()
+            for band in tqdm(bands, desc=f"VAEDust nside {nside}: I, Q, U on {len(bands)} bands", **bar):
+                emission = sky_chunk(np.concatenate([rings.pixels() for rings in band]), full_sky=full_sky)
+                start = 0
+                for rings in band:
+                    data[:, rings.first_pixel:rings.first_pixel + rings.n_pixels] = \
+                        emission[:, start:start + rings.n_pixels]
+                    start += rings.n_pixels
 
     return atomic_write(path, write)
 
@@ -111,7 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--chunks", type=int, default=None, help=f"ring-band chunks (default: {CHUNK_PIXELS} pixels each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--unit", default="uK_RJ", help="output unit (as pysm3.Sky's output_unit)")
-    parser.add_argument("--polarization", action="store_true", help="I, Q, U (needs one chunk)")
+    parser.add_argument("--polarization", action="store_true", help="I, Q, U (two passes, see the module doc)")
     parser.add_argument("--weights", default=None, help="weights file (default: shipped)")
     args = parser.parse_args(argv)
     start = time.perf_counter()

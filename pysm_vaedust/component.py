@@ -17,6 +17,7 @@ bandpass-integrated with pysm3's trapezoid steps (`pysm3.utils.trapz_step_inplac
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass
 from pathlib import Path
 
 import healpy as hp
@@ -31,8 +32,8 @@ from .checks import (check_bandpass, check_bool, check_float_dtype, check_freque
                      check_path, check_pixel_indices, check_real, check_seed)
 from .cutouts import smoothing_lmax
 from .data import BETA_DUST, T_DUST_K, check_positive_finite, log_offset_to_100um
-from .polarization import (GNILC_POL_FWHM_DEG, POL_WORK_NSIDE, TE_CORRELATION, PolarizationTemplate,
-                           default_pol_template_path, read_pol_template)
+from .polarization import (GNILC_POL_FWHM_DEG, POL_WORK_NSIDE, TE_CORRELATION, PolarizationField,
+                           PolarizationTemplate, default_pol_template_path, read_pol_template)
 from .healpix import interpolate_at_pixels
 from .renderer import Renderer, start_factor
 from .template import default_template_path, read_template, smooth_log_map
@@ -50,6 +51,19 @@ GNILC_FWHM_DEG = 21.8 / 60
 
 #: maps from this many pixels (nside 1024) collect cyclic garbage before allocating the output
 LARGE_MAP_PIXELS = 12 * 1024**2
+
+
+@dataclass(frozen=True)
+class FullSky:
+    """What a VAEDust component needs of the whole sky to make any of its pixels: the intensity
+    at the reference frequency, `intensity` (12 nside^2,) float32 uK_RJ, and its polarization field
+    (None without polarization). Made by `VAEDust.compute_full_sky`; components of the same
+    settings given it (`VAEDust(full_sky=...)`) take their pixels from it instead of rendering."""
+
+    nside: int
+    seed: int
+    intensity: np.ndarray
+    polarization: PolarizationField | None
 
 
 def _scalar_frequency(value, name: str) -> float:
@@ -171,14 +185,18 @@ class VAEDust(Model):
         it (pysm3.Sky's unit conversion still returns float64: at nside 4096 its peak holds 2.4 GB
         less).
     max_nside, map_dist : as every pysm3 Model. With polarization, the small scales of Q, U are
-        drawn on the whole sky (spherical harmonics): a partial sky computes the full-sky
-        intensity once and keeps its pixels.
+        drawn on the whole sky (spherical harmonics of its ln I): a partial sky computes the
+        full-sky intensity once and keeps its pixels, unless given `full_sky`.
+    full_sky : a `FullSky` of a component with the same settings (`compute_full_sky`; what
+        `pysm_vaedust.chunked.write_map` hands its chunks): the pixels are taken from it, nothing
+        is rendered.
     """
 
     def __init__(self, nside=2048, seed=0, template=None, template_freq=None, template_fwhm=None,
                  mbb_temperature=T_DUST_K, mbb_index=BETA_DUST, weights=None, device="auto", cascade=True, batch_size=64, progress=False, fixed_latents=None,
                  fixed_noise=None, polarization=True, pol_template=None, pol_template_fwhm=None,
-                 pol_template_freq=None, te_correlation=TE_CORRELATION, dtype=np.float64, max_nside=8192, map_dist=None):
+                 pol_template_freq=None, te_correlation=TE_CORRELATION, dtype=np.float64, max_nside=8192, map_dist=None,
+                 full_sky=None):
         nside = check_nside(nside)
         self.dtype = check_float_dtype(dtype)
         max_nside = check_int(max_nside, "max_nside", minimum=1)
@@ -231,6 +249,15 @@ class VAEDust(Model):
             self.pol_template = PolarizationTemplate(iqu, pol_fwhm, intensity, intensity_fwhm)
         self.renderer = Renderer(self.weights, log_offset, batch_size, fixed_latents, fixed_noise, start)
         self._check_fixed_tiles()
+        if full_sky is not None:
+            if not isinstance(full_sky, FullSky):
+                raise TypeError(f"full_sky of type {type(full_sky).__name__}: expected a FullSky (compute_full_sky)")
+            if (full_sky.nside, full_sky.seed) != (self.nside, self.seed) or (
+                    (full_sky.polarization is None) == self.polarization):
+                raise ValueError(f"full_sky of nside {full_sky.nside}, seed {full_sky.seed}, polarization "
+                                 f"{full_sky.polarization is not None}: expected this component's nside {self.nside}, "
+                                 f"seed {self.seed}, polarization {self.polarization}")
+        self.full_sky = full_sky
         self._i_ref = None
         self._pol_fractions = None
 
@@ -328,22 +355,42 @@ class VAEDust(Model):
 
     def reference_map(self) -> np.ndarray:
         """Intensity at the reference frequency (uK_RJ, float32, own pixels); computed once, cached
-        (with the polarization fractions, which need the full-sky ln I)."""
+        (with the polarization fractions, which need the full-sky ln I: `compute_full_sky`)."""
         if self._i_ref is None:
-            pixels = None if self.polarization else self.pixel_indices
-            small_scales = self.renderer.field(self.nside, self.seed, pixels, self.log_template, self.cascade,
-                                               self.progress)   # first: the renderer's peak without log_i beside it
-            log_i = interpolate_at_pixels(self.log_template, self.nside, pixels)
-            log_i += small_scales
-            del small_scales
-            if self.polarization:
-                fractions = self.pol_template.fractions(log_i, self.seed, self.te_correlation)
-                if self.pixel_indices is not None:
-                    log_i, fractions = log_i[self.pixel_indices], fractions[:, self.pixel_indices]
-                self._pol_fractions = fractions.astype(np.float32)   # half the memory; Q, U to 1e-7
-                del fractions
-            self._i_ref = np.exp(log_i, out=log_i).astype(np.float32)   # PySM's templates' precision, half the memory
+            full = self.full_sky if self.full_sky is not None or not self.polarization else self.compute_full_sky()
+            if full is None:
+                self._i_ref = self._render(self.pixel_indices)
+            else:
+                pixels = self.pixel_indices
+                self._i_ref = full.intensity if pixels is None else full.intensity[pixels]
+                if self.polarization:
+                    self._pol_fractions = full.polarization.fractions(pixels)
         return self._i_ref
+
+    def _render(self, pixels) -> np.ndarray:
+        """exp(ln T + R + delta) (float32: PySM's templates' precision) at `pixels` (None: all)."""
+        small_scales = self.renderer.field(self.nside, self.seed, pixels, self.log_template, self.cascade,
+                                           self.progress)   # first: the renderer's peak without log_i beside it
+        log_i = interpolate_at_pixels(self.log_template, self.nside, pixels)
+        log_i += small_scales
+        del small_scales
+        return np.exp(log_i, out=log_i).astype(np.float32)
+
+    def compute_full_sky(self, intensity: np.ndarray | None = None) -> FullSky:
+        """The `FullSky` of this component's settings: the intensity at the reference frequency
+        rendered on the whole sky, or `intensity` ((12 nside^2,) float32: this component's own,
+        e.g. assembled chunk by chunk), and the polarization field of its ln I."""
+        npix = hp.nside2npix(self.nside)
+        if intensity is None:
+            intensity = self._render(None)
+        elif not (isinstance(intensity, np.ndarray) and intensity.dtype == np.float32 and intensity.shape == (npix,)):
+            raise ValueError(f"intensity: expected a float32 array of shape ({npix},) (this component's own)")
+        field = None
+        if self.polarization:
+            log_i = np.log(intensity, dtype=np.float64)
+            field = self.pol_template.field(log_i, self.seed, self.te_correlation)
+            del log_i
+        return FullSky(self.nside, self.seed, intensity, field)
 
     def polarization_fractions(self) -> np.ndarray | None:
         """(Q / I, U / I) (2, npix) float32 at own pixels (None without polarization): the same at
@@ -374,4 +421,4 @@ class VAEDust(Model):
         return out << u.uK_RJ
 
 
-__all__ = ["VAEDust"]
+__all__ = ["FullSky", "VAEDust"]

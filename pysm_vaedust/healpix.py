@@ -8,7 +8,8 @@
   sky needs, so that no full-sky array of a fine nside is ever made).
 - `disc_pixels` / `discs_pixels`: `hp.query_disc`'s pixel sets, callable inside numba kernels.
 - `map2alm` / `alm2map_spin`: healpy's `map2alm(iter=0)` / `alm2map_spin` (same alm layout,
-  agreement to 1e-11), multithreaded.
+  agreement to 1e-11), multithreaded; `alm2map_spin` also on the rings of `mirror_bands` (a
+  ring and its mirror together, as ducc0 computes them: a band costs its share of the sky).
 """
 
 from __future__ import annotations
@@ -431,13 +432,43 @@ def map2alm(values: np.ndarray, lmax: int) -> np.ndarray:
     return alm
 
 
-def alm2map_spin(alms, nside: int, lmax: int) -> np.ndarray:
-    """healpy's `alm2map_spin(alms, nside, 2, lmax)`: (2, 12 nside^2) float64 Q, U of E, B alms."""
+def alm2map_spin(alms, nside: int, lmax: int, bands: tuple[RingBand, ...] | None = None) -> np.ndarray:
+    """healpy's `alm2map_spin(alms, nside, 2, lmax)`: (2, n) float64 Q, U of E, B alms (2, n_alm)
+    on the whole sky (None) or at the pixels of `bands` (RingBands of `nside` in ring order, their
+    pixels one band after the other). Pass alms as one complex128 array: a list is copied."""
     geometry = ducc0.healpix.Healpix_Base(int(nside), "RING").sht_info()
+    if bands is not None:
+        rings = np.concatenate([np.arange(b.first_ring - 1, b.last_ring) for b in bands])
+        nphi = geometry["nphi"][rings]
+        geometry = {"theta": geometry["theta"][rings], "phi0": geometry["phi0"][rings], "nphi": nphi,
+                    "ringstart": np.concatenate([[0], np.cumsum(nphi)[:-1]]).astype(geometry["ringstart"].dtype)}
+    out = np.empty((2, int(np.sum(geometry["nphi"], dtype=np.int64))))
     return ducc0.sht.synthesis(alm=np.asarray(alms, dtype=np.complex128), lmax=int(lmax), spin=2, nthreads=0,
-                               **geometry)
+                               map=out, **geometry)
+
+
+def mirror_bands(nside: int, max_pixels: int) -> list[tuple[RingBand, ...]]:
+    """The sphere cut into bands of whole rings that hold each ring with its mirror (the ring at
+    pi - theta), north to south by their northern rings: (north rings a..b, south rings 4 nside - b
+    .. 4 nside - a), the band at the equator as one range; each of about `max_pixels` pixels or
+    fewer (at least one ring and its mirror). A spherical harmonic synthesis on such a band costs
+    its share of the sky's (ducc0 computes a ring and its mirror together), and its values at a
+    pixel depend only on the band, so a fixed cut gives the same values to any subset of pixels."""
+    nside = int(nside)
+    north = np.arange(1, 2 * nside + 1)
+    pair_pixels = np.where(north < 2 * nside, 2, 1) * 4 * np.minimum(north, nside)
+    ends = np.cumsum(pair_pixels)
+    n_bands = max(1, -(-int(ends[-1]) // int(max_pixels)))
+    lasts = np.unique(np.searchsorted(ends, np.arange(1, n_bands) * ends[-1] / n_bands) + 1)
+    lasts = np.r_[lasts[(lasts >= 1) & (lasts < 2 * nside)], 2 * nside]
+    bands = []
+    for first, last in zip(np.r_[1, lasts[:-1] + 1], lasts):
+        first, last = int(first), int(last)
+        bands.append((RingBand(nside, first, 4 * nside - first),) if last == 2 * nside else
+                     (RingBand(nside, first, last), RingBand(nside, 4 * nside - last, 4 * nside - first)))
+    return bands
 
 
 __all__ = ["BandMap", "RingBand", "alm2map_spin", "disc_capacity", "disc_pixels", "disc_runs", "discs_pixels",
            "interpolate_at_pixels", "interpolation_pixels",
-           "interpolate_on_grids", "map2alm", "ring_info", "ring_pix2vec"]
+           "interpolate_on_grids", "map2alm", "mirror_bands", "ring_info", "ring_pix2vec"]

@@ -42,7 +42,7 @@ from numba import njit, prange
 
 from . import __version__
 from .data import atomic_write, file_digest, gaussian_beam, shared_data_dir, smoothstep
-from .healpix import alm2map_spin, map2alm
+from .healpix import alm2map_spin, map2alm, mirror_bands
 
 POL_TEMPLATE_NAME = "pol_template_d1_353GHz_fwhm3.7deg_nside64.fits"
 #: beam of PySM d1's polarization template (Planck 2015 Commander, Thorne et al. 2017), deg
@@ -71,6 +71,9 @@ MAX_TEMPLATE_SHARE = 0.95
 POL_LMAX_FACTOR = 2
 #: seed stream of the polarization draws (distinct from the patches' counter streams)
 POL_STREAM = 0x504F4C
+#: pixels of the fixed bands w is synthesized on (`healpix.mirror_bands`): 2^24 (3 bands at nside
+#: 2048, 48 at 8192; 0.27 GB of float64 Q, U each)
+POL_BAND_PIXELS = 1 << 24
 
 
 def default_pol_template_path() -> Path:
@@ -162,19 +165,10 @@ class PolarizationTemplate:
             gains.append(gain)
         return gains[0], gains[1]
 
-    def fractions(self, log_i: np.ndarray, seed: int, te_correlation: float = TE_CORRELATION,
-                  lmax: int | None = None) -> np.ndarray:
-        """(q, u) = p_max tanh(|w| / p_max) w / |w| (2, npix) float64, Q = q I, U = u I, of the
-        field w of `tensor_field`."""
-        w = self.tensor_field(log_i, seed, te_correlation, lmax)
-        _saturate(w, P_MAX)
-        return w
-
-    def tensor_field(self, log_i: np.ndarray, seed: int, te_correlation: float = TE_CORRELATION,
-                     lmax: int | None = None) -> np.ndarray:
-        """w = w_L + w_s (2, npix) float64 for the full-sky ln I map `log_i` (RING, npix = 12
-        nside^2; any additive constant), drawn with `seed` up to `lmax` (default POL_LMAX_FACTOR
-        nside)."""
+    def field(self, log_i: np.ndarray, seed: int, te_correlation: float = TE_CORRELATION,
+              lmax: int | None = None) -> "PolarizationField":
+        """w = w_L + w_s for the full-sky ln I map `log_i` (RING, npix = 12 nside^2; any additive
+        constant), drawn with `seed` up to `lmax` (default POL_LMAX_FACTOR nside)."""
         nside = hp.npix2nside(len(log_i))
         lmax = POL_LMAX_FACTOR * nside if lmax is None else int(lmax)
         gain_e, gain_b = self.small_scale_gains(lmax, int(0.875 * lmax))
@@ -182,15 +176,75 @@ class PolarizationTemplate:
         cl_t = hp.alm2cl(t_alm)
         hp.almxfl(t_alm, np.divide(1.0, np.sqrt(cl_t), out=np.zeros_like(cl_t), where=cl_t > 0), inplace=True)
         rng = np.random.default_rng([int(seed), POL_STREAM])
-        e_alm = te_correlation * t_alm
-        e_alm += np.sqrt(1.0 - te_correlation**2) * unit_alm(rng, lmax)
+        alms = np.empty((2, len(t_alm)), dtype=np.complex128)
+        np.multiply(te_correlation, t_alm, out=alms[0])
         del t_alm
-        hp.almxfl(e_alm, gain_e, inplace=True)
-        b_alm = hp.almxfl(unit_alm(rng, lmax), gain_b)
-        for small, large in ((e_alm, self.e_alm), (b_alm, self.b_alm)):
+        alms[0] += np.sqrt(1.0 - te_correlation**2) * unit_alm(rng, lmax)
+        hp.almxfl(alms[0], gain_e, inplace=True)
+        alms[1] = unit_alm(rng, lmax)
+        hp.almxfl(alms[1], gain_b, inplace=True)
+        for small, large in zip(alms, (self.e_alm, self.b_alm)):
             own_lmax = hp.Alm.getlmax(len(large))
             small += hp.resize_alm(large, own_lmax, own_lmax, lmax, lmax)   # zero-padded or truncated
-        return alm2map_spin([e_alm, b_alm], nside, lmax)
+        return PolarizationField(alms, nside, lmax)
+
+
+class PolarizationField:
+    """w = w_L + w_s of one map and seed: its E, B coefficients `alms` (2, n_alm) complex128 (healpy
+    order, `lmax`), synthesized at any pixels of `nside` on the fixed bands of mirror rings
+    `healpix.mirror_bands(nside, POL_BAND_PIXELS)`, so a pixel's value is the same whichever part
+    of the sky asks for it (the whole sky, a chunk, an MPI rank), and a part costs its bands."""
+
+    def __init__(self, alms: np.ndarray, nside: int, lmax: int):
+        self.alms, self.nside, self.lmax = alms, int(nside), int(lmax)
+
+    def bands(self) -> list:
+        """The bands of mirror rings w is synthesized on (tuples of `healpix.RingBand`)."""
+        return mirror_bands(self.nside, POL_BAND_PIXELS)
+
+    def tensor_field(self, pixels: np.ndarray | None = None) -> np.ndarray:
+        """w (2, n) float64 at RING `pixels` of nside (None: all)."""
+        return self._at_pixels(pixels, np.float64, saturate=False)
+
+    def fractions(self, pixels: np.ndarray | None = None) -> np.ndarray:
+        """(q, u) = p_max tanh(|w| / p_max) w / |w| (2, n) float32 at RING `pixels` (None: all):
+        Q = q I, U = u I."""
+        return self._at_pixels(pixels, np.float32, saturate=True)
+
+    def _at_pixels(self, pixels, dtype, saturate: bool) -> np.ndarray:
+        npix = hp.nside2npix(self.nside)
+        order = None
+        if pixels is not None:
+            pixels = np.asarray(pixels, dtype=np.int64)
+            if np.any(pixels[1:] < pixels[:-1]):
+                order = np.argsort(pixels, kind="stable")
+                pixels = pixels[order]
+        out = np.empty((2, npix if pixels is None else len(pixels)), dtype=dtype)
+        for band in self.bands():
+            # (where the band's pixels go in out, where they are in the band's synthesis)
+            spans, offset = [], 0
+            for rings in band:
+                lo, hi = rings.first_pixel, rings.first_pixel + rings.n_pixels
+                if pixels is None:
+                    spans.append((slice(lo, hi), slice(offset, offset + hi - lo)))
+                else:
+                    a, b = np.searchsorted(pixels, [lo, hi])
+                    if b > a:
+                        spans.append((slice(a, b), pixels[a:b] - lo + offset))
+                offset += hi - lo
+            if not spans:
+                continue
+            w = alm2map_spin(self.alms, self.nside, self.lmax, band)
+            if saturate:
+                _saturate(w, P_MAX)
+            for into, source in spans:
+                out[:, into] = w[:, source]
+            del w
+        if order is not None:
+            unsorted = np.empty_like(out)
+            unsorted[:, order] = out
+            out = unsorted
+        return out
 
 
 @njit(cache=True, parallel=True)

@@ -166,8 +166,36 @@ def test_write_map_in_chunks_equals_the_full_sky(random_weights, tmp_path):
     with h5py.File(path) as handle:
         np.testing.assert_array_equal(handle["map"][:], full.value[:1].astype(np.float32))
         assert handle.attrs["unit"] == "MJy / sr" and handle.attrs["fields"] == "I" and handle.attrs["chunks"] == 5
-    with pytest.raises(ValueError, match="n_chunks=1"):
-        write_map(tmp_path / "pol.h5", nside, FREQ, n_chunks=2, polarization=True, weights=str(random_weights))
     with pytest.raises(ValueError, match="set by write_map"):
         write_map(tmp_path / "bad.h5", nside, FREQ, map_dist=None)
+    with pytest.raises(ValueError, match="pol_template"):
+        write_map(tmp_path / "bad.h5", nside, FREQ, pol_template_fwhm=2.0)   # polarization=False
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.h5"]
+
+
+def test_write_map_with_polarization_equals_the_full_sky(random_weights, tmp_path, monkeypatch):
+    """With polarization, `write_map`'s two passes (the intensity in ring chunks, then I, Q, U
+    through pysm3.Sky on the polarization field's bands of mirror rings) write the full-sky Sky
+    map at float32 bit for bit; a partial sky given the FullSky equals it too."""
+    import h5py
+
+    import pysm_vaedust.polarization as polarization
+    from pysm_vaedust.chunked import write_map
+
+    nside = 32
+    monkeypatch.setattr(polarization, "POL_BAND_PIXELS", 2000)   # 6 bands
+    settings = dict(seed=7, weights=random_weights, device="cpu", te_correlation=0.5)
+    component = VAEDust(nside=nside, **settings)
+    full = pysm3.Sky(nside=nside, output_unit="MJy/sr", component_objects=[component]).get_emission(FREQ)
+    path = write_map(tmp_path / "pol.h5", nside, FREQ, n_chunks=3, output_unit="MJy/sr", progress=False,
+                     polarization=True, **settings)
+    with h5py.File(path) as handle:
+        np.testing.assert_array_equal(handle["map"][:], full.value.astype(np.float32))
+        assert handle.attrs["fields"] == "I,Q,U"
+    full_sky = component.compute_full_sky(component.reference_map())
+    pixels = np.arange(3000, 9000, 7)
+    part = VAEDust(nside=nside, map_dist=pysm3.MapDistribution(pixel_indices=pixels, nside=nside),
+                   full_sky=full_sky, **settings).get_emission(FREQ).value
+    np.testing.assert_array_equal(part, component.get_emission(FREQ).value[:, pixels])
+    with pytest.raises(ValueError, match="seed"):
+        VAEDust(nside=nside, full_sky=full_sky, **{**settings, "seed": 8})

@@ -59,6 +59,28 @@ def test_seeds_reproduce_and_partial_skies_equal_the_full_sky(pair):
     assert np.array_equal(part.get_emission(353 * u.GHz).value, full[:, pixels])
 
 
+def test_the_field_gives_every_subset_of_pixels_the_same_values(bundled, monkeypatch):
+    """w is synthesized on fixed bands of mirror rings: any pixel subset (sorted or not, one band or
+    several) gets the full sky's values bit for bit, and the full sky equals healpy's synthesis."""
+    import pysm_vaedust.polarization as polarization
+
+    nside = 32
+    monkeypatch.setattr(polarization, "POL_BAND_PIXELS", 1500)   # 9 bands
+    log_i = np.random.default_rng(4).standard_normal(hp.nside2npix(nside))
+    field = bundled.field(log_i, seed=1)
+    assert len(field.bands()) > 5
+    full = field.tensor_field()
+    expected = hp.alm2map_spin(list(field.alms), nside, 2, field.lmax)
+    np.testing.assert_allclose(full, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+    fractions = field.fractions()
+    assert fractions.dtype == np.float32 and np.all(np.hypot(*fractions.astype(float)) < P_MAX)
+    rng = np.random.default_rng(0)
+    for pixels in (np.arange(100, 400), np.sort(rng.choice(len(log_i), 900, replace=False)),
+                   rng.choice(len(log_i), 900, replace=False)):
+        assert np.array_equal(field.tensor_field(pixels), full[:, pixels])
+        assert np.array_equal(field.fractions(pixels), fractions[:, pixels])
+
+
 def test_a_pure_e_field_stays_e():
     """A pure-E fraction tensor (no B in the template, none drawn) on a uniform sky comes out of
     the spin-2 synthesis with BB / EE < 1 % (small |w|: tanh is linear there)."""
@@ -68,7 +90,7 @@ def test_a_pure_e_field_stays_e():
     q, u_ = hp.alm2map_spin([e, 0 * e], NSIDE, 2, lmax)
     template = PolarizationTemplate(np.stack([np.ones_like(q), q, u_]), 2.0)
     assert template.fit["a_B"] < 1e-6 * template.fit["a_E"]
-    fractions = template.fractions(np.zeros(hp.nside2npix(NSIDE)), seed=0, te_correlation=0.0, lmax=lmax)
+    fractions = template.field(np.zeros(hp.nside2npix(NSIDE)), seed=0, te_correlation=0.0, lmax=lmax).fractions()
     _, ee, bb = hp.anafast(np.stack([np.ones_like(q), *fractions]), lmax=lmax)[:3]
     assert bb[2:].sum() / ee[2:].sum() < 0.01
 
@@ -79,7 +101,7 @@ def test_the_template_scales_are_the_templates_own(bundled):
     nside, lmax = 32, 64
     log_i = np.random.default_rng(2).standard_normal(hp.nside2npix(nside))
     for seed in (0, 5):
-        w = bundled.tensor_field(log_i, seed=seed, te_correlation=0.36, lmax=lmax)
+        w = bundled.field(log_i, seed=seed, te_correlation=0.36, lmax=lmax).tensor_field()
         e, b = hp.map2alm_spin(w, 2, lmax=7)
         ell = hp.Alm.getlm(7)[0]
         for drawn, template in ((e, bundled.e_alm), (b, bundled.b_alm)):
@@ -93,7 +115,7 @@ def test_small_scales_continue_the_power_laws_and_follow_ln_i(bundled):
     nside, rho = 128, 0.5
     rng = np.random.default_rng(1)
     log_i = rng.standard_normal(hp.nside2npix(nside))
-    w = bundled.tensor_field(log_i, seed=0, te_correlation=rho, lmax=2 * nside)
+    w = bundled.field(log_i, seed=0, te_correlation=rho, lmax=2 * nside).tensor_field()
     cl = hp.anafast(np.stack([log_i, *w]), lmax=2 * nside)
     ell = np.arange(80, 151)
     for spectrum, a, alpha in ((cl[1], bundled.fit["a_E"], ALPHA_EE), (cl[2], bundled.fit["a_B"], ALPHA_BB)):
