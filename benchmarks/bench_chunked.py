@@ -3,7 +3,7 @@
 are made (`pysm_vaedust.chunked.write_map`, `pysm_vaedust-map`): wall time, peak memory, time
 per output pixel.
 
-    python benchmarks/bench_chunked.py --nside 4096 8192 --json benchmarks/chunked.json
+    python benchmarks/bench_chunked.py --nside 4096 8192 --json benchmarks/chunked.json [--polarization]
 
 Each nside runs in a fresh child process (peak RSS from os.wait4's rusage of that child, as
 bench_vs_pysm.py); the map goes to a temporary HDF5 file that is deleted afterwards. Checks the
@@ -29,7 +29,7 @@ TARGET_MINUTES_8192, TARGET_PEAK_GB_8192, TARGET_PER_PIXEL_RATIO = 45.0, 20.0, 1
 GB = 1e9
 
 
-def run_child(nside: int, chunks: int | None, freq_ghz: float, seed: int) -> dict:
+def run_child(nside: int, chunks: int | None, freq_ghz: float, seed: int, polarization: bool) -> dict:
     """In this process: write the map, return timings (the parent measures the peak)."""
     import h5py
     import numpy as np
@@ -39,21 +39,26 @@ def run_child(nside: int, chunks: int | None, freq_ghz: float, seed: int) -> dic
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         start = time.perf_counter()
-        path = write_map(Path(tmp) / "map.h5", nside, freq_ghz * u.GHz, n_chunks=chunks, seed=seed, progress=True)
+        path = write_map(Path(tmp) / "map.h5", nside, freq_ghz * u.GHz, n_chunks=chunks, seed=seed, progress=True,
+                         polarization=polarization)
         wall = time.perf_counter() - start
         with h5py.File(path) as handle:
             n_chunks = int(handle.attrs["chunks"])
-            values = handle["map"][0, ::997]
-        finite_positive = bool(np.all(np.isfinite(values)) and values.min() > 0)
+            values = handle["map"][:, ::997]
+        finite_positive = bool(np.all(np.isfinite(values)) and values[0].min() > 0)
+        polarized_below_intensity = bool(np.all(np.hypot(*values[1:]) < values[0])) if polarization else None
     npix = 12 * nside**2
-    return {"nside": nside, "chunks": n_chunks, "chunk_pixels": CHUNK_PIXELS if chunks is None else npix // chunks,
-            "wall_s": wall, "ns_per_pixel": 1e9 * wall / npix, "sampled_pixels_finite_positive": finite_positive}
+    return {"nside": nside, "polarization": polarization, "chunks": n_chunks, "chunk_pixels": CHUNK_PIXELS if chunks is None else npix // chunks,
+            "wall_s": wall, "ns_per_pixel": 1e9 * wall / npix, "sampled_pixels_finite_positive": finite_positive,
+            "sampled_pixels_p_below_i": polarized_below_intensity}
 
 
 def spawn(nside: int, args) -> dict:
     cmd = [sys.executable, __file__, "--child", "--nside", str(nside), "--freq", str(args.freq), "--seed", str(args.seed)]
     if args.chunks:
         cmd += ["--chunks", str(args.chunks)]
+    if args.polarization:
+        cmd.append("--polarization")
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         proc = subprocess.Popen(cmd + ["--json", out.name])
         _, status, usage = os.wait4(proc.pid, 0)
@@ -70,11 +75,12 @@ def main(argv=None) -> int:
     parser.add_argument("--chunks", type=int, default=None, help="ring-band chunks (default: write_map's)")
     parser.add_argument("--freq", type=float, default=353.0, help="GHz")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--polarization", action="store_true", help="I, Q, U (write_map's two passes)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        Path(args.json).write_text(json.dumps(run_child(args.nside[0], args.chunks, args.freq, args.seed)))
+        Path(args.json).write_text(json.dumps(run_child(args.nside[0], args.chunks, args.freq, args.seed, args.polarization)))
         return 0
     records = []
     for nside in args.nside:
