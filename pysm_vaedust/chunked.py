@@ -18,7 +18,9 @@ full-sky Sky map (at float32) bit for bit.
     pysm_vaedust-map --nside 8192 --freq 353 --out dust_8192_353GHz.h5 [--polarization]
 
 The file: dataset "map" (fields, 12 nside^2) float32, RING, Galactic, fields "I" (or "I", "Q",
-"U" with polarization), attributes nside, ordering, coord, unit, fields, freq_GHz, seed, chunks.
+"U" with polarization), attributes nside, ordering, coord, unit, fields, freq_GHz, seed, chunks
+(the ring chunks the intensity was rendered in), pol_bands (with polarization: the mirror bands
+I, Q, U were written in).
 Read one field into healpy with ``h5py.File(path)["map"][0]`` (one float32 full-sky map).
 """
 
@@ -79,7 +81,7 @@ def write_map(path, nside: int, freqs, bandpass_weights=None, n_chunks: int | No
     chunks = ring_chunks(nside, n_chunks)
     for key in ("nside", "map_dist", "full_sky"):
         if key in component_kwargs:
-            raise ValueError(f"{key}= is set by write_map (one per chunk)")
+            raise ValueError(f"{key}= is set by write_map")
     polarization = bool(component_kwargs.setdefault("polarization", False))
     fields = ("I", "Q", "U") if polarization else ("I",)
     unit = u.Unit(output_unit)
@@ -116,6 +118,7 @@ def write_map(path, nside: int, freqs, bandpass_weights=None, n_chunks: int | No
                     nside=nside, map_dist=dist, **unpolarized).reference_map()
             full_sky = full_sky_component.compute_full_sky(intensity)
             bands = full_sky.polarization.bands()
+            handle.attrs["pol_bands"] = len(bands)
             for band in tqdm(bands, desc=f"VAEDust nside {nside}: I, Q, U on {len(bands)} bands", **bar):
                 emission = sky_chunk(np.concatenate([rings.pixels() for rings in band]), full_sky=full_sky)
                 start = 0

@@ -17,6 +17,8 @@ bandpass-integrated with pysm3's trapezoid steps (`pysm3.utils.trapz_step_inplac
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,12 +60,14 @@ class FullSky:
     """What a VAEDust component needs of the whole sky to make any of its pixels: the intensity
     at the reference frequency, `intensity` (12 nside^2,) float32 uK_RJ, and its polarization field
     (None without polarization). Made by `VAEDust.compute_full_sky`; components of the same
-    settings given it (`VAEDust(full_sky=...)`) take their pixels from it instead of rendering."""
+    settings (`settings`: their digest) given it (`VAEDust(full_sky=...)`) take their pixels from
+    it instead of rendering."""
 
     nside: int
     seed: int
     intensity: np.ndarray
     polarization: PolarizationField | None
+    settings: str
 
 
 def _scalar_frequency(value, name: str) -> float:
@@ -257,6 +261,10 @@ class VAEDust(Model):
                 raise ValueError(f"full_sky of nside {full_sky.nside}, seed {full_sky.seed}, polarization "
                                  f"{full_sky.polarization is not None}: expected this component's nside {self.nside}, "
                                  f"seed {self.seed}, polarization {self.polarization}")
+            if full_sky.settings != self.settings_digest():
+                raise ValueError("full_sky was made by a component with other settings (template, weights, cascade, "
+                                 "fixed latents / noise, polarization template or te_correlation): expected this "
+                                 "component's")
         self.full_sky = full_sky
         self._i_ref = None
         self._pol_fractions = None
@@ -383,14 +391,38 @@ class VAEDust(Model):
         npix = hp.nside2npix(self.nside)
         if intensity is None:
             intensity = self._render(None)
-        elif not (isinstance(intensity, np.ndarray) and intensity.dtype == np.float32 and intensity.shape == (npix,)):
-            raise ValueError(f"intensity: expected a float32 array of shape ({npix},) (this component's own)")
+        elif not (isinstance(intensity, np.ndarray) and intensity.dtype == np.float32):
+            raise TypeError(f"intensity of type {type(intensity).__name__}: expected a float32 array (this "
+                            "component's reference_map on the whole sky)")
+        elif intensity.shape != (npix,) or not (np.all(np.isfinite(intensity)) and intensity.min() > 0):
+            raise ValueError(f"intensity of shape {intensity.shape}: expected ({npix},) finite values > 0")
         field = None
         if self.polarization:
-            log_i = np.log(intensity, dtype=np.float64)
+            log_i = np.log(intensity)   # float32 (3.2 GB at nside 8192); analysed in float64 band by band
             field = self.pol_template.field(log_i, self.seed, self.te_correlation)
             del log_i
-        return FullSky(self.nside, self.seed, intensity, field)
+        return FullSky(self.nside, self.seed, intensity, field, self.settings_digest())
+
+    def settings_digest(self) -> str:
+        """sha256 of everything but the pixels the full-sky intensity and polarization field
+        depend on: nside, seed, cascade, template, weights, fixed latents / noise, the
+        polarization template and te_correlation."""
+        digest = hashlib.sha256(repr((self.nside, self.seed, self.cascade, self.polarization, self.te_correlation,
+                                      self.renderer.log_offset, self.renderer.start_factor)).encode())
+        digest.update(np.ascontiguousarray(self.log_template).tobytes())
+        digest.update(json.dumps(self.weights.metadata, sort_keys=True, default=str).encode())
+        for name, tensor in self.weights.vae.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().numpy().tobytes())
+        for table in (self.renderer.fixed_latents, self.renderer.fixed_noise):
+            for level in sorted(table):
+                for tile in sorted(table[level]):
+                    digest.update(repr((level, tile)).encode())
+                    digest.update(table[level][tile].tobytes())
+        if self.polarization:
+            digest.update(self.pol_template.e_alm.tobytes())
+            digest.update(self.pol_template.b_alm.tobytes())
+        return digest.hexdigest()
 
     def polarization_fractions(self) -> np.ndarray | None:
         """(Q / I, U / I) (2, npix) float32 at own pixels (None without polarization): the same at

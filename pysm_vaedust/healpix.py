@@ -420,14 +420,41 @@ def interpolate_at_pixels(values, nside: int, pixels=None, dtype=np.float64) -> 
     return out
 
 
+#: pixels of the bands of mirror rings `map2alm` analyses one after the other (float64 copies of
+#: 2^24 pixels, not of the whole sky: 6.4 GB at nside 8192)
+ANALYSIS_BAND_PIXELS = 1 << 24
+
+
+def _geometry(nside: int, bands: tuple[RingBand, ...] | None = None) -> dict:
+    """ducc0's ring geometry (theta, phi0, nphi, ringstart) of the whole sky (None) or of `bands`
+    (RingBands of `nside` in ring order, their pixels one band after the other)."""
+    geometry = ducc0.healpix.Healpix_Base(int(nside), "RING").sht_info()
+    if bands is None:
+        return geometry
+    rings = np.concatenate([np.arange(b.first_ring - 1, b.last_ring) for b in bands])
+    nphi = geometry["nphi"][rings]
+    return {"theta": geometry["theta"][rings], "phi0": geometry["phi0"][rings], "nphi": nphi,
+            "ringstart": np.concatenate([[0], np.cumsum(nphi)[:-1]]).astype(geometry["ringstart"].dtype)}
+
+
 def map2alm(values: np.ndarray, lmax: int) -> np.ndarray:
-    """healpy's `map2alm(values, lmax, iter=0)` (complex128, healpy order) of a RING map."""
+    """healpy's `map2alm(values, lmax, iter=0)` (complex128, healpy order) of a RING map (float32
+    or float64), analysed in float64 on the bands `mirror_bands(nside, ANALYSIS_BAND_PIXELS)`
+    one after the other (their sum in that order)."""
     if isinstance(values, BandMap):
         raise TypeError("map2alm needs a full-sky map, not a BandMap")
     values, nside, _ = _band(values)
-    geometry = ducc0.healpix.Healpix_Base(nside, "RING").sht_info()
-    alm = ducc0.sht.adjoint_synthesis(map=np.asarray(values, dtype=np.float64)[None], lmax=int(lmax), spin=0,
-                                      nthreads=0, **geometry)[0]
+    alm = None
+    for band in mirror_bands(nside, ANALYSIS_BAND_PIXELS):
+        pixels = np.concatenate([values[r.first_pixel:r.first_pixel + r.n_pixels] for r in band], dtype=np.float64)
+        part = ducc0.sht.adjoint_synthesis(map=pixels[None], lmax=int(lmax), spin=0, nthreads=0,
+                                           **_geometry(nside, band))[0]
+        del pixels
+        if alm is None:
+            alm = part
+        else:
+            alm += part
+        del part
     alm *= 4 * np.pi / values.size
     return alm
 
@@ -436,12 +463,7 @@ def alm2map_spin(alms, nside: int, lmax: int, bands: tuple[RingBand, ...] | None
     """healpy's `alm2map_spin(alms, nside, 2, lmax)`: (2, n) float64 Q, U of E, B alms (2, n_alm)
     on the whole sky (None) or at the pixels of `bands` (RingBands of `nside` in ring order, their
     pixels one band after the other). Pass alms as one complex128 array: a list is copied."""
-    geometry = ducc0.healpix.Healpix_Base(int(nside), "RING").sht_info()
-    if bands is not None:
-        rings = np.concatenate([np.arange(b.first_ring - 1, b.last_ring) for b in bands])
-        nphi = geometry["nphi"][rings]
-        geometry = {"theta": geometry["theta"][rings], "phi0": geometry["phi0"][rings], "nphi": nphi,
-                    "ringstart": np.concatenate([[0], np.cumsum(nphi)[:-1]]).astype(geometry["ringstart"].dtype)}
+    geometry = _geometry(nside, bands)
     out = np.empty((2, int(np.sum(geometry["nphi"], dtype=np.int64))))
     return ducc0.sht.synthesis(alm=np.asarray(alms, dtype=np.complex128), lmax=int(lmax), spin=2, nthreads=0,
                                map=out, **geometry)
@@ -450,11 +472,14 @@ def alm2map_spin(alms, nside: int, lmax: int, bands: tuple[RingBand, ...] | None
 def mirror_bands(nside: int, max_pixels: int) -> list[tuple[RingBand, ...]]:
     """The sphere cut into bands of whole rings that hold each ring with its mirror (the ring at
     pi - theta), north to south by their northern rings: (north rings a..b, south rings 4 nside - b
-    .. 4 nside - a), the band at the equator as one range; each of about `max_pixels` pixels or
-    fewer (at least one ring and its mirror). A spherical harmonic synthesis on such a band costs
-    its share of the sky's (ducc0 computes a ring and its mirror together), and its values at a
-    pixel depend only on the band, so a fixed cut gives the same values to any subset of pixels."""
+    .. 4 nside - a), the band at the equator as one range; each of at most max_pixels + 8 nside
+    pixels (one ring pair over the budget; at least one ring pair). A spherical harmonic transform
+    on such a band costs its share of the sky's (ducc0 computes a ring and its mirror together),
+    and its values at a pixel depend only on the band, so a fixed cut gives the same values to any
+    subset of pixels."""
     nside = int(nside)
+    if int(max_pixels) < 1:
+        raise ValueError(f"max_pixels={max_pixels}: expected >= 1")
     north = np.arange(1, 2 * nside + 1)
     pair_pixels = np.where(north < 2 * nside, 2, 1) * 4 * np.minimum(north, nside)
     ends = np.cumsum(pair_pixels)
@@ -469,6 +494,6 @@ def mirror_bands(nside: int, max_pixels: int) -> list[tuple[RingBand, ...]]:
     return bands
 
 
-__all__ = ["BandMap", "RingBand", "alm2map_spin", "disc_capacity", "disc_pixels", "disc_runs", "discs_pixels",
+__all__ = ["ANALYSIS_BAND_PIXELS", "BandMap", "RingBand", "alm2map_spin", "disc_capacity", "disc_pixels", "disc_runs", "discs_pixels",
            "interpolate_at_pixels", "interpolation_pixels",
            "interpolate_on_grids", "map2alm", "mirror_bands", "ring_info", "ring_pix2vec"]

@@ -4,8 +4,9 @@ import healpy as hp
 import numpy as np
 import pytest
 
+import pysm_vaedust.healpix as healpix
 from pysm_vaedust.healpix import (BandMap, RingBand, alm2map_spin, discs_pixels, interpolate_at_pixels,
-                                  interpolate_on_grids, interpolation_pixels, map2alm, ring_pix2vec)
+                                  interpolate_on_grids, interpolation_pixels, map2alm, mirror_bands, ring_pix2vec)
 
 
 @pytest.mark.parametrize("nside_in, nside_out", [(1, 4), (2, 16), (16, 64), (64, 32), (8, 2), (128, 512)])
@@ -101,11 +102,29 @@ def test_pixel_centres_are_healpys():
     np.testing.assert_allclose(ours, np.array(hp.pix2vec(nside, pixels)).T, atol=1e-14)
 
 
-def test_transforms_are_healpys():
+@pytest.mark.parametrize("nside, max_pixels", [(1, 1), (2, 7), (2, 10**9), (4, 33), (8, 100), (32, 1500), (32, 6145)])
+def test_mirror_bands_hold_every_ring_once_with_its_mirror(nside, max_pixels):
+    bands = mirror_bands(nside, max_pixels)
+    rings = [r for band in bands for rb in band for r in range(rb.first_ring, rb.last_ring + 1)]
+    assert sorted(rings) == list(range(1, 4 * nside))
+    for band in bands:
+        held = {r for rb in band for r in range(rb.first_ring, rb.last_ring + 1)}
+        assert held == {4 * nside - r for r in held}
+        assert sum(rb.n_pixels for rb in band) <= max_pixels + 8 * nside
+    assert (len(bands) == 1) == (max_pixels >= 12 * nside**2)
+    with pytest.raises(ValueError, match="max_pixels"):
+        mirror_bands(nside, 0)
+
+
+@pytest.mark.parametrize("analysis_band_pixels", [healpix.ANALYSIS_BAND_PIXELS, 1000])
+def test_transforms_are_healpys(analysis_band_pixels, monkeypatch):
+    monkeypatch.setattr(healpix, "ANALYSIS_BAND_PIXELS", analysis_band_pixels)
     nside, lmax = 32, 64
     rng = np.random.default_rng(3)
     values = rng.normal(size=hp.nside2npix(nside))
     np.testing.assert_allclose(map2alm(values, lmax), hp.map2alm(values, lmax=lmax, iter=0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(map2alm(values.astype(np.float32), lmax),
+                               hp.map2alm(values.astype(np.float32).astype(float), lmax=lmax, iter=0), rtol=0, atol=1e-12)
     size = hp.Alm.getsize(lmax)
     alms = rng.normal(size=(2, size)) + 1j * rng.normal(size=(2, size))
     alms[:, :lmax + 1] = alms[:, :lmax + 1].real

@@ -183,7 +183,7 @@ def test_write_map_with_polarization_equals_the_full_sky(random_weights, tmp_pat
     from pysm_vaedust.chunked import write_map
 
     nside = 32
-    monkeypatch.setattr(polarization, "POL_BAND_PIXELS", 2000)   # 6 bands
+    monkeypatch.setattr(polarization, "POL_BAND_PIXELS", 2000)   # 7 bands
     settings = dict(seed=7, weights=random_weights, device="cpu", te_correlation=0.5)
     component = VAEDust(nside=nside, **settings)
     full = pysm3.Sky(nside=nside, output_unit="MJy/sr", component_objects=[component]).get_emission(FREQ)
@@ -191,11 +191,23 @@ def test_write_map_with_polarization_equals_the_full_sky(random_weights, tmp_pat
                      polarization=True, **settings)
     with h5py.File(path) as handle:
         np.testing.assert_array_equal(handle["map"][:], full.value.astype(np.float32))
-        assert handle.attrs["fields"] == "I,Q,U"
+        assert handle.attrs["fields"] == "I,Q,U" and handle.attrs["chunks"] == 3 and handle.attrs["pol_bands"] == 7
     full_sky = component.compute_full_sky(component.reference_map())
     pixels = np.arange(3000, 9000, 7)
     part = VAEDust(nside=nside, map_dist=pysm3.MapDistribution(pixel_indices=pixels, nside=nside),
-                   full_sky=full_sky, **settings).get_emission(FREQ).value
-    np.testing.assert_array_equal(part, component.get_emission(FREQ).value[:, pixels])
-    with pytest.raises(ValueError, match="seed"):
-        VAEDust(nside=nside, full_sky=full_sky, **{**settings, "seed": 8})
+                   full_sky=full_sky, **settings)
+
+    def no_rendering(*args, **kwargs):
+        raise AssertionError("a component given full_sky rendered")
+
+    monkeypatch.setattr(part.renderer, "field", no_rendering)
+    np.testing.assert_array_equal(part.get_emission(FREQ).value, component.get_emission(FREQ).value[:, pixels])
+    for other, match in ((dict(seed=8), "seed"), (dict(te_correlation=0.4), "other settings"),
+                         (dict(cascade=False), "other settings"), (dict(full_sky=component), "FullSky")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            VAEDust(nside=nside, **{**settings, "full_sky": full_sky, **other})
+    for intensity, error in ((component.reference_map().astype(float), TypeError),
+                             (component.reference_map()[:100], ValueError),
+                             (np.zeros(12 * nside**2, np.float32), ValueError)):
+        with pytest.raises(error, match="intensity"):
+            component.compute_full_sky(intensity)

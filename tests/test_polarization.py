@@ -79,6 +79,10 @@ def test_the_field_gives_every_subset_of_pixels_the_same_values(bundled, monkeyp
                    rng.choice(len(log_i), 900, replace=False)):
         assert np.array_equal(field.tensor_field(pixels), full[:, pixels])
         assert np.array_equal(field.fractions(pixels), fractions[:, pixels])
+    assert field.fractions(np.zeros(0, dtype=int)).shape == (2, 0)
+    for bad in ([-1, 5], [len(log_i)], [1.5, 2.0]):
+        with pytest.raises(ValueError, match="pixels"):
+            field.fractions(np.array(bad))
 
 
 def test_a_pure_e_field_stays_e():
