@@ -190,7 +190,8 @@ class VAEDust(Model):
         less).
     max_nside, map_dist : as every pysm3 Model. With polarization, the small scales of Q, U are
         drawn on the whole sky (spherical harmonics of its ln I): a partial sky computes the
-        full-sky intensity once and keeps its pixels, unless given `full_sky`.
+        full-sky intensity once and keeps its pixels, unless given `full_sky`; MPI ranks
+        (map_dist.mpi_comm) each render their own pixels and share them.
     full_sky : a `FullSky` of a component with the same settings (`compute_full_sky`; what
         `pysm_vaedust.chunked.write_map` hands its chunks): the pixels are taken from it, nothing
         is rendered.
@@ -365,7 +366,9 @@ class VAEDust(Model):
         """Intensity at the reference frequency (uK_RJ, float32, own pixels); computed once, cached
         (with the polarization fractions, which need the full-sky ln I: `compute_full_sky`)."""
         if self._i_ref is None:
-            full = self.full_sky if self.full_sky is not None or not self.polarization else self.compute_full_sky()
+            full = self.full_sky
+            if full is None and self.polarization:
+                full = self._shared_full_sky()
             if full is None:
                 self._i_ref = self._render(self.pixel_indices)
             else:
@@ -374,6 +377,23 @@ class VAEDust(Model):
                 if self.polarization:
                     self._pol_fractions = full.polarization.fractions(pixels)
         return self._i_ref
+
+    def _shared_full_sky(self) -> FullSky:
+        """The FullSky of this component: rendered on the whole sky, or, with an MPI map_dist of
+        several ranks, each rank rendering its own pixels and every rank assembling the whole
+        sky's intensity from all of them (allgather) and computing its polarization field."""
+        comm = getattr(self.map_dist, "mpi_comm", None)
+        if comm is None or comm.size == 1 or self.pixel_indices is None:
+            return self.compute_full_sky()
+        intensity = np.zeros(hp.nside2npix(self.nside), dtype=np.float32)
+        owners = np.zeros(len(intensity), dtype=np.int32)
+        for pixels, values in comm.allgather((self.pixel_indices, self._render(self.pixel_indices))):
+            intensity[pixels] = values
+            owners[pixels] += 1
+        if np.any(owners == 0):
+            raise ValueError(f"map_dist: the MPI ranks' pixel_indices leave {int(np.sum(owners == 0))} pixels on "
+                             "no rank; polarization needs the whole sky's intensity")
+        return self.compute_full_sky(intensity)
 
     def _render(self, pixels) -> np.ndarray:
         """exp(ln T + R + delta) (float32: PySM's templates' precision) at `pixels` (None: all)."""

@@ -1,8 +1,9 @@
 """MPI check of VAEDust's map distribution; run as ``mpiexec -n 2 python tests/mpi_script.py``.
 
 Every rank builds ``VAEDust(nside, map_dist=MapDistribution(mpi_comm=COMM_WORLD, nside=nside))``,
-computes its own pixels (``map_dist.pixel_indices``), rank 0 gathers them into a full map and
-compares it bit for bit with a single-process ``VAEDust(nside)`` (same seed) it computes itself.
+computes its own pixels (``map_dist.pixel_indices``; I, Q, U, rendering only its own), rank 0
+gathers them into a full map and compares it bit for bit with a single-process
+``VAEDust(nside)`` (same seed) it computes itself.
 Exit code 0 when equal, 1 when not (the mismatch is printed), 2 on a usage error.
 
 Also holds `write_test_weights`, a tiny randomly initialised weights file (seconds to use at
@@ -36,6 +37,16 @@ def write_test_weights(path, seed: int = 0):
     return save_weights(path, {"vae": ConditionalVAE(config)}, metadata)
 
 
+def counting(render, n_own):
+    """`render` that fails when asked for more pixels than the rank's own `n_own` (the whole sky)."""
+    def wrapped(pixels):
+        if pixels is None or len(pixels) != n_own:
+            raise AssertionError(f"a rank rendered {'the whole sky' if pixels is None else len(pixels)} pixels, "
+                                 f"not its own {n_own}")
+        return render(pixels)
+    return wrapped
+
+
 def _parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", required=True, help="weights file (see write_test_weights)")
@@ -59,9 +70,9 @@ def main(argv=None) -> int:
     comm = MPI.COMM_WORLD
     dist = pysm3.MapDistribution(mpi_comm=comm, nside=args.nside)
     pixels = np.asarray(dist.pixel_indices, dtype=np.int64)
-    # intensity only: each rank renders its own pixels (with polarization every rank draws the full sky)
-    comp = VAEDust(nside=args.nside, seed=args.seed, weights=args.weights, device="cpu", map_dist=dist,
-                   polarization=False)
+    # I, Q, U: each rank renders its own pixels; the ranks share them for the polarization field
+    comp = VAEDust(nside=args.nside, seed=args.seed, weights=args.weights, device="cpu", map_dist=dist)
+    comp._render = counting(comp._render, comp.n_pixels)
     local = np.asarray(comp.get_emission(args.freq_GHz * u.GHz).to_value(u.uK_RJ))
     problems = []
     if local.shape != (3, len(pixels)):
@@ -81,7 +92,7 @@ def main(argv=None) -> int:
         owner[rank_pixels] += 1
     if np.any(owner != 1):
         problems.append(f"{int(np.sum(owner == 0))} pixels on no rank, {int(np.sum(owner > 1))} on several")
-    serial = VAEDust(nside=args.nside, seed=args.seed, weights=args.weights, device="cpu", polarization=False)
+    serial = VAEDust(nside=args.nside, seed=args.seed, weights=args.weights, device="cpu")
     reference = np.asarray(serial.get_emission(args.freq_GHz * u.GHz).to_value(u.uK_RJ))
     differ = ~((full == reference) | (np.isnan(full) & np.isnan(reference)))
     if np.any(differ):
