@@ -387,9 +387,15 @@ class VAEDust(Model):
             return self.compute_full_sky()
         intensity = np.zeros(hp.nside2npix(self.nside), dtype=np.float32)
         owners = np.zeros(len(intensity), dtype=np.int32)
-        for pixels, values in comm.allgather((self.pixel_indices, self._render(self.pixel_indices))):
+        # pixel indices travel as runs of consecutive pixels (a ring distribution: a few per rank)
+        own = np.asarray(self.pixel_indices, dtype=np.int64)
+        breaks = np.flatnonzero(np.diff(own) != 1) + 1
+        starts, ends = (own[np.r_[0, breaks]], own[np.r_[breaks - 1, -1]] + 1) if len(own) else (own, own)
+        for run_starts, run_ends, values in comm.allgather((starts, ends, self._render(self.pixel_indices))):
+            pixels = np.concatenate([np.arange(a, b) for a, b in zip(run_starts, run_ends)])
             intensity[pixels] = values
             owners[pixels] += 1
+            del pixels, values
         if np.any(owners == 0):
             raise ValueError(f"map_dist: the MPI ranks' pixel_indices leave {int(np.sum(owners == 0))} pixels on "
                              "no rank; polarization needs the whole sky's intensity")
