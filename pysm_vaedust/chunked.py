@@ -62,7 +62,7 @@ def ring_chunks(nside: int, n_chunks: int) -> list[RingBand]:
 
 
 #: VAEDust arguments only a polarized component takes
-POLARIZATION_ARGUMENTS = ("pol_template", "pol_template_fwhm", "pol_template_freq")
+_POLARIZATION_ARGUMENTS = ("pol_template", "pol_template_fwhm", "pol_template_freq")
 
 
 def write_map(path, nside: int, freqs, bandpass_weights=None, n_chunks: int | None = None, output_unit="uK_RJ",
@@ -110,7 +110,7 @@ def write_map(path, nside: int, freqs, bandpass_weights=None, n_chunks: int | No
                     data[:, band.first_pixel:band.first_pixel + band.n_pixels] = sky_chunk(band.pixels())
                 return
             intensity = np.empty(hp.nside2npix(nside), dtype=np.float32)
-            unpolarized = {k: v for k, v in component_kwargs.items() if k not in POLARIZATION_ARGUMENTS}
+            unpolarized = {k: v for k, v in component_kwargs.items() if k not in _POLARIZATION_ARGUMENTS}
             unpolarized["polarization"] = False
             for band in tqdm(chunks, desc=f"VAEDust nside {nside}: intensity in {len(chunks)} chunks", **bar):
                 dist = pysm3.MapDistribution(pixel_indices=band.pixels(), nside=nside)

@@ -55,7 +55,7 @@ GNILC_FWHM_DEG = 21.8 / 60
 LARGE_MAP_PIXELS = 12 * 1024**2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FullSky:
     """What a VAEDust component needs of the whole sky to make any of its pixels: the intensity
     at the reference frequency, `intensity` (12 nside^2,) float32 uK_RJ, and its polarization field
@@ -383,22 +383,23 @@ class VAEDust(Model):
         several ranks, each rank rendering its own pixels and every rank assembling the whole
         sky's intensity from all of them (allgather) and computing its polarization field."""
         comm = getattr(self.map_dist, "mpi_comm", None)
-        if comm is None or comm.size == 1 or self.pixel_indices is None:
+        if comm is None or comm.size == 1 or any(comm.allgather(self.pixel_indices is None)):
             return self.compute_full_sky()
-        intensity = np.zeros(hp.nside2npix(self.nside), dtype=np.float32)
-        owners = np.zeros(len(intensity), dtype=np.int32)
+        intensity = np.zeros(hp.nside2npix(self.nside), dtype=np.float32)   # exp(...) > 0 where written
         # pixel indices travel as runs of consecutive pixels (a ring distribution: a few per rank)
         own = np.asarray(self.pixel_indices, dtype=np.int64)
         breaks = np.flatnonzero(np.diff(own) != 1) + 1
         starts, ends = (own[np.r_[0, breaks]], own[np.r_[breaks - 1, -1]] + 1) if len(own) else (own, own)
         for run_starts, run_ends, values in comm.allgather((starts, ends, self._render(self.pixel_indices))):
-            pixels = np.concatenate([np.arange(a, b) for a, b in zip(run_starts, run_ends)])
-            intensity[pixels] = values
-            owners[pixels] += 1
-            del pixels, values
-        if np.any(owners == 0):
-            raise ValueError(f"map_dist: the MPI ranks' pixel_indices leave {int(np.sum(owners == 0))} pixels on "
-                             "no rank; polarization needs the whole sky's intensity")
+            offset = 0
+            for a, b in zip(run_starts.tolist(), run_ends.tolist()):
+                intensity[a:b] = values[offset:offset + b - a]
+                offset += b - a
+            del values
+        uncovered = int(np.count_nonzero(intensity == 0))
+        if uncovered:
+            raise ValueError(f"map_dist: the MPI ranks' pixel_indices leave {uncovered} pixels on no rank; "
+                             "polarization needs the whole sky's intensity")
         return self.compute_full_sky(intensity)
 
     def _render(self, pixels) -> np.ndarray:
@@ -422,19 +423,17 @@ class VAEDust(Model):
                             "component's reference_map on the whole sky)")
         elif intensity.shape != (npix,) or not (np.all(np.isfinite(intensity)) and intensity.min() > 0):
             raise ValueError(f"intensity of shape {intensity.shape}: expected ({npix},) finite values > 0")
-        field = None
-        if self.polarization:
-            log_i = np.log(intensity)   # float32 (3.2 GB at nside 8192); analysed in float64 band by band
-            field = self.pol_template.field(log_i, self.seed, self.te_correlation)
-            del log_i
+        field = self.pol_template.field(intensity, self.seed, self.te_correlation) if self.polarization else None
         return FullSky(self.nside, self.seed, intensity, field, self.settings_digest())
 
     def settings_digest(self) -> str:
         """sha256 of everything but the pixels the full-sky intensity and polarization field
-        depend on: nside, seed, cascade, template, weights, fixed latents / noise, the
-        polarization template and te_correlation."""
+        depend on: nside, seed, cascade, template, weights, their device and batch size (the
+        rounding of the convolutions), fixed latents / noise, the polarization template and
+        te_correlation (not dtype, progress or the SED, applied after)."""
         digest = hashlib.sha256(repr((self.nside, self.seed, self.cascade, self.polarization, self.te_correlation,
-                                      self.renderer.log_offset, self.renderer.start_factor)).encode())
+                                      self.renderer.log_offset, self.renderer.start_factor,
+                                      self.renderer.batch_size, self.weights.vae.device.type)).encode())
         digest.update(np.ascontiguousarray(self.log_template).tobytes())
         digest.update(json.dumps(self.weights.metadata, sort_keys=True, default=str).encode())
         for name, tensor in self.weights.vae.state_dict().items():
@@ -446,6 +445,7 @@ class VAEDust(Model):
                     digest.update(repr((level, tile)).encode())
                     digest.update(table[level][tile].tobytes())
         if self.polarization:
+            digest.update(repr((self.pol_template.fwhm_deg, sorted(self.pol_template.fit.items()))).encode())
             digest.update(self.pol_template.e_alm.tobytes())
             digest.update(self.pol_template.b_alm.tobytes())
         return digest.hexdigest()

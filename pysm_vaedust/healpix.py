@@ -437,16 +437,19 @@ def _geometry(nside: int, bands: tuple[RingBand, ...] | None = None) -> dict:
             "ringstart": np.concatenate([[0], np.cumsum(nphi)[:-1]]).astype(geometry["ringstart"].dtype)}
 
 
-def map2alm(values: np.ndarray, lmax: int) -> np.ndarray:
+def map2alm(values: np.ndarray, lmax: int, log: bool = False) -> np.ndarray:
     """healpy's `map2alm(values, lmax, iter=0)` (complex128, healpy order) of a RING map (float32
-    or float64), analysed in float64 on the bands `mirror_bands(nside, ANALYSIS_BAND_PIXELS)`
-    one after the other (their sum in that order)."""
+    or float64), or of ln(values) with `log`, analysed in float64 on the bands
+    `mirror_bands(nside, ANALYSIS_BAND_PIXELS)` one after the other (their sum in that order):
+    no full-sky float64 copy is made."""
     if isinstance(values, BandMap):
         raise TypeError("map2alm needs a full-sky map, not a BandMap")
     values, nside, _ = _band(values)
     alm = None
     for band in mirror_bands(nside, ANALYSIS_BAND_PIXELS):
         pixels = np.concatenate([values[r.first_pixel:r.first_pixel + r.n_pixels] for r in band], dtype=np.float64)
+        if log:
+            np.log(pixels, out=pixels)
         part = ducc0.sht.adjoint_synthesis(map=pixels[None], lmax=int(lmax), spin=0, nthreads=0,
                                            **_geometry(nside, band))[0]
         del pixels

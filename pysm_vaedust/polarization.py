@@ -166,26 +166,27 @@ class PolarizationTemplate:
             gains.append(gain)
         return gains[0], gains[1]
 
-    def field(self, log_i: np.ndarray, seed: int, te_correlation: float = TE_CORRELATION,
+    def field(self, intensity: np.ndarray, seed: int, te_correlation: float = TE_CORRELATION,
               lmax: int | None = None) -> "PolarizationField":
-        """w = w_L + w_s for the full-sky ln I map `log_i` (RING, npix = 12 nside^2; any additive
-        constant), drawn with `seed` up to `lmax` (default POL_LMAX_FACTOR nside)."""
-        nside = hp.npix2nside(len(log_i))
+        """w = w_L + w_s for the full-sky intensity map `intensity` (> 0, any unit; RING, npix =
+        12 nside^2, float32 or float64; its ln I analysed in float64 band by band), drawn with
+        `seed` up to `lmax` (default POL_LMAX_FACTOR nside). Peak beside the map: 4 x the
+        coefficients' 2.1 GB at nside 8192 (the field's E and B, ln I's, one draw's normals)."""
+        nside = hp.npix2nside(len(intensity))
         lmax = POL_LMAX_FACTOR * nside if lmax is None else int(lmax)
         gain_e, gain_b = self.small_scale_gains(lmax, int(0.875 * lmax))
-        t_alm = map2alm(log_i, lmax)
+        t_alm = map2alm(intensity, lmax, log=True)
         cl_t = hp.alm2cl(t_alm)
         hp.almxfl(t_alm, np.divide(1.0, np.sqrt(cl_t), out=np.zeros_like(cl_t), where=cl_t > 0), inplace=True)
+        t_alm *= te_correlation
         rng = np.random.default_rng([int(seed), POL_STREAM])
-        alms = np.empty((2, len(t_alm)), dtype=np.complex128)   # in place: 2.1 GB each at nside 8192
-        np.multiply(te_correlation, t_alm, out=alms[0])
+        alms = np.empty((2, len(t_alm)), dtype=np.complex128)
+        unit_alm(rng, lmax, out=alms[0])
+        alms[0] *= np.sqrt(1.0 - te_correlation**2)
+        alms[0] += t_alm
         del t_alm
-        drawn = unit_alm(rng, lmax)
-        drawn *= np.sqrt(1.0 - te_correlation**2)
-        alms[0] += drawn
-        del drawn
         hp.almxfl(alms[0], gain_e, inplace=True)
-        alms[1] = unit_alm(rng, lmax)
+        unit_alm(rng, lmax, out=alms[1])
         hp.almxfl(alms[1], gain_b, inplace=True)
         for small, large in zip(alms, (self.e_alm, self.b_alm)):
             add_alm(small, lmax, large)
@@ -261,10 +262,11 @@ def _saturate(w, p_max):
             w[1, i] *= gain
 
 
-def unit_alm(rng: np.random.Generator, lmax: int) -> np.ndarray:
-    """Harmonic coefficients (healpy order, lmax) of a unit white field: <|a_lm|^2> = 1, m = 0 real."""
+def unit_alm(rng: np.random.Generator, lmax: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Harmonic coefficients (healpy order, lmax) of a unit white field: <|a_lm|^2> = 1, m = 0 real
+    (into `out`, complex128, when given)."""
     size = hp.Alm.getsize(lmax)
-    alm = np.empty(size, dtype=np.complex128)
+    alm = np.empty(size, dtype=np.complex128) if out is None else out
     alm.real = rng.standard_normal(size)
     alm.imag = rng.standard_normal(size)
     alm /= np.sqrt(2.0)

@@ -125,6 +125,9 @@ def test_transforms_are_healpys(analysis_band_pixels, monkeypatch):
     np.testing.assert_allclose(map2alm(values, lmax), hp.map2alm(values, lmax=lmax, iter=0), rtol=0, atol=1e-12)
     np.testing.assert_allclose(map2alm(values.astype(np.float32), lmax),
                                hp.map2alm(values.astype(np.float32).astype(float), lmax=lmax, iter=0), rtol=0, atol=1e-12)
+    intensity = np.exp(values).astype(np.float32)
+    np.testing.assert_allclose(map2alm(intensity, lmax, log=True),
+                               hp.map2alm(np.log(intensity.astype(float)), lmax=lmax, iter=0), rtol=0, atol=1e-12)
     size = hp.Alm.getsize(lmax)
     alms = rng.normal(size=(2, size)) + 1j * rng.normal(size=(2, size))
     alms[:, :lmax + 1] = alms[:, :lmax + 1].real

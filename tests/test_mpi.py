@@ -54,6 +54,45 @@ def test_mpi_two_ranks(random_weights):
     assert "bit-identical" in result.stdout
 
 
+class _TwoRanks:
+    """An MPI communicator of two ranks in one process: allgather returns this rank's object and
+    the other rank's `other` (False for the collective pixel_indices-is-None question)."""
+
+    size = 2
+
+    def __init__(self, other):
+        self.other = other
+
+    def allgather(self, obj):
+        return [obj, False if isinstance(obj, bool) else self.other]
+
+
+def test_mpi_ranks_assemble_the_polarization_field_from_runs_of_pixels(random_weights):
+    """With polarization, an MPI rank renders only its own pixels (several runs, unsorted, or none)
+    and assembles the sky from the ranks' runs: its I, Q, U equal the single-process map bit for
+    bit; pixels on no rank are refused."""
+    nside = 16
+    settings = dict(seed=3, weights=random_weights, device="cpu")
+    serial = VAEDust(nside=nside, **settings)
+    reference, intensity = serial.get_emission(FREQ).value, serial.reference_map()
+    npix = 12 * nside**2
+    mine = np.random.default_rng(0).permutation(np.r_[np.arange(100, 300), np.arange(1000, 1100), [5, 7]])
+
+    def rank(own, other_pixels):
+        other = (other_pixels, other_pixels + 1, intensity[other_pixels])   # one-pixel runs
+        return VAEDust(nside=nside, map_dist=type("D", (), {"pixel_indices": own, "nside": nside,
+                                                            "mpi_comm": _TwoRanks(other)})(), **settings)
+
+    for own, other_pixels in ((mine, np.setdiff1d(np.arange(npix), mine)), (np.zeros(0, dtype=int), np.arange(npix))):
+        component = rank(own, other_pixels)
+        component.renderer.field = lambda nside, seed, pixels, *args, render=component.renderer.field: (
+            render(nside, seed, pixels, *args) if pixels is not None and len(pixels) == len(own) else
+            pytest.fail("a rank rendered more than its own pixels"))
+        np.testing.assert_array_equal(component.get_emission(FREQ).value, reference[:, own])
+    with pytest.raises(ValueError, match="no rank"):
+        rank(mine, np.setdiff1d(np.arange(npix), mine)[10:]).get_emission(FREQ)
+
+
 def test_partial_sky_equals_full_sky(random_weights):
     """MapDistribution(pixel_indices=subset): exactly the full map's values at those pixels,
     in the subset's (unsorted) order, also with a per-pixel spectral index map."""
@@ -203,7 +242,9 @@ def test_write_map_with_polarization_equals_the_full_sky(random_weights, tmp_pat
     monkeypatch.setattr(part.renderer, "field", no_rendering)
     np.testing.assert_array_equal(part.get_emission(FREQ).value, component.get_emission(FREQ).value[:, pixels])
     for other, match in ((dict(seed=8), "seed"), (dict(te_correlation=0.4), "other settings"),
-                         (dict(cascade=False), "other settings"), (dict(full_sky=component), "FullSky")):
+                         (dict(cascade=False), "other settings"), (dict(batch_size=5), "other settings"),
+                         (dict(fixed_latents={0: {0: np.ones(component.weights.vae.latent_dim)}}), "other settings"),
+                         (dict(full_sky=component), "FullSky")):
         with pytest.raises((ValueError, TypeError), match=match):
             VAEDust(nside=nside, **{**settings, "full_sky": full_sky, **other})
     for intensity, error in ((component.reference_map().astype(float), TypeError),
