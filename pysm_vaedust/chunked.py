@@ -40,7 +40,7 @@ from tqdm import tqdm
 from . import __version__
 from .checks import check_bandpass, check_int, check_nside
 from .data import atomic_write
-from .healpix import RingBand
+from .healpix import RingBand, band_spans
 
 #: pixels per chunk by default: 2^26 (12 chunks at nside 8192, 3 at 4096). At nside 8192 the tiles
 #: that can reach 12 chunks' pixels and halos are 1.18x one map's (the last level 1.09x, the one
@@ -121,11 +121,8 @@ def write_map(path, nside: int, freqs, bandpass_weights=None, n_chunks: int | No
             handle.attrs["pol_bands"] = len(bands)
             for band in tqdm(bands, desc=f"VAEDust nside {nside}: I, Q, U on {len(bands)} bands", **bar):
                 emission = sky_chunk(np.concatenate([rings.pixels() for rings in band]), full_sky=full_sky)
-                start = 0
-                for rings in band:
-                    data[:, rings.first_pixel:rings.first_pixel + rings.n_pixels] = \
-                        emission[:, start:start + rings.n_pixels]
-                    start += rings.n_pixels
+                for sky, own in band_spans(band):
+                    data[:, sky] = emission[:, own]
 
     return atomic_write(path, write)
 

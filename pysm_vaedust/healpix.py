@@ -447,7 +447,7 @@ def map2alm(values: np.ndarray, lmax: int, log: bool = False) -> np.ndarray:
     values, nside, _ = _band(values)
     alm = None
     for band in mirror_bands(nside, ANALYSIS_BAND_PIXELS):
-        pixels = np.concatenate([values[r.first_pixel:r.first_pixel + r.n_pixels] for r in band], dtype=np.float64)
+        pixels = np.concatenate([values[sky] for sky, _ in band_spans(band)], dtype=np.float64)
         if log:
             np.log(pixels, out=pixels)
         part = ducc0.sht.adjoint_synthesis(map=pixels[None], lmax=int(lmax), spin=0, nthreads=0,
@@ -470,6 +470,17 @@ def alm2map_spin(alms, nside: int, lmax: int, bands: tuple[RingBand, ...] | None
     out = np.empty((2, int(np.sum(geometry["nphi"], dtype=np.int64))))
     return ducc0.sht.synthesis(alm=np.asarray(alms, dtype=np.complex128), lmax=int(lmax), spin=2, nthreads=0,
                                map=out, **geometry)
+
+
+def band_spans(band: tuple[RingBand, ...]) -> list[tuple[slice, slice]]:
+    """(its RING pixels on the sky, their place among the band's pixels) of each range of rings of
+    `band`, in order: how a band's transform (its pixels one range after the other) maps to a map."""
+    spans, offset = [], 0
+    for rings in band:
+        spans.append((slice(rings.first_pixel, rings.first_pixel + rings.n_pixels),
+                      slice(offset, offset + rings.n_pixels)))
+        offset += rings.n_pixels
+    return spans
 
 
 def mirror_bands(nside: int, max_pixels: int) -> list[tuple[RingBand, ...]]:
@@ -497,6 +508,6 @@ def mirror_bands(nside: int, max_pixels: int) -> list[tuple[RingBand, ...]]:
     return bands
 
 
-__all__ = ["ANALYSIS_BAND_PIXELS", "BandMap", "RingBand", "alm2map_spin", "disc_capacity", "disc_pixels", "disc_runs", "discs_pixels",
+__all__ = ["ANALYSIS_BAND_PIXELS", "BandMap", "RingBand", "alm2map_spin", "band_spans", "disc_capacity", "disc_pixels", "disc_runs", "discs_pixels",
            "interpolate_at_pixels", "interpolation_pixels",
            "interpolate_on_grids", "map2alm", "mirror_bands", "ring_info", "ring_pix2vec"]

@@ -43,7 +43,7 @@ from numba import njit, prange
 from . import __version__
 from .checks import check_pixel_indices
 from .data import atomic_write, file_digest, gaussian_beam, shared_data_dir, smoothstep
-from .healpix import alm2map_spin, map2alm, mirror_bands
+from .healpix import alm2map_spin, band_spans, map2alm, mirror_bands
 
 POL_TEMPLATE_NAME = "pol_template_d1_353GHz_fwhm3.7deg_nside64.fits"
 #: beam of PySM d1's polarization template (Planck 2015 Commander, Thorne et al. 2017), deg
@@ -226,16 +226,11 @@ class PolarizationField:
         out = np.empty((2, npix if pixels is None else len(pixels)), dtype=dtype)
         for band in self.bands():
             # (where the band's pixels go in out, where they are in the band's synthesis)
-            spans, offset = [], 0
-            for rings in band:
-                lo, hi = rings.first_pixel, rings.first_pixel + rings.n_pixels
-                if pixels is None:
-                    spans.append((slice(lo, hi), slice(offset, offset + hi - lo)))
-                else:
-                    a, b = np.searchsorted(pixels, [lo, hi])
-                    if b > a:
-                        spans.append((slice(a, b), pixels[a:b] - lo + offset))
-                offset += hi - lo
+            spans = band_spans(band)
+            if pixels is not None:
+                asked = [(slice(*np.searchsorted(pixels, [sky.start, sky.stop])), sky, own) for sky, own in spans]
+                spans = [(into, pixels[into] - sky.start + own.start) for into, sky, own in asked
+                         if into.stop > into.start]
             if not spans:
                 continue
             w = alm2map_spin(self.alms, self.nside, self.lmax, band)
