@@ -11,11 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .data import atomic_write
 from .fidelity import RATIO_RANGE
+from .model import up
 
-FIGURE_NAMES = ("gallery.png", "power_spectra.png", "minkowski.png", "morphology.png", "residual_spectra.png")
+FIGURE_NAMES = ("gallery.png", "gallery_full.png", "power_spectra.png", "minkowski.png", "morphology.png", "residual_spectra.png")
 GALLERY_ROWS, GALLERY_SAMPLES = 5, 3
 
 
@@ -66,6 +68,26 @@ def make_figures(out: Path, m: dict, images: dict) -> list[str]:
     fig.suptitle(f"{m['settings']['patch_deg']:g} deg patches of {m['settings']['pixel_arcmin']:g}': "
                  "real small scales and conditional samples given the same condition", fontsize=11)
     names.append(save_png(fig, out / "gallery.png"))
+
+    # the same patches in full ln I (condition + small scales), the view of a map: one colour scale per row
+    ncol = 1 + GALLERY_SAMPLES
+    fig = Figure(figsize=(2.3 * ncol + 1, 2.3 * len(g["real"])), layout="constrained")
+    axes = fig.subplots(len(g["real"]), ncol, squeeze=False)
+    for row, ax_row in enumerate(axes):
+        images_row = [g["full_real"][row], *g["full_samples"][row]]
+        low, high = np.percentile(images_row[0], [0.5, 99.5])
+        for ax, img in zip(ax_row, images_row):
+            shown = ax.imshow(img, origin="lower", vmin=low, vmax=high, cmap="inferno")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        lon, lat = g["lonlat_deg"][row]
+        ax_row[0].set_ylabel(f"(l, b) = ({lon:.0f}, {lat:.0f})", fontsize=9)
+        fig.colorbar(shown, ax=list(ax_row), shrink=0.8, label="ln I (100 um MJy/sr)")
+    for ax, title in zip(axes[0], [f"real ({split})"] + [f"VAE sample {i + 1}" for i in range(GALLERY_SAMPLES)]):
+        ax.set_title(title, fontsize=10)
+    fig.suptitle(f"{m['settings']['patch_deg']:g} deg patches in full ln I: the condition (upsampled) plus the "
+                 "real or sampled small scales", fontsize=11)
+    names.append(save_png(fig, out / "gallery_full.png"))
 
     # power spectra, ratios to the split, and the per-patch band-power ratio distributions
     ps, ell = m["power_spectra"], np.asarray(m["power_spectra"]["ell"])
@@ -189,11 +211,15 @@ def make_figures(out: Path, m: dict, images: dict) -> list[str]:
 
 def gallery_images(x: np.ndarray, c: np.ndarray, samples: np.ndarray, centres, norm: dict) -> dict:
     """Images of GALLERY_ROWS patches x (N, n, n) at quantiles of brightness, brightest first:
-    condition c (N, 2, n/2, n/2) as coarse ln I, real and sampled (N, D, n, n) small scales in ln I."""
+    condition c (N, 2, n/2, n/2) as coarse ln I, real and sampled (N, D, n, n) small scales in ln I,
+    and both in full ln I: the coarse part on the patch's grid (`model.up`, bilinear: the
+    condition grid's pixels are the patch's, 2 x 2 together) plus the small scales."""
     brightness = c[:, 1, 0, 0]
     rows = np.argsort(brightness)[(np.linspace(0.1, 0.9, GALLERY_ROWS) * (len(c) - 1)).astype(int)][::-1]
     coarse = (c[rows, 0] * float(norm["coarse_scale"])
               + brightness[rows, None, None] * float(norm["level_scale"]) + float(norm["level_mean"]))
-    return {"condition": coarse, "real": float(norm["log_scale"]) * x[rows] + float(norm["log_mean"]),
-            "samples": float(norm["log_scale"]) * samples[rows, :GALLERY_SAMPLES] + float(norm["log_mean"]),
-            "lonlat_deg": np.asarray(centres)[rows]}
+    coarse_fine = up(torch.from_numpy(np.asarray(coarse, dtype=np.float64))[:, None])[:, 0].numpy()
+    real = float(norm["log_scale"]) * x[rows] + float(norm["log_mean"])
+    drawn = float(norm["log_scale"]) * samples[rows, :GALLERY_SAMPLES] + float(norm["log_mean"])
+    return {"condition": coarse, "real": real, "samples": drawn, "full_real": coarse_fine + real,
+            "full_samples": coarse_fine[:, None] + drawn, "lonlat_deg": np.asarray(centres)[rows]}

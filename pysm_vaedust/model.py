@@ -183,6 +183,24 @@ def noise_gain_features(c: torch.Tensor) -> torch.Tensor:
     return torch.stack([level, torch.log(laplacian.flatten(1).std(1) + 1e-6)], 1)
 
 
+class PatchCritic(nn.Module):
+    """Adversarial critic of small scales given their condition (training only: the VAE-GAN
+    term of `train.adversarial_term`): D(x (B, 1, n, n), c (B, 2, n/2, n/2)) -> (B,) scores,
+    the mean of a patch map at n/8 (receptive field ~46 px) of spectrally normalised
+    convolutions (LeakyReLU 0.2) of [x, c upsampled to n]."""
+
+    def __init__(self, widths: tuple = (16, 32, 64, 64)):
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        layers = [sn(conv(1 + CONDITION_CHANNELS, widths[0])), nn.LeakyReLU(0.2)]
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            layers += [sn(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
+        self.net = nn.Sequential(*layers, sn(conv(widths[-1], 1)))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x, up(c)], 1)).mean(dim=(1, 2, 3))
+
+
 class ConditionalVAE(nn.Module):
     """p(x | eps, c) p(eps) with the top-down hierarchical latent described in the module doc."""
 

@@ -27,7 +27,7 @@ from .cutouts import (PatchGeometry, condition_input, cut_patches, flat_small_sc
 from .data import (DustMap, NGP_PIXEL_ARCMIN, atomic_write, file_digest, fit_dust_law, load_dust_map, load_ngp_image,
                    masked_spectrum, shared_data_dir)
 from .iris import analysis_mask, iris_mosaic, subtract_zero_level
-from .model import ConditionalVAE, VAEConfig, noise_gain_features, radial_bins
+from .model import ConditionalVAE, PatchCritic, VAEConfig, noise_gain_features, radial_bins
 from .statistics import default_ell_edges, flat_power_spectrum
 from .template import default_template_path, read_template
 from .tiling import box_transfer, gaussian_transfer
@@ -71,6 +71,7 @@ class TrainConfig:
     beta: float = 1.0               # KL weight of the ELBO
     free_bits: float = 0.05         # nats per latent dimension each group may use for free
     stats_weight: float = 0.0       # weight of the sample-statistics term (model.texture_statistics; 0 = plain ELBO)
+    adversarial_weight: float = 0.0  # VAE-GAN: a conditional patch critic's loss on prior samples, weighted relative to the reconstruction (adversarial_term; 0 = none)
     calibrate_noise: bool = False   # after training, moment-match the decoder noise to the data's dust per patch brightness (calibrate_decoder_noise)
     decoder_noise: str = "learned"  # "learned": per-bin noise trained with the ELBO; "floor": fixed at the data's noise + CIB floor (fix_noise_at_floor)
     condition_dropout: float = 0.0  # share of training patches whose condition's structure channel is zeroed (a flat template: the model learns it too)
@@ -529,6 +530,33 @@ def handover_coherence(model: ConditionalVAE, data: tuple, seed: int, fwhm_pix: 
             "n_draws": n_draws}
 
 
+#: Adam settings of the patch critic (the usual ones of hinge-loss GANs)
+CRITIC_LR, CRITIC_BETAS = 2e-4, (0.5, 0.9)
+
+
+def adversarial_term(model: ConditionalVAE, critic: PatchCritic, critic_optimiser, x: torch.Tensor, c: torch.Tensor,
+                     recon: torch.Tensor, weight: float, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """One critic step and the VAE's adversarial loss (VAE-GAN, hinge losses) on a batch.
+    The critic learns to score real (x, c) above conditional samples (prior latents + decoder
+    noise) given the same c; the returned loss (scalar, nats) is lambda * (-mean critic score of
+    fresh samples), lambda = weight * |d recon / d w| / |d score / d w| at the decoder's output
+    layer w (the adaptive weight of Esser et al. 2021: the critic's pull stays a fixed share of
+    the reconstruction's, whatever either's scale). Also returns {critic, adversarial, lambda}."""
+    fake = model.sample(c, generator)
+    critic.requires_grad_(True)
+    critic_loss = torch.relu(1 - critic(x, c)).mean() + torch.relu(1 + critic(fake.detach(), c)).mean()
+    critic_optimiser.zero_grad()
+    critic_loss.backward()
+    critic_optimiser.step()
+    critic.requires_grad_(False)
+    generator_loss = -critic(fake, c).mean()
+    w = model.out.weight
+    pull_recon = torch.autograd.grad(recon, w, retain_graph=True)[0].norm()
+    pull_critic = torch.autograd.grad(generator_loss, w, retain_graph=True)[0].norm()
+    lam = (weight * pull_recon / (pull_critic + 1e-8)).clamp(max=1e4).detach()
+    return lam * generator_loss, {"critic": critic_loss.detach(), "adversarial": generator_loss.detach(), "lambda": lam}
+
+
 def _epoch_generator(seed: int, epoch: int, device) -> tuple[torch.Generator, torch.Generator]:
     """Shuffling/augmentation generator (CPU) and noise generator (model device) of one epoch."""
     cpu = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -558,6 +586,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                              "so that the patch selection measures the map's effective beam and floor")
         fix_noise_at_floor(model, info["noise_floor"], info["normalisation"], PatchGeometry(cfg.npix, cfg.size_deg).pixel_size_deg)
     optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    critic = PatchCritic().to(device) if cfg.adversarial_weight > 0 else None
+    critic_optimiser = (None if critic is None else
+                        torch.optim.Adam(critic.parameters(), lr=CRITIC_LR, betas=CRITIC_BETAS))
     ckpt_dir = Path(cfg.checkpoint_dir)
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     start_epoch, best_val, history = 0, math.inf, []
@@ -571,6 +602,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             raise ValueError(f"--resume: {str(last_path)!r} was written with different {changed}")
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
+        if critic is not None:
+            critic.load_state_dict(state["critic"])
+            critic_optimiser.load_state_dict(state["critic_optimiser"])
         start_epoch, best_val, history = state["epoch"], state["best_val"], state["history"]
     x_train, c_train = sets["train"]
     n_batches = math.ceil(len(x_train) / cfg.batch_size)
@@ -592,28 +626,42 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             for group in optimiser.param_groups:
                 group["lr"] = learning_rate(cfg, epoch, b / n_batches)
             terms = model.elbo_terms(x, c, beta, cfg.free_bits, cfg.stats_weight, noise_gen)
+            loss = terms["loss"]
+            if critic is not None and epoch >= cfg.kl_warmup_epochs:   # the critic joins once the KL is at full weight
+                adversarial, parts = adversarial_term(model, critic, critic_optimiser, x, c, terms["recon"],
+                                                      cfg.adversarial_weight, noise_gen)
+                loss = loss + adversarial
+                terms.update(parts)
             optimiser.zero_grad()
-            terms["loss"].backward()
+            loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimiser.step()
-            for key in ("loss", "recon", "kl", "stats"):
+            for key in ("loss", "recon", "kl", "stats", "critic", "adversarial", "lambda"):
+                if key not in terms:
+                    continue
                 value = terms[key].item()
                 running[key] = 0.9 * running.get(key, value) + 0.1 * value
             bar.set_postfix(elbo=f"{-running['loss']:.1f}", recon=f"{running['recon']:.1f}",
                             kl=f"{running['kl']:.1f}")
         val = evaluate(model, sets["val"], cfg.beta, cfg.stats_weight, seed=cfg.seed)
         history.append({"epoch": epoch + 1, "train_loss": running["loss"], "seconds": time.time() - start_time,
+                        **{f"train_{k}": running[k] for k in ("critic", "adversarial", "lambda") if k in running},
                         "kl_per_group": terms["kl_per_group"].tolist(), **{f"val_{k}": v for k, v in val.items()}})
         if progress:
             print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {running['loss']:.1f} (stats {running['stats']:.2f})  "
                   f"val -ELBO {val['recon'] + val['kl']:.1f} (stats {val['stats']:.2f}, recon {val['recon']:.1f}, KL {val['kl']:.1f}, mse {val['mse']:.4f}; KL per "
-                  f"group {[round(v) for v in terms['kl_per_group'].tolist()]})", file=sys.stderr)
-        if val["loss"] < best_val:
+                  f"group {[round(v) for v in terms['kl_per_group'].tolist()]})"
+                  + (f"; critic {running['critic']:.3f}, adversarial {running['adversarial']:.3f} x {running['lambda']:.1f}"
+                     if "critic" in running else ""), file=sys.stderr)
+        # with the critic the last epoch is kept: the validation ELBO does not measure what it adds
+        if val["loss"] < best_val or critic is not None:
             best_val = val["loss"]
             atomic_write(best_path, lambda tmp: torch.save({"model": model.state_dict(), "epoch": epoch + 1}, tmp))
         state = {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "epoch": epoch + 1,
-                 "best_val": best_val, "history": history, "config": cfg.to_dict()}
+                 "best_val": best_val, "history": history, "config": cfg.to_dict(),
+                 **({} if critic is None else {"critic": critic.state_dict(),
+                                               "critic_optimiser": critic_optimiser.state_dict()})}
         atomic_write(last_path, lambda tmp: torch.save(state, tmp))
     best = torch.load(best_path, map_location=device, weights_only=False)
     model.load_state_dict(best["model"])

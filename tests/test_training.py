@@ -10,9 +10,10 @@ from scipy import ndimage
 import torch
 
 from pysm_vaedust.cutouts import condition_input, random_dihedral
-from pysm_vaedust.model import (ConditionalVAE, VAEConfig, gaussian_kl, texture_pairs, texture_statistics,
-                                wavelet_filters)
-from pysm_vaedust.train import TrainConfig, build_datasets, evaluate, main, train, vae_config_of
+from pysm_vaedust.model import (ConditionalVAE, PatchCritic, VAEConfig, gaussian_kl, texture_pairs,
+                                texture_statistics, wavelet_filters)
+from pysm_vaedust.train import (CRITIC_BETAS, CRITIC_LR, TrainConfig, adversarial_term, build_datasets, evaluate, main,
+                                train, vae_config_of)
 from pysm_vaedust.weights import load_weights, read_weights_file
 
 from conftest import TINY
@@ -50,10 +51,13 @@ def test_training_lowers_the_loss_and_conditions_the_samples(tmp_path, data_dir)
     assert shares["condition"] > 0  # the conditional mean changes with c
 
 
-def test_resume_after_interruption_gives_identical_weights(tmp_path, data_dir, monkeypatch):
+@pytest.mark.parametrize("changes", [{}, {"adversarial_weight": 0.5, "kl_warmup_epochs": 0}],
+                         ids=["elbo", "with_critic"])
+def test_resume_after_interruption_gives_identical_weights(tmp_path, data_dir, monkeypatch, changes):
+    """With the critic (in play from epoch 1) its state and optimiser resume with the VAE's."""
     import pysm_vaedust.train as train_module
 
-    straight = tiny_config(tmp_path / "a", epochs=2)
+    straight = tiny_config(tmp_path / "a", epochs=2, **changes)
     path_a = train(straight, progress=False)
     calls = {"n": 0}
     evaluate_once = train_module.evaluate
@@ -66,9 +70,9 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path, data_dir, m
 
     monkeypatch.setattr(train_module, "evaluate", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(tmp_path / "b", epochs=2), progress=False)
+        train(tiny_config(tmp_path / "b", epochs=2, **changes), progress=False)
     monkeypatch.setattr(train_module, "evaluate", evaluate_once)
-    path_b = train(tiny_config(tmp_path / "b", epochs=2), resume=True, progress=False)
+    path_b = train(tiny_config(tmp_path / "b", epochs=2, **changes), resume=True, progress=False)
     _, tensors_a = read_weights_file(path_a)
     _, tensors_b = read_weights_file(path_b)
     assert tensors_a.keys() == tensors_b.keys()
@@ -396,3 +400,40 @@ def test_condition_dropout_trains_on_flat_conditions_reproducibly(tmp_path, data
     assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
     with pytest.raises(ValueError, match="condition_dropout"):
         TrainConfig(condition_dropout=1.0)
+
+
+def test_adversarial_term_trains_the_critic_and_scales_its_pull():
+    """adversarial_term: each call is one hinge-loss step of the critic, which learns to score real
+    line patterns above the model's samples; the VAE's loss is lambda times minus the critic's
+    score of the samples, lambda = weight x the ratio of the reconstruction's and the critic's
+    gradient norms at the decoder's output layer."""
+    model = small_model().float()
+    torch.manual_seed(1)
+    critic = PatchCritic(widths=(4, 8, 8))
+    optimiser = torch.optim.Adam(critic.parameters(), lr=10 * CRITIC_LR, betas=CRITIC_BETAS)
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.arange(16.0)
+    x = torch.sin(rows[:, None] * torch.linspace(0.5, 2.5, 8)[:, None, None, None]).expand(8, 1, 16, 16) * 2.0
+    x = x.transpose(-1, -2).contiguous()   # stripes: no Gaussian field looks like them
+    c = torch.randn(8, 2, 8, 8, generator=generator)
+
+    def gap():
+        with torch.no_grad():
+            return float(critic(x, c).mean() - critic(model.sample(c, generator), c).mean())
+
+    before = gap()
+    for _ in range(20):
+        recon = model.neg_log_likelihood(x, model.decode(torch.zeros(8, model.latent_dim), c), c).mean()
+        loss, parts = adversarial_term(model, critic, optimiser, x, c, recon, 0.3, generator)
+    assert gap() > before + 0.5
+    assert torch.allclose(loss, parts["lambda"] * parts["adversarial"])
+    w = model.out.weight
+    recon = model.neg_log_likelihood(x, model.decode(torch.zeros(8, model.latent_dim), c), c).mean()
+    state = generator.get_state()
+    _, parts = adversarial_term(model, critic, optimiser, x, c, recon, 0.3, generator)
+    generator.set_state(state)
+    fake = model.sample(c, generator)   # the same draw, scored by the critic after its step
+    critic.eval()                        # (no further power iteration of the spectral norms)
+    pull_critic = torch.autograd.grad(-critic(fake, c).mean(), w)[0].norm()
+    pull_recon = torch.autograd.grad(recon, w)[0].norm()
+    assert float(parts["lambda"]) == pytest.approx(0.3 * float(pull_recon / pull_critic), rel=1e-4)

@@ -10,7 +10,7 @@ import torch
 from pysm_vaedust.fidelity import (RATIO_RANGE, band_powers, conditional_structure, first_crossing, fraction_explained,
                                    gaussian_baseline, gaussian_power_2d, own_spectrum_gaussian, per_patch_moments,
                                    ratio_summary, resolved_bands, windowed_modes)
-from pysm_vaedust.figures import FIGURE_NAMES
+from pysm_vaedust.figures import FIGURE_NAMES, GALLERY_ROWS, GALLERY_SAMPLES, gallery_images
 from pysm_vaedust.statistics import default_ell_edges, flat_power_spectrum
 from pysm_vaedust.train import TrainConfig, build_datasets, load_training_map
 from pysm_vaedust.validate import main, split_patches, summary
@@ -210,6 +210,28 @@ def test_small_helpers():
     assert resolved_bands(((300, 600), (600, 1200), (1200, 2000)), 64, 7.5 / 60) == [(300.0, 600.0), (600.0, 1200.0)]
     s = ratio_summary(np.array([[0.5, 1.0], [1.0, 1.0], [1.3, 2.0], [1.5, 1.0]]))
     assert np.allclose(s["median_ratio"], [1.15, 1.0]) and np.allclose(s["fraction_in_range"], [0.5, 0.75])
+
+
+def test_gallery_full_ln_i_is_the_condition_on_the_patch_grid_plus_the_small_scales():
+    """A condition that is a plane in ln I comes out on the patch's pixels as the same plane
+    (bilinear is exact on it away from the edge); the full images add the small scales in ln I."""
+    rng = np.random.default_rng(0)
+    n, count = 16, 12
+    norm = {"coarse_scale": 0.2, "level_scale": 0.5, "level_mean": 1.4, "log_scale": 0.05, "log_mean": 0.01}
+    fine = np.arange(n) + 0.5                      # patch pixel centres; the condition's are 2 x 2 of them
+    coarse_centres = 2 * np.arange(n // 2) + 1.0
+    c = np.zeros((count, 2, n // 2, n // 2))
+    c[:, 0] = 0.03 * coarse_centres[None, :, None] - 0.02 * coarse_centres[None, None, :]
+    c[:, 1] = np.linspace(-1, 1, count)[:, None, None]
+    x, samples = rng.normal(size=(count, n, n)), rng.normal(size=(count, 4, n, n))
+    g = gallery_images(x, c, samples, rng.uniform(size=(count, 2)), norm)
+    assert g["full_real"].shape == (GALLERY_ROWS, n, n) and g["full_samples"].shape == (GALLERY_ROWS, GALLERY_SAMPLES, n, n)
+    coarse = g["full_real"] - g["real"]
+    level = g["condition"].mean((-2, -1)) - norm["coarse_scale"] * c[0, 0].mean()
+    plane = norm["coarse_scale"] * (0.03 * fine[:, None] - 0.02 * fine[None, :])
+    inner = slice(1, -1)
+    assert np.allclose(coarse[:, inner, inner], level[:, None, None] + plane[inner, inner], atol=1e-12)
+    assert np.allclose(g["full_samples"] - g["samples"], coarse[:, None])
 
 
 def test_per_patch_moments_on_known_fields():
