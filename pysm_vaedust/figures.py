@@ -212,8 +212,10 @@ def make_figures(out: Path, m: dict, images: dict) -> list[str]:
 def gallery_images(x: np.ndarray, c: np.ndarray, samples: np.ndarray, centres, norm: dict) -> dict:
     """Images of GALLERY_ROWS patches x (N, n, n) at quantiles of brightness, brightest first:
     condition c (N, 2, n/2, n/2) as coarse ln I, real and sampled (N, D, n, n) small scales in ln I,
-    and both in full ln I: the coarse part on the patch's grid (`model.up`, bilinear: the
-    condition grid's pixels are the patch's, 2 x 2 together) plus the small scales."""
+    and both in full ln I, approximately: the coarse part on the patch's grid (`model.up`,
+    bilinear: the condition grid's pixels are the patch's, 2 x 2 together; the edge ring holds
+    the edge values) plus the small scales (which the cutouts took from the coarse part at the
+    patch's own pixels: the sum is the data's ln I up to that interpolation)."""
     brightness = c[:, 1, 0, 0]
     rows = np.argsort(brightness)[(np.linspace(0.1, 0.9, GALLERY_ROWS) * (len(c) - 1)).astype(int)][::-1]
     coarse = (c[rows, 0] * float(norm["coarse_scale"])

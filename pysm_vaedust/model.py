@@ -186,8 +186,8 @@ def noise_gain_features(c: torch.Tensor) -> torch.Tensor:
 class PatchCritic(nn.Module):
     """Adversarial critic of small scales given their condition (training only: the VAE-GAN
     term of `train.adversarial_term`): D(x (B, 1, n, n), c (B, 2, n/2, n/2)) -> (B,) scores,
-    the mean of a patch map at n/8 (receptive field ~46 px) of spectrally normalised
-    convolutions (LeakyReLU 0.2) of [x, c upsampled to n]."""
+    the mean of a patch map at n / 2^(len(widths) - 1) (receptive field ~40 px in x with the
+    default widths) of spectrally normalised convolutions (LeakyReLU 0.2) of [x, c upsampled to n]."""
 
     def __init__(self, widths: tuple = (16, 32, 64, 64)):
         super().__init__()

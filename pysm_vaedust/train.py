@@ -108,6 +108,8 @@ class TrainConfig:
             raise ValueError(f"condition_dropout={self.condition_dropout!r}: expected a share in [0, 1)")
         if self.decoder_noise == "floor" and self.calibrate_noise:
             raise ValueError("decoder_noise='floor' fixes the noise at the data's floor: calibrate_noise must be false")
+        if self.adversarial_weight < 0:
+            raise ValueError(f"adversarial_weight={self.adversarial_weight!r}: expected >= 0 (0 = no critic)")
 
     @classmethod
     def from_toml(cls, path, overrides: dict | None = None) -> "TrainConfig":
@@ -530,18 +532,23 @@ def handover_coherence(model: ConditionalVAE, data: tuple, seed: int, fwhm_pix: 
             "n_draws": n_draws}
 
 
-#: Adam settings of the patch critic (the usual ones of hinge-loss GANs)
-CRITIC_LR, CRITIC_BETAS = 2e-4, (0.5, 0.9)
+#: Adam settings of the patch critic (the usual ones of hinge-loss GANs); the cap of its adaptive weight
+CRITIC_LR, CRITIC_BETAS, LAMBDA_CAP = 2e-4, (0.5, 0.9), 1e4
 
 
 def adversarial_term(model: ConditionalVAE, critic: PatchCritic, critic_optimiser, x: torch.Tensor, c: torch.Tensor,
                      recon: torch.Tensor, weight: float, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """One critic step and the VAE's adversarial loss (VAE-GAN, hinge losses) on a batch.
-    The critic learns to score real (x, c) above conditional samples (prior latents + decoder
-    noise) given the same c; the returned loss (scalar, nats) is lambda * (-mean critic score of
-    fresh samples), lambda = weight * |d recon / d w| / |d score / d w| at the decoder's output
-    layer w (the adaptive weight of Esser et al. 2021: the critic's pull stays a fixed share of
-    the reconstruction's, whatever either's scale). Also returns {critic, adversarial, lambda}."""
+    """One critic step and the VAE's adversarial loss (VAE-GAN, hinge losses) on a batch x
+    (B, 1, n, n) with conditions c (B, 2, n/2, n/2); `recon`: the batch-mean reconstruction term
+    (scalar, nats per image). The critic learns to score real (x, c) above conditional samples
+    (prior latents + decoder noise) given the same c; the returned loss (scalar, added to the
+    nats of the ELBO) is lambda * (-mean critic score of those samples after the step), lambda =
+    weight * |d recon / d w| / |d score / d w| at the decoder's output layer w (the adaptive
+    weight of Esser et al. 2021: the critic's pull on w a fixed share of the reconstruction's,
+    whatever either's scale), capped at LAMBDA_CAP (reached while the critic is still at chance
+    and its gradient tiny). The critic also reaches the decoder-noise spectrum through the
+    samples, a path that bypasses w and that lambda does not measure. Also returns {critic,
+    adversarial, lambda}."""
     fake = model.sample(c, generator)
     critic.requires_grad_(True)
     critic_loss = torch.relu(1 - critic(x, c)).mean() + torch.relu(1 + critic(fake.detach(), c)).mean()
@@ -553,7 +560,7 @@ def adversarial_term(model: ConditionalVAE, critic: PatchCritic, critic_optimise
     w = model.out.weight
     pull_recon = torch.autograd.grad(recon, w, retain_graph=True)[0].norm()
     pull_critic = torch.autograd.grad(generator_loss, w, retain_graph=True)[0].norm()
-    lam = (weight * pull_recon / (pull_critic + 1e-8)).clamp(max=1e4).detach()
+    lam = (weight * pull_recon / (pull_critic + 1e-8)).clamp(max=LAMBDA_CAP).detach()
     return lam * generator_loss, {"critic": critic_loss.detach(), "adversarial": generator_loss.detach(), "lambda": lam}
 
 
@@ -572,6 +579,9 @@ def learning_rate(cfg: TrainConfig, epoch: int, step: float) -> float:
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) training and write the weights file; returns its path."""
+    if cfg.adversarial_weight > 0 and cfg.kl_warmup_epochs >= cfg.epochs:
+        raise ValueError(f"adversarial_weight={cfg.adversarial_weight}: the critic joins after the "
+                         f"{cfg.kl_warmup_epochs} KL warm-up epochs, and the run has {cfg.epochs}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -596,8 +606,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         if not last_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint {str(last_path)!r} to resume from")
         state = torch.load(last_path, map_location=device, weights_only=False)
+        defaults = TrainConfig().to_dict()   # keys added since the checkpoint was written: their defaults
         changed = sorted(k for k, v in cfg.to_dict().items()
-                         if k not in RESUMABLE_CHANGES and state["config"].get(k) != v)
+                         if k not in RESUMABLE_CHANGES and state["config"].get(k, defaults[k]) != v)
         if changed:
             raise ValueError(f"--resume: {str(last_path)!r} was written with different {changed}")
         model.load_state_dict(state["model"])
@@ -627,7 +638,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 group["lr"] = learning_rate(cfg, epoch, b / n_batches)
             terms = model.elbo_terms(x, c, beta, cfg.free_bits, cfg.stats_weight, noise_gen)
             loss = terms["loss"]
-            if critic is not None and epoch >= cfg.kl_warmup_epochs:   # the critic joins once the KL is at full weight
+            if critic is not None and epoch >= cfg.kl_warmup_epochs:   # the critic joins after the KL warm-up's epochs
                 adversarial, parts = adversarial_term(model, critic, critic_optimiser, x, c, terms["recon"],
                                                       cfg.adversarial_weight, noise_gen)
                 loss = loss + adversarial
@@ -676,6 +687,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         **info,
         "training_config": cfg.to_dict(),
         "metrics": {"best_epoch": best["epoch"], "best_val_loss": best_val,
+                    "epoch_kept": "last (the critic's)" if critic is not None else "lowest validation loss",
                     **{f"test_{k}": v for k, v in test.items()},
                     "test_power_shares": shares,
                     **({} if noise_report is None else {

@@ -73,6 +73,7 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path, data_dir, m
         train(tiny_config(tmp_path / "b", epochs=2, **changes), progress=False)
     monkeypatch.setattr(train_module, "evaluate", evaluate_once)
     path_b = train(tiny_config(tmp_path / "b", epochs=2, **changes), resume=True, progress=False)
+    assert ("train_critic" in load_weights(path_a).metadata["history"][0]) == bool(changes)   # the critic ran
     _, tensors_a = read_weights_file(path_a)
     _, tensors_b = read_weights_file(path_b)
     assert tensors_a.keys() == tensors_b.keys()
@@ -402,6 +403,29 @@ def test_condition_dropout_trains_on_flat_conditions_reproducibly(tmp_path, data
         TrainConfig(condition_dropout=1.0)
 
 
+def test_checkpoint_written_before_a_config_key_existed_resumes(tmp_path, data_dir):
+    """A key the checkpoint's config lacks counts as its default (the run that wrote it had it)."""
+    first = tiny_config(tmp_path, epochs=1)
+    train(first, progress=False)
+    last = tmp_path / "ckpt" / "last.pt"
+    state = torch.load(last, weights_only=False)
+    del state["config"]["adversarial_weight"]
+    torch.save(state, last)
+    weights = load_weights(train(tiny_config(tmp_path, epochs=2), resume=True, progress=False))
+    assert [h["epoch"] for h in weights.metadata["history"]] == [1, 2]
+    state["config"]["condition_dropout"] = 0.5          # a real difference is still refused
+    torch.save(state, last)
+    with pytest.raises(ValueError, match="condition_dropout"):
+        train(tiny_config(tmp_path, epochs=3), resume=True, progress=False)
+
+
+def test_adversarial_settings_that_cannot_run_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="adversarial_weight"):
+        TrainConfig(adversarial_weight=-0.1)
+    with pytest.raises(ValueError, match="critic joins after"):   # before any data is read
+        train(tiny_config(tmp_path, adversarial_weight=0.5, kl_warmup_epochs=2, epochs=2), progress=False)
+
+
 def test_adversarial_term_trains_the_critic_and_scales_its_pull():
     """adversarial_term: each call is one hinge-loss step of the critic, which learns to score real
     line patterns above the model's samples; the VAE's loss is lambda times minus the critic's
@@ -426,7 +450,14 @@ def test_adversarial_term_trains_the_critic_and_scales_its_pull():
         recon = model.neg_log_likelihood(x, model.decode(torch.zeros(8, model.latent_dim), c), c).mean()
         loss, parts = adversarial_term(model, critic, optimiser, x, c, recon, 0.3, generator)
     assert gap() > before + 0.5
-    assert torch.allclose(loss, parts["lambda"] * parts["adversarial"])
+    # the critic's step leaves no gradient in the VAE; the VAE's backward none in the (frozen) critic
+    assert all(p.grad is None for p in model.parameters())
+    critic_grads = [p.grad.clone() for p in critic.parameters()]
+    loss.backward()
+    assert all(not p.requires_grad for p in critic.parameters())
+    assert all(torch.equal(p.grad, g) for p, g in zip(critic.parameters(), critic_grads))
+    assert model.out.weight.grad is not None
+    model.zero_grad(set_to_none=True)
     w = model.out.weight
     recon = model.neg_log_likelihood(x, model.decode(torch.zeros(8, model.latent_dim), c), c).mean()
     state = generator.get_state()
