@@ -71,7 +71,7 @@ def make_figures(out: Path, m: dict, images: dict) -> list[str]:
 
     # the same patches in full ln I (condition + small scales), the view of a map: one colour scale per row
     ncol = 1 + GALLERY_SAMPLES
-    fig = Figure(figsize=(2.3 * ncol + 1, 2.3 * len(g["real"])), layout="constrained")
+    fig = Figure(figsize=(2.3 * ncol + 2, 2.3 * len(g["real"])), layout="constrained")   # room for the row labels
     axes = fig.subplots(len(g["real"]), ncol, squeeze=False)
     for row, ax_row in enumerate(axes):
         images_row = [g["full_real"][row], *g["full_samples"][row]]
