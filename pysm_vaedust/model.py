@@ -12,6 +12,11 @@ p(z_k | z_coarser, c) = N(mu_k, sigma_k^2) computed by the decoder from the cond
 coarser groups, and a posterior q(z_k | x, c, z_coarser) that corrects that prior with encoder
 features of x. The whitened latent eps_k = (z_k - mu_k) / sigma_k is what the outside sees:
 the prior in eps is N(0, I), so sampling, seeding per tile and MAP fits work on eps alone.
+With `latent_flow_layers` the prior of a group can be non-Gaussian and spatially coupled:
+z_k = mu_k + sigma_k g_k(eps_k), g_k an invertible flow of affine couplings on checkerboards
+conditioned on the decoder's features (`LatentFlow`: neighbouring latents shape each other, so
+the prior can draw elongated, coherent structure); eps_k = g_k^-1((z_k - mu_k) / sigma_k) is
+still N(0, I) under the prior, and the KL of such a group is a one-sample estimate.
 
 The decoder sees the condition at every scale (features of c added at each resolution) and is
 a plain convolutional network (SiLU, bilinear upsampling: no transpose convolutions and their
@@ -41,12 +46,15 @@ class VAEConfig:
 
     npix: patch pixels across; widths: feature channels at n, n/2, n/4, ... (one per scale);
     latent_channels: channels of the latent groups at n/2, n/4, ... (finest first, one per
-    scale below n; 0: no group at that scale); decoder_logvar_init: initial log noise variance per Fourier mode."""
+    scale below n; 0: no group at that scale); decoder_logvar_init: initial log noise variance per
+    Fourier mode; latent_flow_layers: affine couplings of each group's prior flow, finest first
+    (0: a Gaussian prior; empty: all Gaussian)."""
 
     npix: int = 64
     widths: tuple = (8, 16, 32, 64)
     latent_channels: tuple = (2, 4, 8)
     decoder_logvar_init: float = -2.0
+    latent_flow_layers: tuple = ()
 
     def __post_init__(self):
         self.widths = tuple(int(w) for w in self.widths)
@@ -57,6 +65,10 @@ class VAEConfig:
                 or max(self.latent_channels) < 1):
             raise ValueError(f"latent_channels={self.latent_channels}: expected {len(self.widths) - 1} counts >= 0, "
                              f"not all 0 (one per scale n/2 ... n/{2 ** (len(self.widths) - 1)}; 0 = no group)")
+        self.latent_flow_layers = tuple(int(n) for n in self.latent_flow_layers) or (0,) * len(self.latent_channels)
+        if len(self.latent_flow_layers) != len(self.latent_channels) or min(self.latent_flow_layers) < 0:
+            raise ValueError(f"latent_flow_layers={self.latent_flow_layers}: expected {len(self.latent_channels)} "
+                             "counts >= 0, one per latent group (0 = a Gaussian prior)")
         down = 2 ** (len(self.widths) - 1)
         if self.npix % down or self.npix < 2 * down:
             raise ValueError(f"npix={self.npix} must be a multiple of 2**(len(widths)-1)={down}, at least {2 * down}")
@@ -183,6 +195,50 @@ def noise_gain_features(c: torch.Tensor) -> torch.Tensor:
     return torch.stack([level, torch.log(laplacian.flatten(1).std(1) + 1e-6)], 1)
 
 
+class LatentFlow(nn.Module):
+    """Invertible map u = g(eps; h) of a latent group (B, C, s, s), conditioned on features h
+    (B, W, s, s): `layers` affine couplings, each rescaling and shifting the latents on one
+    colour of a checkerboard (alternating) by a two-layer convolution of the other colour's
+    latents and h. Starts as the identity (last convolutions zero)."""
+
+    def __init__(self, channels: int, width: int, layers: int):
+        super().__init__()
+        self.nets = nn.ModuleList([nn.Sequential(conv(channels + width, width), SiLU(), conv(width, 2 * channels))
+                                   for _ in range(layers)])
+        for net in self.nets:
+            nn.init.zeros_(net[-1].weight)
+            nn.init.zeros_(net[-1].bias)
+
+    @staticmethod
+    def _mask(layer: int, like: torch.Tensor) -> torch.Tensor:
+        """(s, s) 1 on the checkerboard colour layer `layer` reads (kept), 0 on the one it changes."""
+        i = torch.arange(like.shape[-1], device=like.device)
+        return ((i[:, None] + i[None, :] + layer) % 2).to(like.dtype)
+
+    def _coupling(self, layer: int, u: torch.Tensor, h: torch.Tensor):
+        """(kept mask, log scale, shift) of coupling `layer` at latents u."""
+        keep = self._mask(layer, u)
+        log_scale, shift = self.nets[layer](torch.cat([u * keep, h], 1)).chunk(2, 1)
+        return keep, torch.tanh(log_scale), shift
+
+    def forward(self, eps: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """u = g(eps; h), same shape as eps."""
+        u = eps
+        for layer in range(len(self.nets)):
+            keep, log_scale, shift = self._coupling(layer, u, h)
+            u = keep * u + (1 - keep) * (u * log_scale.exp() + shift)
+        return u
+
+    def inverse(self, u: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps = g^-1(u; h), elementwise log |d eps / d u| whose sum is the log Jacobian), each as u."""
+        eps, log_det = u, torch.zeros_like(u)
+        for layer in reversed(range(len(self.nets))):
+            keep, log_scale, shift = self._coupling(layer, eps, h)
+            eps = keep * eps + (1 - keep) * (eps - shift) * (-log_scale).exp()
+            log_det = log_det - (1 - keep) * log_scale
+        return eps, log_det
+
+
 class PatchCritic(nn.Module):
     """Adversarial critic of small scales given their condition (training only: the VAE-GAN
     term of `train.adversarial_term`): D(x (B, 1, n, n), c (B, 2, n/2, n/2)) -> (B,) scores,
@@ -223,6 +279,8 @@ class ConditionalVAE(nn.Module):
         self.prior_head = per_group(lambda width, c: conv(width, 2 * c))
         self.post_head = per_group(lambda width, c: conv(2 * width, 2 * c))
         self.latent_in = per_group(lambda width, c: conv(c, width))
+        self.prior_flow = nn.ModuleList([LatentFlow(c, w[k + 1], n) if c and n else nn.Identity()
+                                         for k, (c, n) in enumerate(zip(cfg.latent_channels, cfg.latent_flow_layers))])
         # residual blocks at n/2 and coarser only: at n they would cost a third of the decoding time
         self.dec_block = nn.ModuleList([ResBlock(w[s]) for s in range(1, n_scales)])
         self.dec_up = nn.ModuleList([conv(w[s + 1], w[s]) for s in range(n_scales - 1)])
@@ -280,10 +338,12 @@ class ConditionalVAE(nn.Module):
         """Run the decoder from the coarsest scale: each latent group is the prior's mean + sigma eps
         (eps given), or drawn from the posterior given encoder features `enc` (its mean if
         `use_mean`); `cond`: c's `condition_features` when already computed. Returns (decoded
-        mean (B, 1, n, n), [(mean_q, logvar_q, mean_p, logvar_p)] or None, whitened eps (B, latent_dim))."""
+        mean (B, 1, n, n), [per-element KL of each group (B, c_k, s_k, s_k), coarsest first] or None,
+        whitened eps (B, latent_dim)). The KL is analytic for a Gaussian prior, log q - log p at the
+        drawn z for a flow prior."""
         cond = self.condition_features(c) if cond is None else cond
         groups = None if eps is None else self.split(eps)
-        stats, whitened = [], {}
+        kl_maps, whitened = [], {}
         n_scales = len(self.config.widths)
         h = cond[-1]
         for s in range(n_scales - 1, -1, -1):
@@ -291,8 +351,9 @@ class ConditionalVAE(nn.Module):
             if k in self.config.latent_shapes:
                 mean_p, logvar_p = self.prior_head[k](h).chunk(2, 1)
                 logvar_p = logvar_p.clamp(-10.0, 4.0)
+                flow = self.prior_flow[k] if self.config.latent_flow_layers[k] else None
                 if enc is None:
-                    z = mean_p + (0.5 * logvar_p).exp() * groups[k]
+                    z = mean_p + (0.5 * logvar_p).exp() * (groups[k] if flow is None else flow(groups[k], h))
                     whitened[k] = groups[k]
                 else:
                     dm, dl = self.post_head[k](torch.cat([h, enc[s]], 1)).chunk(2, 1)
@@ -300,8 +361,13 @@ class ConditionalVAE(nn.Module):
                     noise = torch.zeros_like(mean_q) if use_mean else torch.randn(
                         mean_q.shape, generator=generator, device=mean_q.device)
                     z = mean_q + (0.5 * logvar_q).exp() * noise
-                    stats.append((mean_q, logvar_q, mean_p, logvar_p))
-                    whitened[k] = (z - mean_p) * (-0.5 * logvar_p).exp()
+                    u = (z - mean_p) * (-0.5 * logvar_p).exp()
+                    if flow is None:
+                        whitened[k] = u
+                        kl_maps.append(gaussian_kl(mean_q, logvar_q, mean_p, logvar_p))
+                    else:
+                        whitened[k], log_det = flow.inverse(u, h)
+                        kl_maps.append(0.5 * (whitened[k].square() - noise.square() + logvar_p - logvar_q) - log_det)
                 h = h + self.latent_in[k](z)
             if s > 0:
                 h = self.dec_block[s - 1](h)
@@ -309,7 +375,7 @@ class ConditionalVAE(nn.Module):
                 if cond[s - 1] is not None:
                     h = h + cond[s - 1]
         eps_out = torch.cat([whitened[k].flatten(1) for k in sorted(whitened)], 1)
-        return self.out(h), (stats if enc is not None else None), eps_out
+        return self.out(h), (kl_maps if enc is not None else None), eps_out
 
     # --- public API -------------------------------------------------------------------------
     def decode(self, eps: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -403,13 +469,13 @@ class ConditionalVAE(nn.Module):
         sample-statistics term, the squared difference of `texture_statistics` between one
         conditional sample (prior latents, decoder noise) and the real x of each c, summed over
         the statistics, for the first STATS_BATCH images (0: the plain negative ELBO)."""
-        mean, stats, _ = self._top_down(c, enc=self.encoder_features(x, c), generator=generator)
+        mean, kl_maps, _ = self._top_down(c, enc=self.encoder_features(x, c), generator=generator)
         recon = self.neg_log_likelihood(x, mean, c)
-        kl_groups = [gaussian_kl(*s).flatten(1).sum(1) for s in stats]
+        kl_groups = [m.flatten(1).sum(1) for m in kl_maps]
         kl = sum(kl_groups)
         penalised = 0.0
-        for kl_k, (mq, _, _, _) in zip(kl_groups, stats):
-            dims = mq[0].numel()
+        for kl_k, kl_map in zip(kl_groups, kl_maps):
+            dims = kl_map[0].numel()
             penalised = penalised + torch.clamp(kl_k.mean(), min=free_bits * dims)
         loss = recon.mean() + beta * penalised
         mismatch = torch.zeros((), device=x.device)

@@ -68,6 +68,7 @@ class TrainConfig:
     widths: list = field(default_factory=lambda: [8, 16, 32, 64])   # channels at n, n/2, n/4, n/8
     latent_channels: list = field(default_factory=lambda: [2, 4, 8])  # latent groups at n/2, n/4, n/8
     decoder_logvar_init: float = -2.0
+    latent_flow_layers: list = field(default_factory=list)  # affine couplings of each latent group's prior flow, finest first (model.LatentFlow; [] or 0 = Gaussian prior)
     beta: float = 1.0               # KL weight of the ELBO
     free_bits: float = 0.05         # nats per latent dimension each group may use for free
     stats_weight: float = 0.0       # weight of the sample-statistics term (model.texture_statistics; 0 = plain ELBO)
@@ -294,7 +295,7 @@ def cascade_slope(cfg: "TrainConfig", train_patches: np.ndarray, geometry: Patch
 
 def vae_config_of(cfg: TrainConfig) -> VAEConfig:
     return VAEConfig(npix=cfg.npix, widths=tuple(cfg.widths), latent_channels=tuple(cfg.latent_channels),
-                     decoder_logvar_init=cfg.decoder_logvar_init)
+                     decoder_logvar_init=cfg.decoder_logvar_init, latent_flow_layers=tuple(cfg.latent_flow_layers))
 
 
 def batches(data: tuple, batch_size: int, device):
