@@ -66,9 +66,10 @@ class VAEConfig:
             raise ValueError(f"latent_channels={self.latent_channels}: expected {len(self.widths) - 1} counts >= 0, "
                              f"not all 0 (one per scale n/2 ... n/{2 ** (len(self.widths) - 1)}; 0 = no group)")
         self.latent_flow_layers = tuple(int(n) for n in self.latent_flow_layers) or (0,) * len(self.latent_channels)
-        if len(self.latent_flow_layers) != len(self.latent_channels) or min(self.latent_flow_layers) < 0:
+        if (len(self.latent_flow_layers) != len(self.latent_channels) or min(self.latent_flow_layers) < 0
+                or any(n and not c for n, c in zip(self.latent_flow_layers, self.latent_channels))):
             raise ValueError(f"latent_flow_layers={self.latent_flow_layers}: expected {len(self.latent_channels)} "
-                             "counts >= 0, one per latent group (0 = a Gaussian prior)")
+                             "counts >= 0, one per latent group (0 = a Gaussian prior; 0 where latent_channels is 0)")
         down = 2 ** (len(self.widths) - 1)
         if self.npix % down or self.npix < 2 * down:
             raise ValueError(f"npix={self.npix} must be a multiple of 2**(len(widths)-1)={down}, at least {2 * down}")
@@ -89,7 +90,11 @@ class VAEConfig:
         return self.npix // 2
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields; latent_flow_layers only where a group has a flow (files without flows read as before)."""
+        out = asdict(self)
+        if not any(self.latent_flow_layers):
+            del out["latent_flow_layers"]
+        return out
 
 
 def conv(c_in: int, c_out: int, k: int = 3) -> nn.Conv2d:
@@ -338,9 +343,10 @@ class ConditionalVAE(nn.Module):
         """Run the decoder from the coarsest scale: each latent group is the prior's mean + sigma eps
         (eps given), or drawn from the posterior given encoder features `enc` (its mean if
         `use_mean`); `cond`: c's `condition_features` when already computed. Returns (decoded
-        mean (B, 1, n, n), [per-element KL of each group (B, c_k, s_k, s_k), coarsest first] or None,
-        whitened eps (B, latent_dim)). The KL is analytic for a Gaussian prior, log q - log p at the
-        drawn z for a flow prior."""
+        mean (B, 1, n, n), [per-element terms (B, c_k, s_k, s_k) whose sum is each group's KL, coarsest
+        first] or None, whitened eps (B, latent_dim)). The KL is analytic for a Gaussian prior and
+        log q - log p at the drawn z for a flow prior (a one-sample estimate; its elements alone mean
+        nothing, and with `use_mean` neither does the sum)."""
         cond = self.condition_features(c) if cond is None else cond
         groups = None if eps is None else self.split(eps)
         kl_maps, whitened = [], {}
@@ -351,7 +357,7 @@ class ConditionalVAE(nn.Module):
             if k in self.config.latent_shapes:
                 mean_p, logvar_p = self.prior_head[k](h).chunk(2, 1)
                 logvar_p = logvar_p.clamp(-10.0, 4.0)
-                flow = self.prior_flow[k] if self.config.latent_flow_layers[k] else None
+                flow = self.prior_flow[k] if isinstance(self.prior_flow[k], LatentFlow) else None
                 if enc is None:
                     z = mean_p + (0.5 * logvar_p).exp() * (groups[k] if flow is None else flow(groups[k], h))
                     whitened[k] = groups[k]
@@ -383,8 +389,9 @@ class ConditionalVAE(nn.Module):
         return self._top_down(c, eps=eps)[0]
 
     def decode_with_prediction(self, eps: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(decoder mean of eps, decoder mean at eps = 0: the prediction from c alone), each
-        (B, 1, n, n), the features of c computed once for both."""
+        """(decoder mean of eps, decoder mean at eps = 0: the prediction from c alone, the latents at
+        their prior means, or at g(0) of a group's flow), each (B, 1, n, n), the features of c
+        computed once for both."""
         cond = self.condition_features(c)
         return (self._top_down(c, eps=eps, cond=cond)[0],
                 self._top_down(c, eps=torch.zeros_like(eps), cond=cond)[0])
@@ -465,7 +472,8 @@ class ConditionalVAE(nn.Module):
         """Per-image means of the training loss and its parts (nats): dict(loss, recon, kl,
         kl_per_group (coarsest group first), mse, stats). `free_bits` (nats per latent dimension):
         each group's batch-mean KL per dimension below it costs free_bits instead (guards against
-        posterior collapse); the reported kl is the true one. `stats_weight`: weight of the
+        posterior collapse); the reported kl is the true one (for a group with a flow prior, its
+        one-sample estimate: free bits then compare a noisy batch mean with the floor). `stats_weight`: weight of the
         sample-statistics term, the squared difference of `texture_statistics` between one
         conditional sample (prior latents, decoder noise) and the real x of each c, summed over
         the statistics, for the first STATS_BATCH images (0: the plain negative ELBO)."""

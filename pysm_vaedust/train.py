@@ -111,6 +111,9 @@ class TrainConfig:
             raise ValueError("decoder_noise='floor' fixes the noise at the data's floor: calibrate_noise must be false")
         if self.adversarial_weight < 0:
             raise ValueError(f"adversarial_weight={self.adversarial_weight!r}: expected >= 0 (0 = no critic)")
+        if not any(self.latent_flow_layers):
+            self.latent_flow_layers = []   # all Gaussian priors, however written
+        vae_config_of(self)   # architecture errors before any data is read
 
     @classmethod
     def from_toml(cls, path, overrides: dict | None = None) -> "TrainConfig":

@@ -181,9 +181,10 @@ def test_latent_flow_inverts_and_its_log_jacobian_is_exact():
 
 
 def test_flow_prior_keeps_whitened_latents_and_its_kl_is_unbiased(tmp_path):
-    """With a flow on a group the whitened latents still round-trip (encode, decode); at the flow's
-    identity start its one-sample KL averages to the analytic KL of the same Gaussian model; the
-    architecture survives the weights file; bad flow settings are refused."""
+    """With a flow on a group the whitened latents still round-trip (encode, decode); the one-sample
+    KL is log q - log p: with the posterior equal to the prior's Gaussian part, E_q[exp(-KL)] =
+    integral of p = 1 for any flow (a wrong sign or scale of its log Jacobian misses by orders of
+    magnitude); the architecture survives the weights file; bad flow settings are refused."""
     model = small_model(seed=4, latent_flow_layers=(2, 0))
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(3, 1, 16, 16, generator=gen, dtype=torch.float64)
@@ -191,22 +192,31 @@ def test_flow_prior_keeps_whitened_latents_and_its_kl_is_unbiased(tmp_path):
     with torch.no_grad():
         mean, _, eps = model._top_down(c, enc=model.encoder_features(x, c), use_mean=True)
         assert torch.allclose(model.decode(eps, c), mean, atol=1e-10)
-        gaussian = small_model(seed=4)
-        identity = ConditionalVAE(VAEConfig(npix=16, widths=(4, 6, 8), latent_channels=(2, 3),
-                                            latent_flow_layers=(2, 0))).double()
-        identity.load_state_dict({**identity.state_dict(), **gaussian.state_dict()})  # flow at its zero start
-        analytic = float(gaussian.elbo_terms(x, c, generator=gen)["kl"])
-        draws = [float(identity.elbo_terms(x, c, generator=gen)["kl"]) for _ in range(400)]
-    assert abs(np.mean(draws) - analytic) < 4 * np.std(draws) / math.sqrt(len(draws))
-    path = save_weights(tmp_path / "flow.h5", {"vae": model},
-                        {"architecture": model.config.to_dict()})
+        for head in model.post_head:   # q = the prior's Gaussian part; the flow makes p differ from it
+            if isinstance(head, torch.nn.Conv2d):
+                head.weight.zero_()
+                head.bias.zero_()
+        draws = 4000
+        _, kl_maps, _ = model._top_down(c[:1].repeat(draws, 1, 1, 1), enc=[None if f is None else f.repeat(draws, 1, 1, 1)
+                                        for f in model.encoder_features(x[:1], c[:1])], generator=gen)
+        ratio = torch.exp(-sum(m.flatten(1).sum(1) for m in kl_maps))
+        assert float(kl_maps[0].abs().max()) < 1e-12   # the Gaussian group (coarsest first): q = p exactly
+    assert float(ratio.mean()) == pytest.approx(1.0, abs=4 * float(ratio.std()) / math.sqrt(draws))
+    assert float(ratio.std()) > 0.05   # the flow is far enough from the identity for the check to bite
+    path = save_weights(tmp_path / "flow.h5", {"vae": model}, {"architecture": model.config.to_dict()})
     again = load_weights(path)
     assert again.vae.config.latent_flow_layers == (2, 0)
     with torch.no_grad():
-        assert torch.allclose(again.vae.decode(eps.float(), c.float()).double(), mean, atol=1e-5)
+        assert torch.allclose(again.vae.decode(eps.float(), c.float()).double(), model.decode(eps, c), atol=1e-5)
+    assert "latent_flow_layers" not in small_model().config.to_dict()   # files without flows read as before
     for bad in ((2,), (-1, 0)):
         with pytest.raises(ValueError, match="latent_flow_layers"):
             VAEConfig(npix=16, widths=(4, 6, 8), latent_channels=(2, 3), latent_flow_layers=bad)
+    with pytest.raises(ValueError, match="latent_flow_layers"):
+        VAEConfig(npix=16, widths=(4, 6, 8), latent_channels=(0, 3), latent_flow_layers=(2, 0))
+    with pytest.raises(ValueError, match="latent_flow_layers"):   # refused before any data is read
+        tiny_config(tmp_path, latent_flow_layers=[1])
+    assert tiny_config(tmp_path, latent_flow_layers=[0, 0]).latent_flow_layers == []
 
 
 def test_elbo_kl_and_free_bits():
