@@ -51,6 +51,10 @@ TEMPLATE_WORK_NSIDE = 1024
 GNILC_FWHM_DEG = 21.8 / 60
 
 
+#: the most a scalar SED may scale the intensity, from the template's frequency to the pol
+#: template's, beyond (or below) what dust's default SED does: the polarization fraction is the pol
+#: template's P over this I (an SED 10^159 times brighter left Q, U at zero and no E spectrum to fit)
+MAX_SED_DEPARTURE = 1e3
 #: maps from this many pixels (nside 1024) collect cyclic garbage before allocating the output
 LARGE_MAP_PIXELS = 12 * 1024**2
 
@@ -247,10 +251,15 @@ class VAEDust(Model):
             if pol_fwhm < intensity_fwhm:
                 raise ValueError(f"pol_template_fwhm {pol_fwhm} deg is finer than the template's resolution "
                                  f"{intensity_fwhm} deg (template / template_fwhm): expected a coarser pol template")
-            intensity = np.exp(self.log_template + log_offset - log_offset_to_100um(pol_freq, *sed))
-            if not (np.all(np.isfinite(intensity)) and intensity.min() > 0):
-                raise ValueError(f"mbb_index={sed[1]!r} / mbb_temperature={sed[0]!r} scale the intensity to the pol "
-                                 f"template's {pol_freq} GHz beyond float64: expected dust-like values")
+            log_scaling = log_offset - log_offset_to_100um(pol_freq, *sed)
+            dust_like = log_offset_to_100um(self.freq_ref) - log_offset_to_100um(pol_freq)
+            if abs(log_scaling - dust_like) > np.log(MAX_SED_DEPARTURE):
+                raise ValueError(f"mbb_index={sed[1]!r} / mbb_temperature={sed[0]!r} scale the intensity from "
+                                 f"{self.freq_ref} GHz to the pol template's {pol_freq} GHz by "
+                                 f"{np.exp(log_scaling - dust_like):.3g} times what dust's (beta_d {BETA_DUST}, "
+                                 f"T_d {T_DUST_K} K) does: expected within 1/{MAX_SED_DEPARTURE:g} .. {MAX_SED_DEPARTURE:g} "
+                                 "(the polarization fraction is the template's P over this I)")
+            intensity = np.exp(self.log_template + log_scaling)
             self.pol_template = PolarizationTemplate(iqu, pol_fwhm, intensity, intensity_fwhm)
         self.renderer = Renderer(self.weights, log_offset, batch_size, fixed_latents, fixed_noise, start)
         self._check_fixed_tiles()

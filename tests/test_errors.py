@@ -19,7 +19,7 @@ import healpy as hp
 import numpy as np
 import pysm3.units as u
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import pysm_vaedust
@@ -161,6 +161,7 @@ def test_get_emission_on_random_input(dust, freqs, weights):
 @given(index=st.one_of(numbers, arrays.map(np.array)),
        temperature=st.one_of(numbers, st.floats(0.1, 1e4).map(lambda t: t * u.K)),
        freq=st.floats(1, 5000).map(lambda f: f * u.GHz))
+@example(index=-823, temperature=1.0, freq=1.0 * u.GHz)   # finite, but 1e159 x dust's I at the pol template
 def test_spectral_parameters_on_random_input(dust, index, temperature, freq):
     """The SED parameters only enter get_emission: the small scales of `dust` are reused."""
     try:
