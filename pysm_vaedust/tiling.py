@@ -1,8 +1,9 @@
 """Stage 6 — tiling and reprojection: patches of a fixed sphere tiling onto HEALPix pixels.
 
 A cascade level n tiles the whole sphere (poles included) with gnomonic patches centred on the
-pixels of a HEALPix grid of `tile_nside`; the patch side is 2.18 tile spacings, so patches
-overlap by about half. Each patch's latent is drawn from a counter-based generator keyed by
+pixels of a HEALPix grid of `tile_nside`; the patch side is 1.64 tile spacings, so a pixel lies
+in 2.7 patches on average (a pixel's most central patch reaches it at weight 0.53 at the median, 0.12
+at the 1 % point: `BASE_TILE_NSIDE`). Each patch's latent is drawn from a counter-based generator keyed by
 (seed, level, tile index): any subset of patches, in any order, gets the same latents.
 
 Reprojection: a decoded patch (n, n) is first resampled band-limited onto a grid UPSAMPLE times
@@ -31,8 +32,11 @@ from numba import njit, prange
 from .cutouts import PatchGeometry, tangent_basis
 from .healpix import RingBand, disc_capacity, disc_pixels, disc_runs, discs_pixels, ring_info, ring_pix2vec
 
-#: tile_nside of level 0 (3.66 deg spacing for 8 deg patches); level n uses BASE_TILE_NSIDE * factor.
-BASE_TILE_NSIDE = 16
+#: tile_nside of level 0 (4.89 deg spacing for 8 deg patches); level n uses BASE_TILE_NSIDE * factor.
+#: RING tilings need no power of two: 12 decodes 0.56x the patches of 16 (2.7 patches per pixel
+#: against 4.8) with the map's spectrum unchanged (benchmarks/map_vs_iris.py); 11 would leave
+#: pixels at the very edge of every patch (the largest weight reaching them 0.002)
+BASE_TILE_NSIDE = 12
 #: fine-grid points per patch pixel (per axis) of the reprojection's band-limited resampling
 UPSAMPLE = 2
 
