@@ -39,6 +39,10 @@ from .healpix import RingBand, disc_capacity, disc_pixels, disc_runs, discs_pixe
 BASE_TILE_NSIDE = 12
 #: fine-grid points per patch pixel (per axis) of the reprojection's band-limited resampling
 UPSAMPLE = 2
+#: kappa = frequency x the conditions' FWHM where the blend's shared band ends (`shared_band`):
+#: cycles per FWHM where the decoding at zero latents (the prediction from the condition) carries
+#: 0.90 / 0.13 of a decoded patch's power (level-0 tiles of the bundled template, shipped weights)
+SHARED_KAPPA = (0.55, 0.8)
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,16 @@ def band_limit(freq: np.ndarray, start: float) -> np.ndarray:
     return np.cos(0.5 * np.pi * t) ** 2
 
 
+def shared_band(freq: np.ndarray, fwhm: float) -> np.ndarray:
+    """What overlapping tiles share of a decoded patch, per axis at frequencies `freq` (cycles per
+    pixel) for conditions seen through a Gaussian of `fwhm` pixels: 1 at kappa = |freq| fwhm <
+    SHARED_KAPPA[0] (scales the tiles' common condition still holds, G >= 0.34), cos^2 down to 0
+    at SHARED_KAPPA[1] (G = 0.10) and beyond (what each tile's latents and noise draw)."""
+    start, stop = SHARED_KAPPA
+    t = np.clip((np.abs(np.asarray(freq, dtype=np.float64)) * fwhm - start) / (stop - start), 0.0, 1.0)
+    return np.cos(0.5 * np.pi * t) ** 2
+
+
 def handover_gain(freq: np.ndarray, fwhm: float, coherence: dict | None = None) -> np.ndarray:
     """What a cascade level keeps h of its field f where the next level, conditioned on f through a
     Gaussian G of `fwhm`, adds y: the root of E|h f + y|^2 = E|f|^2, h = -a + sqrt(a^2 + 1 - s),
@@ -127,7 +141,7 @@ def handover_gain(freq: np.ndarray, fwhm: float, coherence: dict | None = None) 
 def resampling_matrix(npix: int, window_fwhm_pix: float = 0.0, window_box: int = 1,
                       smoothing_fwhm_pix: float = 0.0, handover_fwhm_pix: float = 0.0,
                       upsample: int = UPSAMPLE, limit_cycles: float = np.inf,
-                      coherence: dict | None = None) -> np.ndarray:
+                      coherence: dict | None = None, shared_fwhm_pix: float = 0.0) -> np.ndarray:
     """The reprojection's 1-D resampling operator (upsample npix, npix), float64: a patch P
     (n, n) becomes R P R^T on the fine grid of upsample x upsample points per pixel (centres at
     (i + 0.5) / upsample - 0.5 in pixel units, the same extent).
@@ -138,15 +152,15 @@ def resampling_matrix(npix: int, window_fwhm_pix: float = 0.0, window_box: int =
     transfer sinc^2(f / upsample) of bilinear interpolation on the fine grid, and multiplies it
     by a Gaussian of `smoothing_fwhm_pix` (a coarser view of the patch; 0: none), by
     `handover_gain` of `handover_fwhm_pix` and `coherence` (what the level keeps beside the next;
-    0: all) and by
-    `band_limit` from `limit_cycles` (cycles per pixel: the band the output pixels can hold).
+    0: all), by `band_limit` from `limit_cycles` (cycles per pixel: the band the output pixels can
+    hold) and by `shared_band` of `shared_fwhm_pix` (the band overlapping tiles share; 0: all).
     With no window, no smoothing and upsample 1 it is the identity up to the bilinear compensation."""
     n = int(npix)
     k = np.arange(n)
     freq = k / (2 * n)  # cycles per pixel of the DCT-II modes
     box = box_transfer(freq, window_box)
     gain = (gaussian_transfer(freq, smoothing_fwhm_pix) * handover_gain(freq, handover_fwhm_pix, coherence)
-            * band_limit(freq, limit_cycles)
+            * band_limit(freq, limit_cycles) * (shared_band(freq, shared_fwhm_pix) if shared_fwhm_pix else 1.0)
             / (gaussian_transfer(freq, window_fwhm_pix) * box * np.sinc(freq / upsample) ** 2))
     analysis = np.cos(np.pi * np.outer(k, np.arange(n) + 0.5) / n) * np.where(k == 0, 1.0, 2.0)[:, None] / n
     fine = (np.arange(upsample * n) + 0.5) / upsample - 0.5

@@ -10,7 +10,8 @@ from pysm_vaedust import VAEDust
 from pysm_vaedust.cutouts import sample_patches
 from pysm_vaedust.healpix import RingBand
 from pysm_vaedust.renderer import Renderer
-from pysm_vaedust.tiling import gaussian_transfer, handover_gain, resampling_matrix, tile_centres
+from pysm_vaedust.tiling import SHARED_KAPPA, gaussian_transfer, handover_gain, resampling_matrix, shared_band, tile_centres
+from pysm_vaedust.weights import load_weights
 
 NSIDE = 512
 
@@ -66,10 +67,11 @@ def windowed_white(rng, count, n, fwhm_pix, box):
 
 def render(monkeypatch, decoded, **kwargs):
     """The small-scale field of VAEDust(nside=NSIDE, cascade=False) with `decoded(renderer,
-    level, ids)` -> (means, noise) each (B, n, n) in ln I in place of the model's decoding."""
+    level, ids)` -> (means, noise) each (B, n, n) in ln I in place of the model's decoding (the
+    means what the tiles share, as the decoded means at zero latents on this single level)."""
     def decode(self, level, conditions, normals, ids=None):
         means, noise = decoded(self, level, np.asarray(ids))
-        return torch.from_numpy(np.stack([means, noise]).astype(np.float32))
+        return torch.from_numpy(np.stack([means + noise, means]).astype(np.float32))
 
     monkeypatch.setattr(Renderer, "decode", decode)
     component = VAEDust(nside=NSIDE, seed=0, cascade=False, **kwargs)
@@ -155,18 +157,18 @@ def test_blend_sums_do_not_depend_on_threads_or_on_the_pixels_computed():
 def test_a_decoder_noise_fixed_at_the_floor_stays_out_of_the_map():
     """Weights trained with decoder_noise='floor' (the noise stands for IRIS's noise + CIB only):
     the renderer keeps the decoded means and leaves the noise out (the map carries dust only);
-    weights with a learned noise keep it. What tiles share (blended as a partition of unity) does
-    not depend on their latents or noise; what each draws on its own is 0 at zero latents and
-    zero noise normals; both equal the network's decodings (fixed latents included)."""
+    weights with a learned noise keep it. What the first level's tiles share (blended as a
+    partition of unity) does not depend on their latents or noise and equals the whole patch at
+    zero latents and zero noise normals; on a later level it is the decoded mean itself (its
+    shared band is cut in the resampling); all equal the network's decodings (fixed latents
+    included)."""
     import copy
 
-    from pysm_vaedust.weights import default_weights_path, load_weights
-
-    learned = load_weights(default_weights_path())
+    learned = load_weights()
     floor = copy.copy(learned)
     floor.metadata = copy.deepcopy(learned.metadata)
     floor.metadata["training_config"]["decoder_noise"] = "floor"
-    level = Renderer(learned).levels(256)[0]
+    level, later = Renderer(learned).levels(1024)
     rng = np.random.default_rng(0)
     n, d = learned.vae.config.npix, learned.vae.latent_dim
     conditions = rng.standard_normal((4, 2, n // 2, n // 2)).astype(np.float32)
@@ -175,24 +177,49 @@ def test_a_decoder_noise_fixed_at_the_floor_stays_out_of_the_map():
     other_noise[:, d:] = rng.standard_normal((4, n * n))
     with_noise, with_other_noise, without, without_other_noise = (
         Renderer(w).decode(level, conditions, x) for w in (learned, floor) for x in (normals, other_noise))
-    assert torch.equal(with_noise[0], without[0]) and torch.equal(with_noise[0], with_other_noise[0])
-    assert torch.equal(without[1], without_other_noise[1])                     # the floor noise stays out
-    assert float((with_noise[1] - with_other_noise[1]).abs().min()) > 0       # a learned noise is drawn
-    assert float((without[1]).abs().max()) > 0                                # the latents' own part
+    assert torch.equal(with_noise[1], without[1]) and torch.equal(with_noise[1], with_other_noise[1])
+    assert torch.equal(without[0], without_other_noise[0])                     # the floor noise stays out
+    assert float((with_noise[0] - with_other_noise[0]).abs().min()) > 0       # a learned noise is drawn
+    assert float((without[0] - without[1]).abs().max()) > 0                   # the latents' own part
     at_zero = Renderer(floor).decode(level, conditions, np.zeros_like(normals))
-    assert torch.equal(at_zero[0], without[0]) and float(at_zero[1].abs().max()) == 0.0
-    # the parts against the network itself: a (s mu(0, c) + m) and a s (mu(z, c) - mu(0, c) + noise),
-    # a tile with fixed latents decoded with them
+    assert torch.equal(at_zero[1], without[1]) and torch.equal(at_zero[0], at_zero[1])
+    # the parts against the network itself: a (s (mu(z, c) + noise) + m) and a (s mu(0, c) + m), a
+    # tile with fixed latents decoded with them; on the later level a (s mu(z, c) + m) second
     vae, norm = learned.vae, learned.metadata["normalisation"]
-    scale = level.amplitude * norm["log_scale"]
     fixed = rng.standard_normal(d).astype(np.float32)
-    parts = Renderer(learned, fixed_latents={level.index: {7: fixed}}).decode(level, conditions, normals,
-                                                                              np.array([3, 7, 8, 9]))
+    ids = np.array([3, 7, 8, 9])
+    parts = Renderer(learned, fixed_latents={level.index: {7: fixed}}).decode(level, conditions, normals, ids)
+    later_parts = Renderer(learned).decode(later, conditions, normals, ids)
     c = torch.from_numpy(conditions)
     z = torch.from_numpy(normals[:, :d]).clone()
-    z[1] = torch.from_numpy(fixed)
     with torch.no_grad():
+        later_mean = vae.decode(z, c)[:, 0]
+        z[1] = torch.from_numpy(fixed)
         mean, shared = vae.decode(z, c)[:, 0], vae.decode(torch.zeros_like(z), c)[:, 0]
         noise = vae.decoder_noise(torch.from_numpy(normals[:, d:]).reshape(-1, 1, n, n), c)[:, 0]
-    torch.testing.assert_close(parts[0], scale * shared + level.amplitude * norm["log_mean"], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(parts[1], scale * (mean - shared + noise), atol=1e-6, rtol=1e-5)
+    for lv, (patch, basis), mu, mu_shared in ((level, parts, mean, shared), (later, later_parts, later_mean, later_mean)):
+        scale, offset = lv.amplitude * norm["log_scale"], lv.amplitude * norm["log_mean"]
+        torch.testing.assert_close(patch, scale * (mu + noise) + offset, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(basis, scale * mu_shared + offset, atol=1e-6, rtol=1e-5)
+
+
+def test_later_levels_share_the_band_their_conditions_hold():
+    """`tiling.shared_band` is 1 below kappa = 0.55 cycles per conditioning FWHM and 0 above 0.8,
+    falling in between; a later level's shared resampling passes each DCT mode of a patch by that
+    band times the whole resampling's gain; the first level's is the whole resampling."""
+    fwhm, n = 4.0, 64
+    kappa = np.linspace(0, 1.2, 241)
+    band = shared_band(kappa / fwhm, fwhm)
+    assert np.all(band[kappa <= SHARED_KAPPA[0]] == 1) and np.all(band[kappa >= SHARED_KAPPA[1]] == 0)
+    assert np.all(np.diff(band) <= 0) and 0 < band[(kappa > 0.6) & (kappa < 0.75)].min() < 1
+    whole = resampling_matrix(n, 1.5, 2)
+    shared = resampling_matrix(n, 1.5, 2, shared_fwhm_pix=fwhm)
+    for k in (1, 8, 9, 11, 13, 30):
+        mode = np.cos(np.pi * k * (np.arange(n) + 0.5) / n)
+        np.testing.assert_allclose(shared @ mode, shared_band(k / (2 * n), fwhm) * (whole @ mode), atol=1e-9)
+    renderer = Renderer(load_weights())
+    first, later = renderer.levels(1024)
+    for lv, expected in ((first, False), (later, True)):
+        (w, s), = renderer.views(lv, 1024)
+        assert torch.equal(w.matrix, s.matrix) != expected
+
