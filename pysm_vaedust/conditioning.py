@@ -63,7 +63,7 @@ def forward_model(vae: ConditionalVAE, eps: torch.Tensor, c: torch.Tensor, level
     eps (P, D) whitened latents, c (P, 2, n/2, n/2) conditions, noise (P, n, n) decoder-noise
     patches (normalised units) of P tiles of `level`. Patches (P, n, n): the small scales in ln I,
     a (s (mu(eps, c) + noise) + m) (a the level's amplitude, s / m the normalisation's log_scale /
-    log_mean): the sum of the two parts `Renderer.decode` returns. With `fp` (`tiling.footprints(nside, level,
+    log_mean): the first part `Renderer.decode` returns (on the first level, which this fits). With `fp` (`tiling.footprints(nside, level,
     tile_ids, lookup)`, its patch k is row k of eps), `n_out` and `resampler` (the renderer's
     reprojection resampling, `Renderer.resampler`): resampled onto the fine grid and blended onto
     those pixels as the component does (`tiling.blend_torch`: a (s mu(0, c) + m) as a partition of

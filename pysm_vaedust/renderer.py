@@ -24,8 +24,9 @@ with the subset plus a halo of the patches touching it, not with the sky):
   decoded mean at zero latents (the prediction from the condition: a second decoding); on the
   later ones, conditioned on the field so far (which always holds the earlier levels' drawn
   structure), it is the band of the decoded patch where that prediction carries most of the
-  power (`tiling.shared_band`: 84-98 % below kappa = 0.55 and 1-16 % above 0.8 cycles per
-  conditioning FWHM on level-1 tiles of the bundled template, the least structured 5 % alike).
+  power (`tiling.shared_band`, per axis: 84-98 % below kappa = 0.55 and 1-16 % above 0.8 cycles
+  per conditioning FWHM in radial bins on level-1 tiles of the bundled template, the least
+  structured 5 % alike).
 
 The result, `Renderer.field`, is R + delta of `component`: ln I_nu_ref = ln T + R + delta.
 """
@@ -197,8 +198,8 @@ class Renderer:
                     bar=None):
         """One level's blended small scales at `pixels` of `nside` (None = all, a `RingBand`, or
         RING pixel indices), float32, conditioned on `coarse_map` (a map or `BandMap` holding
-        every pixel the touching tiles' condition grids read; the tiles' shared and own parts
-        (`decode`) blended by `tiling.blended`), and None; with
+        every pixel the touching tiles' condition grids read; what the tiles share of `decode`'s
+        parts (`views`) and the rest blended by `tiling.blended`), and None; with
         `next_fwhm_deg` (the next level's conditioning FWHM) instead what this level keeps beside
         the next one, and the next level's view of it (seen through that Gaussian). Both come
         from `resampler`. Only the batches of `batch_size` tiles that can reach the pixels are
