@@ -15,7 +15,7 @@ rest. The tiling is placed without regard to the sky, so any trend with the dist
 centre is a seam. The flat template is the condition the model sees when its training drops
 the condition (`condition_dropout`): no structure at all; the real sky is what users render.
 
-    python benchmarks/seams.py --nside 256 512 1024 2048 --seeds 0 1 2 3 --template flat default \
+    python benchmarks/seams.py --nside 256 1024 2048 --seeds 0 1 2 3 --template flat default \
         --json benchmarks/seams.json
 """
 
