@@ -148,8 +148,11 @@ class Renderer:
         the shared band on the later ones."""
         views = ([{}] if next_fwhm_deg is None else
                  [{"handover_fwhm_deg": next_fwhm_deg}, {"smooth_fwhm_deg": next_fwhm_deg}])
-        return [(self.resampler(level, nside, **view), self.resampler(level, nside, **view, shared=level.index > 0))
-                for view in views]
+        pairs = []
+        for view in views:
+            whole = self.resampler(level, nside, **view)
+            pairs.append((whole, self.resampler(level, nside, **view, shared=True) if shares_band(level) else whole))
+        return pairs
 
     def levels(self, nside: int, cascade: bool = True) -> list[CascadeLevel]:
         """The cascade levels for `nside` (only the first without the cascade)."""
@@ -183,10 +186,10 @@ class Renderer:
             z = eps[:, :d].clone()
             _replace_rows(z, self.fixed_latents.get(level.index), ids)
             c = c.contiguous(memory_format=torch.channels_last)
-            if level.index == 0:
-                mean, basis = (m.contiguous()[:, 0] for m in self.vae.decode_with_prediction(z, c))
-            else:
+            if shares_band(level):
                 mean = basis = self.vae.decode(z, c).contiguous()[:, 0]
+            else:
+                mean, basis = (m.contiguous()[:, 0] for m in self.vae.decode_with_prediction(z, c))
             noise = (torch.zeros_like(mean) if self.noise_is_floor else
                      self.vae.decoder_noise(eps[:, d:].reshape(-1, 1, n, n), c)[:, 0])
             _replace_rows(noise, self.fixed_noise.get(level.index), ids)
@@ -332,6 +335,13 @@ class Renderer:
         span = np.zeros(needed[-1] - needed[0] + 1, dtype=np.float32)
         span[needed - needed[0]] = self.level_field(level, work_nside, seed, needed, coarse_map, None, bar)[0]
         return interpolate_at_pixels(BandMap(span, work_nside, int(needed[0])), nside, pixels, np.float32)
+
+
+def shares_band(level: CascadeLevel) -> bool:
+    """Whether `level`'s tiles share a band of their one decoded patch (the levels after the
+    first, conditioned on the field so far) rather than a second decoding at zero latents (the
+    first, conditioned on the template alone; see the module doc's blend)."""
+    return level.index > 0
 
 
 def colatitude_range(nside: int, first_pixel: int, last_pixel: int) -> tuple[float, float]:
