@@ -445,29 +445,36 @@ def map2alm(values: np.ndarray, lmax: int, log: bool = False) -> np.ndarray:
     if isinstance(values, BandMap):
         raise TypeError("map2alm needs a full-sky map, not a BandMap")
     values, nside, _ = _band(values)
-    alm = None
-    for band in mirror_bands(nside, ANALYSIS_BAND_PIXELS):
-        pixels = np.concatenate([values[sky] for sky, _ in band_spans(band)], dtype=np.float64)
+    bands = mirror_bands(nside, ANALYSIS_BAND_PIXELS)
+    buffer = np.empty(max(sum(sky.stop - sky.start for sky, _ in band_spans(band)) for band in bands))
+    alm = part = None   # the sum, and each further band's transform (one buffer: memory written once)
+    for band in bands:
+        spans = band_spans(band)
+        pixels = buffer[:sum(sky.stop - sky.start for sky, _ in spans)]
+        np.concatenate([values[sky] for sky, _ in spans], out=pixels)
         if log:
             np.log(pixels, out=pixels)
-        part = ducc0.sht.adjoint_synthesis(map=pixels[None], lmax=int(lmax), spin=0, nthreads=0,
-                                           **_geometry(nside, band))[0]
-        del pixels
+        part = ducc0.sht.adjoint_synthesis(map=pixels[None], lmax=int(lmax), spin=0, nthreads=0, alm=part,
+                                           **_geometry(nside, band))
         if alm is None:
-            alm = part
+            alm, part = part, None
         else:
             alm += part
-        del part
+    del buffer, part
+    alm = alm[0]
     alm *= 4 * np.pi / values.size
     return alm
 
 
-def alm2map_spin(alms, nside: int, lmax: int, bands: tuple[RingBand, ...] | None = None) -> np.ndarray:
+def alm2map_spin(alms, nside: int, lmax: int, bands: tuple[RingBand, ...] | None = None,
+                 buffer: np.ndarray | None = None) -> np.ndarray:
     """healpy's `alm2map_spin(alms, nside, 2, lmax)`: (2, n) float64 Q, U of E, B alms (2, n_alm)
     on the whole sky (None) or at the pixels of `bands` (RingBands of `nside` in ring order, their
-    pixels one band after the other). Pass alms as one complex128 array: a list is copied."""
+    pixels one band after the other), written into the first 2 n of `buffer` (1-D float64) when
+    given. Pass alms as one complex128 array: a list is copied."""
     geometry = _geometry(nside, bands)
-    out = np.empty((2, int(np.sum(geometry["nphi"], dtype=np.int64))))
+    n = int(np.sum(geometry["nphi"], dtype=np.int64))
+    out = np.empty((2, n)) if buffer is None else buffer[:2 * n].reshape(2, n)
     return ducc0.sht.synthesis(alm=np.asarray(alms, dtype=np.complex128), lmax=int(lmax), spin=2, nthreads=0,
                                map=out, **geometry)
 

@@ -224,7 +224,9 @@ class PolarizationField:
                 order = np.argsort(pixels, kind="stable")
                 pixels = pixels[order]
         out = np.empty((2, npix if pixels is None else len(pixels)), dtype=dtype)
-        for band in self.bands():
+        bands = self.bands()
+        buffer = np.empty(2 * max(sum(rings.n_pixels for rings in band) for band in bands))  # reused by every band
+        for band in bands:
             # (where the band's pixels go in out, where they are in the band's synthesis)
             spans = band_spans(band)
             if pixels is not None:
@@ -233,7 +235,7 @@ class PolarizationField:
                          if into.stop > into.start]
             if not spans:
                 continue
-            w = alm2map_spin(self.alms, self.nside, self.lmax, band)
+            w = alm2map_spin(self.alms, self.nside, self.lmax, band, buffer)
             if saturate:
                 _saturate(w, P_MAX)
             for into, source in spans:

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from .checks import check_int
 from .cutouts import PatchGeometry, condition_input, oversampling, sample_patches
 from .healpix import BandMap, RingBand, interpolate_at_pixels, interpolation_pixels
-from .tiling import (CascadeLevel, PatchSet, Resampler, blended, cascade_levels, footprint_radius, patch_normals,
+from .tiling import (BlendWindow, CascadeLevel, PatchSet, Resampler, cascade_levels, footprint_radius, patch_normals,
                      resampling_matrix, tile_centres, tiles_near)
 from .weights import Weights
 
@@ -208,26 +208,36 @@ class Renderer:
         from `resampler`. Only the batches of `batch_size` tiles that can reach the pixels are
         decoded, in order; each batch whole (bit-reproducible whatever the pixels)."""
         pixels = RingBand.full(nside) if pixels is None else pixels
+        order = None
         if isinstance(pixels, RingBand):
             lookup, first, n_out = None, pixels.first_pixel, pixels.n_pixels
             theta_min, theta_max = pixels.colatitudes
         else:
             pixels = np.asarray(pixels, dtype=np.int64)
-            first, last, n_out = int(pixels.min()), int(pixels.max()), len(pixels)
-            lookup = None   # a sorted range of pixels (a chunk of whole rings) needs no lookup table
-            if n_out != last - first + 1 or np.any(pixels[1:] <= pixels[:-1]):
+            if np.any(pixels[1:] < pixels[:-1]):   # computed in RING order (the blend window's), then put back
+                order = np.argsort(pixels, kind="stable")
+                pixels = pixels[order]
+            first, last, n_out = int(pixels[0]), int(pixels[-1]), len(pixels)
+            lookup = None   # a range of pixels (a chunk of whole rings) needs no lookup table
+            if n_out != last - first + 1:
                 lookup = np.full(last - first + 1, -1, dtype=np.int64)
                 lookup[pixels - first] = np.arange(n_out)
             theta_min, theta_max = colatitude_range(nside, first, last)
         views = self.views(level, nside, next_fwhm_deg)
-        sums = np.zeros((2 * len(views) + 2, n_out), dtype=np.float32)
         near_start, near_stop = tiles_near(level, theta_min, theta_max)
         batches = range(near_start - near_start % self.batch_size, near_stop, self.batch_size)
         if bar is not None:
             bar.update(level.n_tiles - sum(min(self.batch_size, level.n_tiles - b) for b in batches))  # out of reach
-        for start in batches:
-            ids = np.arange(start, min(start + self.batch_size, level.n_tiles))
-            patches = PatchSet(nside, level, ids, lookup, first, n_out)
+        sets = [PatchSet(nside, level, np.arange(start, min(start + self.batch_size, level.n_tiles)), lookup,
+                         first, n_out) for start in batches]
+        reach = np.array([s.pixel_reach() for s in sets], dtype=np.int64).reshape(-1, 2)
+        reach = reach - first if lookup is None else np.searchsorted(pixels, reach)   # output positions
+        reach = np.clip(reach, 0, n_out)
+        reach[:, 0] = np.minimum.accumulate(reach[::-1, 0])[::-1]   # the lowest any later batch reaches
+        window = BlendWindow(np.empty((len(views), n_out), dtype=np.float32),
+                             2 * int(np.max(reach[:, 1] - reach[:, 0], initial=1)), f"cascade level {level.index}: ")
+        for patches, (lo, hi) in zip(sets, reach):
+            ids = patches.ids
             if len(patches.used):
                 # the whole batch of tile ids is decoded (the convolutions' numbers depend on the
                 # batch's size, not on the other rows' values): the tiles touching no pixel get
@@ -249,13 +259,14 @@ class Renderer:
                         common = shared(basis)
                         fields += [common, whole(patch) - common]
                     fields = torch.stack(fields).cpu().numpy()
-                patches.accumulate(fields, sums)
+                window.reserve(int(lo), int(hi))
+                window.add(patches, fields)
             if bar is not None:
                 bar.update(len(ids))
-        if np.any(sums[-2] <= 0):
-            raise RuntimeError(f"cascade level {level.index}: {int(np.sum(sums[-2] <= 0))} pixels "
-                               "not covered by any patch (tiling bug)")
-        return blended(sums, 0), (blended(sums, 1) if len(views) > 1 else None)
+        out = window.finish()
+        if order is not None:
+            out[:, order] = out.copy()
+        return out[0], (out[1] if len(views) > 1 else None)
 
     def bands(self, levels: list[CascadeLevel], nside: int, pixels: np.ndarray | None) -> list[RingBand]:
         """The pixels each level before the last computes, as bands of whole rings at its working

@@ -131,7 +131,7 @@ def test_blend_sums_do_not_depend_on_threads_or_on_the_pixels_computed():
     for n_parts in (1, 2, 3, 7):
         sums = np.zeros((6, hp.nside2npix(nside)), dtype=np.float32)
         _blend_kernel(nside, patches.basis, patches.radius, patches.half, patches.pix_rad, 0, patches.lookup,
-                      fields, sums, n_parts)
+                      patches.n_range, fields, sums, 0, n_parts)
         results.append(sums)
     for other in results[1:]:
         np.testing.assert_array_equal(results[0], other)
@@ -152,6 +152,46 @@ def test_blend_sums_do_not_depend_on_threads_or_on_the_pixels_computed():
     in_band.accumulate(fields, part)
     np.testing.assert_array_equal(part, results[0][:, band.pixels()])
     assert 0 < len(in_band.used) < len(ids)
+    window = np.zeros((6, 1000), dtype=np.float32)   # positions 20000 .. 20999 of the whole sky
+    patches.accumulate(fields, window, offset=20000)
+    np.testing.assert_array_equal(window, results[0][:, 20000:21000])
+
+
+def test_blend_window_slides_with_the_tiles_and_blends_as_the_whole_sums():
+    """Patches added in tile order on a window of a few rows of tiles give the blend of the
+    whole-sky sums bit for bit; a reservation beyond the window and a pixel no patch covers raise."""
+    from pysm_vaedust.cutouts import PatchGeometry
+    from pysm_vaedust.tiling import BlendWindow, PatchSet, _blended_kernel, cascade_levels
+
+    nside = 64
+    level = cascade_levels(nside, PatchGeometry(16, 8.0), 2.5)[0]
+    fields = np.random.default_rng(1).normal(size=(4, 32, 32, 32)).astype(np.float32)
+    sets = [PatchSet(nside, level, np.arange(start, min(start + 32, level.n_tiles)))
+            for start in range(0, level.n_tiles, 32)]
+    whole = np.zeros((6, hp.nside2npix(nside)), dtype=np.float32)
+    for patches in sets:
+        patches.accumulate(fields[:, :len(patches.ids)], whole)
+    expected = np.empty((2, whole.shape[1]), dtype=np.float32)
+    for view in range(2):
+        _blended_kernel(whole, view, expected[view])
+    reach = np.array([patches.pixel_reach() for patches in sets])
+    lowest = np.minimum.accumulate(reach[::-1, 0])[::-1]
+    span = int(np.max(reach[:, 1] - lowest))
+    assert span < whole.shape[1] // 2   # the window is a band of the sky, not all of it
+    window = BlendWindow(np.empty((2, whole.shape[1]), dtype=np.float32), span, "test: ")
+    for patches, lo, (_, hi) in zip(sets, lowest, reach):
+        window.reserve(int(lo), int(hi))
+        window.add(patches, fields[:, :len(patches.ids)])
+    assert window.start > 0   # it did slide
+    np.testing.assert_array_equal(window.finish(), expected)
+    narrow = BlendWindow(np.empty((2, whole.shape[1]), dtype=np.float32), 100, "test: ")
+    with pytest.raises(ValueError, match="do not fit a window of 100"):
+        narrow.reserve(0, 101)
+    partial = BlendWindow(np.empty((2, whole.shape[1]), dtype=np.float32), span, "test: ")
+    partial.reserve(*map(int, reach[0]))
+    partial.add(sets[0], fields)
+    with pytest.raises(RuntimeError, match="test: .* pixels not covered by any patch"):
+        partial.finish()
 
 
 def test_a_decoder_noise_fixed_at_the_floor_stays_out_of_the_map():
