@@ -57,6 +57,8 @@ GNILC_FWHM_DEG = 21.8 / 60
 MAX_SED_DEPARTURE = 1e3
 #: maps from this many pixels (nside 1024) collect cyclic garbage before allocating the output
 LARGE_MAP_PIXELS = 12 * 1024**2
+#: pixels per block of the reference map's exp(ln T + R + delta) (float64 within a block: 16 MB)
+RENDER_BLOCK = 1 << 21
 
 
 @dataclass(frozen=True, eq=False)
@@ -414,11 +416,15 @@ class VAEDust(Model):
     def _render(self, pixels) -> np.ndarray:
         """exp(ln T + R + delta) (float32: PySM's templates' precision) at `pixels` (None: all)."""
         small_scales = self.renderer.field(self.nside, self.seed, pixels, self.log_template, self.cascade,
-                                           self.progress)   # first: the renderer's peak without log_i beside it
-        log_i = interpolate_at_pixels(self.log_template, self.nside, pixels)
-        log_i += small_scales
-        del small_scales
-        return np.exp(log_i, out=log_i).astype(np.float32)
+                                           self.progress)
+        # in blocks, into small_scales itself: no full-sky float64 temporaries (2.4 GB at nside 4096)
+        for start in range(0, len(small_scales), RENDER_BLOCK):
+            stop = min(start + RENDER_BLOCK, len(small_scales))
+            block = np.arange(start, stop) if pixels is None else pixels[start:stop]
+            log_i = interpolate_at_pixels(self.log_template, self.nside, block)
+            log_i += small_scales[start:stop]
+            small_scales[start:stop] = np.exp(log_i, out=log_i)
+        return small_scales
 
     def compute_full_sky(self, intensity: np.ndarray | None = None) -> FullSky:
         """The `FullSky` of this component's settings: the intensity at the reference frequency
