@@ -17,7 +17,8 @@ with the subset plus a halo of the patches touching it, not with the sky):
   (`tiling.resampling_matrix`) and tapered above l = 2 nside of the pixels it is sampled at
   (`BAND_LIMIT`), then sampled bilinearly at the HEALPix pixels of its footprint.
 - blend: what overlapping tiles share as a partition of unity, the rest of each decoded patch
-  (what its latents and decoder noise draw on their own) variance-preserving (`tiling.blended`).
+  (what its latents and decoder noise draw on their own) variance-preserving (`tiling.BlendWindow`:
+  the sums slide with the tiles in RING order, so no full-sky sums are held).
   Averaging the latents' part as a partition of unity would halve its variance where tiles
   overlap; preserving the variance of the shared part would inflate it. On the first level,
   conditioned on the template alone (which may hold no structure), the shared part is the
@@ -202,7 +203,7 @@ class Renderer:
         """One level's blended small scales at `pixels` of `nside` (None = all, a `RingBand`, or
         RING pixel indices), float32, conditioned on `coarse_map` (a map or `BandMap` holding
         every pixel the touching tiles' condition grids read; what the tiles share of `decode`'s
-        parts (`views`) and the rest blended by `tiling.blended`), and None; with
+        parts (`views`) and the rest blended by `tiling.BlendWindow`), and None; with
         `next_fwhm_deg` (the next level's conditioning FWHM) instead what this level keeps beside
         the next one, and the next level's view of it (seen through that Gaussian). Both come
         from `resampler`. Only the batches of `batch_size` tiles that can reach the pixels are
@@ -217,6 +218,8 @@ class Renderer:
             if np.any(pixels[1:] < pixels[:-1]):   # computed in RING order (the blend window's), then put back
                 order = np.argsort(pixels, kind="stable")
                 pixels = pixels[order]
+            if np.any(pixels[1:] == pixels[:-1]):
+                raise ValueError("pixels: duplicate pixel indices")
             first, last, n_out = int(pixels[0]), int(pixels[-1]), len(pixels)
             lookup = None   # a range of pixels (a chunk of whole rings) needs no lookup table
             if n_out != last - first + 1:
@@ -234,8 +237,8 @@ class Renderer:
         reach = reach - first if lookup is None else np.searchsorted(pixels, reach)   # output positions
         reach = np.clip(reach, 0, n_out)
         reach[:, 0] = np.minimum.accumulate(reach[::-1, 0])[::-1]   # the lowest any later batch reaches
-        window = BlendWindow(np.empty((len(views), n_out), dtype=np.float32),
-                             2 * int(np.max(reach[:, 1] - reach[:, 0], initial=1)), f"cascade level {level.index}: ")
+        window = BlendWindow(len(views), n_out, 2 * int(np.max(reach[:, 1] - reach[:, 0], initial=1)),
+                             f"cascade level {level.index}: ")
         for patches, (lo, hi) in zip(sets, reach):
             ids = patches.ids
             if len(patches.used):
@@ -265,7 +268,8 @@ class Renderer:
                 bar.update(len(ids))
         out = window.finish()
         if order is not None:
-            out[:, order] = out.copy()
+            for view in out:
+                view[order] = view.copy()
         return out[0], (out[1] if len(views) > 1 else None)
 
     def bands(self, levels: list[CascadeLevel], nside: int, pixels: np.ndarray | None) -> list[RingBand]:

@@ -15,7 +15,8 @@ position, weighted by w = c(x) c(y) with c(t) = cos^2(pi t / 2) over the half-wi
 blend what the overlapping patches share as sum(w m) / sum(w) and what each draws on its own as
 sum(w e) / sqrt(sum(w^2)) (independent: the variance stays uniform over the sky). The blend
 kernel walks each patch's disc ring by ring on all cores, threads owning whole rings, so every
-pixel adds its patches in their order whatever the threads or the pixels computed.
+pixel adds its patches in their order whatever the threads or the pixels computed; the sums live
+on a window of pixels that slides with the tiles (`BlendWindow`), not on the whole sky.
 """
 
 from __future__ import annotations
@@ -236,7 +237,7 @@ def _taper(t):
     c = _COS_PI_SERIES[9]
     for k in range(8, -1, -1):
         c = c * u + _COS_PI_SERIES[k]
-    return 0.5 * (1.0 + c)
+    return max(0.0, 0.5 * (1.0 + c))   # the series' -2e-9 at |t| = 1 must not make a weight negative
 
 
 @njit(cache=True, inline="always")
@@ -388,7 +389,8 @@ class PatchSet:
     def pixel_reach(self) -> tuple[int, int]:
         """(start, stop): a range of RING pixels holding every pixel the patches' discs reach."""
         theta = np.arctan2(np.hypot(self.basis[:, 0, 0], self.basis[:, 0, 1]), self.basis[:, 0, 2])
-        band = RingBand.covering(self.nside, float(theta.min()) - self.radius, float(theta.max()) + self.radius)
+        margin = self.radius + 1e-9   # beyond rounding: disc_runs computes the centres' colatitudes its own way
+        band = RingBand.covering(self.nside, float(theta.min()) - margin, float(theta.max()) + margin)
         return band.first_pixel, band.first_pixel + band.n_pixels
 
     def footprints(self) -> Footprints:
@@ -409,7 +411,7 @@ class PatchSet:
 
 
 class BlendWindow:
-    """The blend of a level's patches into `out` (V views, n_out positions), the patches added
+    """The blend of a level's patches into `n_views` float32 arrays of n_out positions, the patches added
     (`add`) in the RING order of their tiles on a window of positions that slides with them:
     `reserve(lo, hi)` before adding patches that reach positions lo .. hi - 1, lo at most the
     lowest any later patch reaches; when the window must move, the positions below lo are final
@@ -417,11 +419,11 @@ class BlendWindow:
     2 v + 1). What overlapping patches share (predicted from the same large scales: a partition of
     unity keeps it) and what each draws on its own (independent: variance-preserving weights).
     The sums (2 V + 2 rows) span `capacity` positions (a few rows of tiles), not n_out: at
-    nside 4096 ~0.3 GB instead of 4.8 GB of memory written once."""
+    nside 4096 ~0.35 GB instead of 4.8 GB of memory written once."""
 
-    def __init__(self, out: np.ndarray, capacity: int, label: str = ""):
-        self.out, self.label = out, label
-        self.sums = np.zeros((2 * out.shape[0] + 2, max(1, min(int(capacity), out.shape[1]))), dtype=np.float32)
+    def __init__(self, n_views: int, n_out: int, capacity: int, label: str = ""):
+        self.out, self.label = [np.empty(n_out, dtype=np.float32) for _ in range(n_views)], label
+        self.sums = np.zeros((2 * n_views + 2, max(1, min(int(capacity), n_out))), dtype=np.float32)
         self.start = 0     # the output position of column 0
         self.reached = 0   # columns that may hold sums
 
@@ -436,9 +438,10 @@ class BlendWindow:
         """Accumulate `fields` (2 V, P, U n, U n) of `patches` (reserved first)."""
         patches.accumulate(fields, self.sums, self.start)
 
-    def finish(self) -> np.ndarray:
-        """`out`, every position blended (each covered by some patch, or RuntimeError)."""
-        self._finish(self.out.shape[1] - self.start)
+    def finish(self) -> list[np.ndarray]:
+        """The views' blends (n_out,) each, every position blended (each covered by some patch, or
+        RuntimeError)."""
+        self._finish(len(self.out[0]) - self.start)
         return self.out
 
     def _finish(self, done: int) -> None:
@@ -448,8 +451,8 @@ class BlendWindow:
         uncovered = max(done - self.reached, 0) + int(np.count_nonzero(self.sums[-2, :min(done, self.reached)] <= 0))
         if uncovered:
             raise RuntimeError(f"{self.label}{uncovered} pixels not covered by any patch (tiling bug)")
-        for view in range(self.out.shape[0]):
-            _blended_kernel(self.sums[:, :done], view, self.out[view, self.start:self.start + done])
+        for view, out in enumerate(self.out):
+            _blended_kernel(self.sums[:, :done], view, out[self.start:self.start + done])
         live = self.reached - done
         self.sums[:, :live] = self.sums[:, done:self.reached]
         self.sums[:, live:self.reached] = 0.0

@@ -157,6 +157,13 @@ def test_blend_sums_do_not_depend_on_threads_or_on_the_pixels_computed():
     np.testing.assert_array_equal(window, results[0][:, 20000:21000])
 
 
+def test_duplicate_pixels_are_refused():
+    renderer = Renderer(load_weights())
+    level = renderer.levels(64)[0]
+    with pytest.raises(ValueError, match="duplicate pixel indices"):
+        renderer.level_field(level, 64, 0, np.array([9, 5, 5, 6]), np.zeros(hp.nside2npix(8)))
+
+
 def test_blend_window_slides_with_the_tiles_and_blends_as_the_whole_sums():
     """Patches added in tile order on a window of a few rows of tiles give the blend of the
     whole-sky sums bit for bit; a reservation beyond the window and a pixel no patch covers raise."""
@@ -178,16 +185,16 @@ def test_blend_window_slides_with_the_tiles_and_blends_as_the_whole_sums():
     lowest = np.minimum.accumulate(reach[::-1, 0])[::-1]
     span = int(np.max(reach[:, 1] - lowest))
     assert span < whole.shape[1] // 2   # the window is a band of the sky, not all of it
-    window = BlendWindow(np.empty((2, whole.shape[1]), dtype=np.float32), span, "test: ")
+    window = BlendWindow(2, whole.shape[1], span, "test: ")
     for patches, lo, (_, hi) in zip(sets, lowest, reach):
         window.reserve(int(lo), int(hi))
         window.add(patches, fields[:, :len(patches.ids)])
     assert window.start > 0   # it did slide
-    np.testing.assert_array_equal(window.finish(), expected)
-    narrow = BlendWindow(np.empty((2, whole.shape[1]), dtype=np.float32), 100, "test: ")
+    np.testing.assert_array_equal(np.stack(window.finish()), expected)
+    narrow = BlendWindow(2, whole.shape[1], 100, "test: ")
     with pytest.raises(ValueError, match="do not fit a window of 100"):
         narrow.reserve(0, 101)
-    partial = BlendWindow(np.empty((2, whole.shape[1]), dtype=np.float32), span, "test: ")
+    partial = BlendWindow(2, whole.shape[1], span, "test: ")
     partial.reserve(*map(int, reach[0]))
     partial.add(sets[0], fields)
     with pytest.raises(RuntimeError, match="test: .* pixels not covered by any patch"):
