@@ -446,12 +446,11 @@ def map2alm(values: np.ndarray, lmax: int, log: bool = False) -> np.ndarray:
         raise TypeError("map2alm needs a full-sky map, not a BandMap")
     values, nside, _ = _band(values)
     bands = mirror_bands(nside, ANALYSIS_BAND_PIXELS)
-    buffer = np.empty(max(sum(sky.stop - sky.start for sky, _ in band_spans(band)) for band in bands))
+    buffer = np.empty(max(band_size(band) for band in bands))
     alm = part = None   # the sum, and each further band's transform (one buffer: memory written once)
     for band in bands:
-        spans = band_spans(band)
-        pixels = buffer[:sum(sky.stop - sky.start for sky, _ in spans)]
-        np.concatenate([values[sky] for sky, _ in spans], out=pixels)
+        pixels = buffer[:band_size(band)]
+        np.concatenate([values[sky] for sky, _ in band_spans(band)], out=pixels)
         if log:
             np.log(pixels, out=pixels)
         part = ducc0.sht.adjoint_synthesis(map=pixels[None], lmax=int(lmax), spin=0, nthreads=0, alm=part,
@@ -477,6 +476,11 @@ def alm2map_spin(alms, nside: int, lmax: int, bands: tuple[RingBand, ...] | None
     out = np.empty((2, n)) if buffer is None else buffer[:2 * n].reshape(2, n)
     return ducc0.sht.synthesis(alm=np.asarray(alms, dtype=np.complex128), lmax=int(lmax), spin=2, nthreads=0,
                                map=out, **geometry)
+
+
+def band_size(band: tuple[RingBand, ...]) -> int:
+    """The number of pixels of a band of ranges of rings (`mirror_bands`)."""
+    return sum(rings.n_pixels for rings in band)
 
 
 def band_spans(band: tuple[RingBand, ...]) -> list[tuple[slice, slice]]:
@@ -515,6 +519,6 @@ def mirror_bands(nside: int, max_pixels: int) -> list[tuple[RingBand, ...]]:
     return bands
 
 
-__all__ = ["ANALYSIS_BAND_PIXELS", "BandMap", "RingBand", "alm2map_spin", "band_spans", "disc_capacity", "disc_pixels", "disc_runs", "discs_pixels",
+__all__ = ["ANALYSIS_BAND_PIXELS", "BandMap", "RingBand", "alm2map_spin", "band_size", "band_spans", "disc_capacity", "disc_pixels", "disc_runs", "discs_pixels",
            "interpolate_at_pixels", "interpolation_pixels",
            "interpolate_on_grids", "map2alm", "mirror_bands", "ring_info", "ring_pix2vec"]

@@ -43,7 +43,7 @@ from numba import njit, prange
 from . import __version__
 from .checks import check_pixel_indices
 from .data import atomic_write, file_digest, gaussian_beam, shared_data_dir, smoothstep
-from .healpix import alm2map_spin, band_spans, map2alm, mirror_bands
+from .healpix import alm2map_spin, band_size, band_spans, map2alm, mirror_bands
 
 POL_TEMPLATE_NAME = "pol_template_d1_353GHz_fwhm3.7deg_nside64.fits"
 #: beam of PySM d1's polarization template (Planck 2015 Commander, Thorne et al. 2017), deg
@@ -225,7 +225,7 @@ class PolarizationField:
                 pixels = pixels[order]
         out = np.empty((2, npix if pixels is None else len(pixels)), dtype=dtype)
         bands = self.bands()
-        buffer = np.empty(2 * max(sum(rings.n_pixels for rings in band) for band in bands))  # reused by every band
+        buffer = np.empty(2 * max(band_size(band) for band in bands))  # reused by every band
         for band in bands:
             # (where the band's pixels go in out, where they are in the band's synthesis)
             spans = band_spans(band)

@@ -235,11 +235,9 @@ class Renderer:
                          first, n_out) for start in batches]
         reach = np.array([s.pixel_reach() for s in sets], dtype=np.int64).reshape(-1, 2)
         reach = reach - first if lookup is None else np.searchsorted(pixels, reach)   # output positions
-        reach = np.clip(reach, 0, n_out)
-        reach[:, 0] = np.minimum.accumulate(reach[::-1, 0])[::-1]   # the lowest any later batch reaches
-        window = BlendWindow(len(views), n_out, 2 * int(np.max(reach[:, 1] - reach[:, 0], initial=1)),
-                             f"cascade level {level.index}: ")
-        for patches, (lo, hi) in zip(sets, reach):
+        bounds, widest = BlendWindow.bounds(np.clip(reach, 0, n_out))
+        window = BlendWindow(len(views), n_out, 2 * widest, f"cascade level {level.index}: ")
+        for patches, (lo, hi) in zip(sets, bounds):
             ids = patches.ids
             if len(patches.used):
                 # the whole batch of tile ids is decoded (the convolutions' numbers depend on the

@@ -427,6 +427,15 @@ class BlendWindow:
         self.start = 0     # the output position of column 0
         self.reached = 0   # columns that may hold sums
 
+    @staticmethod
+    def bounds(reach: np.ndarray) -> tuple[np.ndarray, int]:
+        """(the (lo, hi) to `reserve` for each batch, the widest of them) of batches of patches,
+        in the order they are added, reaching output positions reach (B, 2) [start, stop): each
+        start lowered to the lowest any later batch reaches."""
+        bounds = np.array(reach, dtype=np.int64).reshape(-1, 2)
+        bounds[:, 0] = np.minimum.accumulate(bounds[::-1, 0])[::-1]
+        return bounds, int(np.max(bounds[:, 1] - bounds[:, 0], initial=1))
+
     def reserve(self, lo: int, hi: int) -> None:
         if hi - self.start > self.sums.shape[1]:
             self._finish(lo - self.start)

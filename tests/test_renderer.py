@@ -182,11 +182,10 @@ def test_blend_window_slides_with_the_tiles_and_blends_as_the_whole_sums():
     for view in range(2):
         _blended_kernel(whole, view, expected[view])
     reach = np.array([patches.pixel_reach() for patches in sets])
-    lowest = np.minimum.accumulate(reach[::-1, 0])[::-1]
-    span = int(np.max(reach[:, 1] - lowest))
+    bounds, span = BlendWindow.bounds(reach)
     assert span < whole.shape[1] // 2   # the window is a band of the sky, not all of it
     window = BlendWindow(2, whole.shape[1], span, "test: ")
-    for patches, lo, (_, hi) in zip(sets, lowest, reach):
+    for patches, (lo, hi) in zip(sets, bounds):
         window.reserve(int(lo), int(hi))
         window.add(patches, fields[:, :len(patches.ids)])
     assert window.start > 0   # it did slide
